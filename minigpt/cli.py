@@ -1,0 +1,60 @@
+"""The `minigpt` command: parses the stage name and hands the rest of the command line to that stage.
+
+Each stage lives in its own module, which provides `add_arguments(parser)` and `main(args) -> int | None`. Modules
+are imported only when their stage runs, so `minigpt --help` is instant and one stage's extra dependencies (FastAPI,
+transformers) never burden another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from minigpt.common import UserError
+
+# (command, module, one line of help), in the order data flows through the project.
+STAGES: list[tuple[str, str, str]] = [
+    ("model", "minigpt.model", "show a model shape: parameters per component and FLOPs per token"),
+]
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(len(name) for name, _, _ in STAGES)
+    stages = "\n".join(f"  {name:<{width}}  {help_}" for name, _, help_ in STAGES)
+    parser = argparse.ArgumentParser(
+        prog="minigpt",
+        description="GPT-2 from scratch: tokenizer, data, pretraining, evaluation, chat fine-tuning, serving.",
+        epilog=f"stages:\n{stages}\n\nRun `minigpt STAGE --help` for a stage's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("stage", choices=[name for name, _, _ in STAGES], metavar="STAGE", help="what to run")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    parsed = top.parse_args(argv[:1])
+    name, module_name, help_ = next(s for s in STAGES if s[0] == parsed.stage)
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"minigpt {name}", description=help_,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except UserError as exc:
+        print(f"minigpt {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"minigpt {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

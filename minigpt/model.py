@@ -1,0 +1,367 @@
+"""GPT-2, exactly: the model of Radford et al. (2019), as a readable PyTorch module.
+
+    tokens (B, T) -> wte + wpe -> N x [x + attn(ln_1(x)); x + mlp(ln_2(x))] -> ln_f -> tied head -> logits (B, T, V)
+
+Parameter names follow OpenAI's checkpoint (wte, wpe, h.N.attn.c_attn, ln_f, ...), so converting to and from
+Hugging Face `GPT2LMHeadModel` is a name table plus a transpose (see hf.py). Differences from that checkpoint are
+only in storage: our linear layers are `nn.Linear` (weights stored (out, in); OpenAI's Conv1D stores (in, out)),
+and the token embedding has extra rows up to a multiple of 64 so the head's matmul is fast; logits for those rows
+are sliced off, so the padding is never predicted, sampled or trained.
+
+Run `minigpt model --preset gpt2` for the parameter count and FLOPs of a shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minigpt.common import UserError
+from minigpt.config import opt
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The shape of a GPT-2 model. Start from a preset (`from_preset`) or give every field."""
+
+    preset: str = opt("", "preset this shape started from (tiny, mini, gpt2, gpt2-medium, gpt2-large, gpt2-xl); "
+                          "fields given explicitly override it")
+    n_layer: int = opt(4, "transformer blocks")
+    n_head: int = opt(4, "attention heads per block")
+    n_embd: int = opt(128, "residual stream width")
+    block_size: int = opt(256, "context window in tokens")
+    vocab_size: int = opt(8192, "tokens in the vocabulary (set from the tokenizer when training)")
+    bias: bool = opt(True, "biases in linear layers and LayerNorms (GPT-2 has them)")
+    dropout: float = opt(0.0, "dropout on embeddings, attention weights and residual branches while training")
+    layer_norm_eps: float = opt(1e-5, "LayerNorm epsilon (GPT-2: 1e-5)")
+    pad_vocab_multiple: int = opt(64, "round the embedding rows up to a multiple of this (1 = no padding)")
+    gradient_checkpointing: bool = opt(False, "recompute each block in the backward pass to save activation memory")
+
+    def __post_init__(self) -> None:
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise UserError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+    @classmethod
+    def expand_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Settings that name a preset start from it; the other settings given override it."""
+        name = data.get("preset") or ""
+        if name and name not in PRESETS:
+            raise UserError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+        return {**PRESETS.get(name, {}), **data}
+
+
+# Published GPT-2 shapes (vocabulary 50257, context 1024), and two small ones for CPUs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=8192),
+    "mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=512, vocab_size=8192),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+
+ALL = slice(None)  # every row of a cache
+
+
+class KVCache:
+    """Keys and values of past tokens, one row per sequence, each row at its own length.
+
+    Storage is preallocated for the whole context window: k, v are (n_layer, rows, n_head, max_len, head_dim).
+    A forward pass with a cache appends its new tokens to each row it touches (a slice of rows) at that row's current
+    length, so sequences of different lengths decode together without padding. The generation engine (engine.py) owns the
+    cache and decides which rows take part in each step.
+    """
+
+    def __init__(self, config: ModelConfig, rows: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        max_len = max_len or config.block_size
+        shape = (config.n_layer, rows, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # tokens held per row
+        self.max_len = max_len
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, rows: slice = ALL) -> None:
+        """Forget the tokens of some rows (all by default); their storage is reused."""
+        self.lengths[rows] = 0
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` (keys, values, length) into row `dst`: keeps live rows packed at the front."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, layer: int = 0, cache: KVCache | None = None, rows: slice = ALL,
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        dropout = self.attn_dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = self._attend_with_cache(q, k, v, cache.k[layer, rows], cache.v[layer, rows], positions, valid)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    @staticmethod
+    def _attend_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_store: torch.Tensor,
+                           v_store: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        # k_store, v_store: this layer's cache rows, (B, H, max_len, D). positions: (B, T) absolute positions of
+        # the new tokens; valid: (B, T), False on right-padding, which is neither stored nor attended to.
+        B, _, T, _ = q.shape
+        batch = torch.arange(B, device=q.device)[:, None].expand(B, T)
+        new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D), the layout the indexing below takes
+        if valid is None:
+            k_store[batch, :, positions] = new_k.to(k_store.dtype)
+            v_store[batch, :, positions] = new_v.to(v_store.dtype)
+        else:
+            k_store[batch[valid], :, positions[valid]] = new_k[valid].to(k_store.dtype)
+            v_store[batch[valid], :, positions[valid]] = new_v[valid].to(v_store.dtype)
+        span = min(int(positions.max()) + 1, k_store.shape[2])  # attend over the longest row's prefix only
+        key_pos = torch.arange(span, device=q.device)
+        mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, span): causal, each row at its own length
+        keys, values = k_store[:, :, :span].to(q.dtype), v_store[:, :, :span].to(q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, layer: int = 0, cache: KVCache | None = None, rows: slice = ALL,
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, cache, rows, positions, valid)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: the head reads tokens out the way wte writes them in
+        self.reset_parameters()
+
+    # -- initialisation ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 L)."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.wte.weight[self.config.vocab_size:] = 0.0  # padding rows: never read, never written
+
+    # -- forward -----------------------------------------------------------------------------------------------
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, rows: slice = ALL,
+                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The final residual stream after ln_f, (B, T, n_embd).
+
+        With a cache, `idx` holds new tokens for the cache rows `rows` (a slice; all rows by default), placed after
+        what each row already holds. `lengths` (B,) says how many of the T tokens of each row are real when rows
+        are right-padded to a common T; each row's length advances by its real count.
+        """
+        B, T = idx.shape
+        valid = None
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the context window "
+                                 f"({self.config.block_size})")
+            positions = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+        else:
+            start = cache.lengths[rows]  # (B,)
+            steps = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+            positions = start[:, None] + steps  # (B, T)
+            if lengths is not None:
+                valid = steps < lengths[:, None]  # (B, T)
+            end = start + (T if lengths is None else lengths)
+            if int(end.max()) > min(cache.max_len, self.config.block_size):
+                raise ValueError("the KV cache is full: the sequence reached the context window")
+        # Padding may run past the window: its positions are clamped for the lookup and its outputs unused.
+        x = self.drop(self.wte(idx) + self.wpe(positions.clamp(max=self.config.block_size - 1)))  # (B, T, C)
+        for layer, block in enumerate(self.h):
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, layer, cache, rows, positions, valid)
+        if cache is not None:
+            cache.lengths[rows] = end
+        return self.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states onto the real vocabulary: (..., n_embd) -> (..., vocab_size)."""
+        return self.lm_head(hidden)[..., : self.config.vocab_size]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                rows: slice = ALL, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) and, with targets (B, T), the next-token cross-entropy.
+
+        Targets equal to -100 are ignored (padding, masked prompt tokens). `reduction` is "mean" over the
+        counted targets or "sum".
+        """
+        logits = self.logits(self.hidden_states(idx, cache, rows))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100, reduction=reduction)
+        return logits, loss
+
+    # -- accounting --------------------------------------------------------------------------------------------
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters as GPT-2 counts them: the tied head once, the vocabulary padding not at all.
+
+        With embeddings=False, token and position embeddings are left out (the "non-embedding" count).
+        """
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
+        padding = (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        total -= padding
+        if not embeddings:
+            total -= self.config.vocab_size * self.config.n_embd + self.wpe.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6N + 12 L C T, as in the PaLM paper's appendix B.
+
+        N counts every weight used in a matmul, the head included (so the token embedding counts, the position
+        embedding does not); the second term is attention's QK^T and AV over a context of T tokens.
+        """
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        n = self.num_params() - self.wpe.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOPs over the device's peak."""
+        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+
+def parameter_table(model: GPT) -> list[tuple[str, int]]:
+    """Parameters per component (embeddings, attention, MLP, LayerNorms), GPT-2 counting."""
+    cfg = model.config
+    groups = {"token embedding (tied head)": cfg.vocab_size * cfg.n_embd, "position embedding": 0,
+              "attention": 0, "MLP": 0, "LayerNorms": 0}
+    for name, p in model.named_parameters():
+        if name.startswith("wpe"):
+            groups["position embedding"] += p.numel()
+        elif ".attn." in name:
+            groups["attention"] += p.numel()
+        elif ".mlp." in name:
+            groups["MLP"] += p.numel()
+        elif "ln_" in name:
+            groups["LayerNorms"] += p.numel()
+    return list(groups.items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: `minigpt model`
+
+
+def add_arguments(parser) -> None:
+    from minigpt import config
+
+    parser.add_argument("--config", help="TOML/YAML/JSON file with model settings")
+    config.add_arguments(parser, ModelConfig)
+    parser.add_argument("--seq-len", type=int, default=None, help="context length for the FLOPs estimate "
+                        "(default: block_size)")
+
+
+def main(args) -> None:
+    from minigpt import config
+
+    cfg = config.config_from_args(ModelConfig, args)
+    with torch.device("meta"):  # shapes only: even gpt2-xl costs no memory
+        model = GPT(cfg)
+    seq = args.seq_len or cfg.block_size
+    total = model.num_params()
+    print(f"shape: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.block_size}, "
+          f"vocabulary {cfg.vocab_size} (embedding rows {cfg.padded_vocab_size})")
+    for name, count in parameter_table(model):
+        print(f"  {name:<28} {count:>15,}  {100 * count / total:5.1f}%")
+    print(f"  {'total':<28} {total:>15,}")
+    print(f"  {'non-embedding':<28} {model.num_params(embeddings=False):>15,}")
+    print(f"training FLOPs per token at context {seq}: {model.flops_per_token(seq):,} "
+          f"(6N + 12 L C T, N without wpe)")
