@@ -99,9 +99,9 @@ class KVCache:
     """Keys and values of past tokens, one row per sequence, each row at its own length.
 
     Storage is preallocated for the whole context window: k, v are (n_layer, rows, n_head, max_len, head_dim).
-    A forward pass with a cache appends its new tokens to each row it touches (a slice of rows) at that row's current
-    length, so sequences of different lengths decode together without padding. The generation engine (engine.py) owns the
-    cache and decides which rows take part in each step.
+    A forward pass with a cache appends its new tokens to each row it touches (a slice of rows) at that row's
+    current length, so sequences of different lengths decode together without padding. The generation engine
+    (engine.py) owns the cache and decides which rows take part in each step.
     """
 
     def __init__(self, config: ModelConfig, rows: int, max_len: int | None = None,
@@ -129,8 +129,54 @@ class KVCache:
         self.lengths[dst] = n
 
 
+class CacheStep:
+    """One forward pass's view of a KV cache: where the new tokens go and what each may attend to.
+
+    Built once per forward pass and shared by every layer, so the index and mask arithmetic is not repeated.
+    `lengths` (B,) marks how many of the T new tokens of each row are real when rows are right-padded; padding
+    is neither stored nor attended to.
+    """
+
+    def __init__(self, cache: KVCache, rows: slice, T: int, lengths: torch.Tensor | None, limit: int):
+        device = cache.lengths.device
+        self.cache, self.rows = cache, rows
+        start = cache.lengths[rows]  # (B,)
+        B = start.shape[0]
+        steps = torch.arange(T, device=device)[None, :]  # (1, T)
+        self.positions = start[:, None] + steps  # (B, T): absolute position of each new token in its row
+        self.end = start + (T if lengths is None else lengths)
+        if int(self.end.max()) > limit:
+            raise ValueError("the KV cache is full: the sequence reached the context window")
+        batch = torch.arange(B, device=device)[:, None].expand(B, T)
+        self.keep = None if lengths is None else (steps < lengths[:, None]).reshape(-1)  # (B*T,) real tokens
+        self.write_row = batch.reshape(-1) if self.keep is None else batch.reshape(-1)[self.keep]
+        self.write_pos = self.positions.reshape(-1) if self.keep is None else self.positions.reshape(-1)[self.keep]
+        self.span = min(int(self.positions.max()) + 1, cache.max_len)  # the longest row's prefix, no further
+        key_pos = torch.arange(self.span, device=device)
+        self.mask = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # (B, 1, T, span): causal
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this layer's new keys and values, then attend over each row's whole prefix. q, k, v: (B, H, T, D)."""
+        B, H, T, D = k.shape
+        k_store, v_store = self.cache.k[layer, self.rows], self.cache.v[layer, self.rows]  # (B, H, max_len, D)
+        new_k = k.transpose(1, 2).reshape(B * T, H, D)  # the layout that indexing (row, :, pos) assigns
+        new_v = v.transpose(1, 2).reshape(B * T, H, D)
+        if self.keep is not None:
+            new_k, new_v = new_k[self.keep], new_v[self.keep]
+        k_store[self.write_row, :, self.write_pos] = new_k.to(k_store.dtype)
+        v_store[self.write_row, :, self.write_pos] = new_v.to(v_store.dtype)
+        keys = k_store[:, :, : self.span].to(q.dtype)
+        values = v_store[:, :, : self.span].to(q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # A plain call rather than nn.Dropout modules: when off, decoding skips three module calls per block.
+    return F.dropout(x, p, training) if p and training else x
 
 
 class CausalSelfAttention(nn.Module):
@@ -139,42 +185,20 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.attn_dropout = config.dropout
+        self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, layer: int = 0, cache: KVCache | None = None, rows: slice = ALL,
-                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        dropout = self.attn_dropout if self.training else 0.0
-        if cache is None:
+        if step is None:
+            dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            y = self._attend_with_cache(q, k, v, cache.k[layer, rows], cache.v[layer, rows], positions, valid)
+            y = step.attend(layer, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
-        return self.resid_dropout(self.c_proj(y))
-
-    @staticmethod
-    def _attend_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_store: torch.Tensor,
-                           v_store: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        # k_store, v_store: this layer's cache rows, (B, H, max_len, D). positions: (B, T) absolute positions of
-        # the new tokens; valid: (B, T), False on right-padding, which is neither stored nor attended to.
-        B, _, T, _ = q.shape
-        batch = torch.arange(B, device=q.device)[:, None].expand(B, T)
-        new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D), the layout the indexing below takes
-        if valid is None:
-            k_store[batch, :, positions] = new_k.to(k_store.dtype)
-            v_store[batch, :, positions] = new_v.to(v_store.dtype)
-        else:
-            k_store[batch[valid], :, positions[valid]] = new_k[valid].to(k_store.dtype)
-            v_store[batch[valid], :, positions[valid]] = new_v[valid].to(v_store.dtype)
-        span = min(int(positions.max()) + 1, k_store.shape[2])  # attend over the longest row's prefix only
-        key_pos = torch.arange(span, device=q.device)
-        mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, span): causal, each row at its own length
-        keys, values = k_store[:, :, :span].to(q.dtype), v_store[:, :, :span].to(q.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        return _dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -182,10 +206,10 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return _dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -196,9 +220,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, layer: int = 0, cache: KVCache | None = None, rows: slice = ALL,
-                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, cache, rows, positions, valid)
+    def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, step)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -208,7 +231,6 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -245,30 +267,25 @@ class GPT(nn.Module):
         are right-padded to a common T; each row's length advances by its real count.
         """
         B, T = idx.shape
-        valid = None
+        step = None
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context window "
                                  f"({self.config.block_size})")
             positions = torch.arange(T, device=idx.device)[None, :]  # (1, T)
         else:
-            start = cache.lengths[rows]  # (B,)
-            steps = torch.arange(T, device=idx.device)[None, :]  # (1, T)
-            positions = start[:, None] + steps  # (B, T)
-            if lengths is not None:
-                valid = steps < lengths[:, None]  # (B, T)
-            end = start + (T if lengths is None else lengths)
-            if int(end.max()) > min(cache.max_len, self.config.block_size):
-                raise ValueError("the KV cache is full: the sequence reached the context window")
+            step = CacheStep(cache, rows, T, lengths, min(cache.max_len, self.config.block_size))
+            positions = step.positions
         # Padding may run past the window: its positions are clamped for the lookup and its outputs unused.
-        x = self.drop(self.wte(idx) + self.wpe(positions.clamp(max=self.config.block_size - 1)))  # (B, T, C)
+        x = self.wte(idx) + self.wpe(positions.clamp(max=self.config.block_size - 1))  # (B, T, C)
+        x = _dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.h):
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, layer, cache, rows, positions, valid)
-        if cache is not None:
-            cache.lengths[rows] = end
+                x = block(x, layer, step)
+        if step is not None:
+            cache.lengths[rows] = step.end
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
