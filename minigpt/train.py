@@ -1,0 +1,497 @@
+"""`minigpt train`: the one training loop, for pretraining here and for chat fine-tuning (sft.py).
+
+    minigpt train                                   # tiny model on the bundled Wikipedia summaries, on the CPU
+    minigpt train --config my.toml --max-steps 5000 --model.preset gpt2 --precision bf16 --compile
+    torchrun --nproc_per_node 8 -m minigpt train --config gpt2.toml     # data parallel over 8 GPUs
+    minigpt train --run-dir runs/tiny --resume      # continue from the latest checkpoint
+
+One optimizer step:
+    for each of `grad_accum` micro-batches (B, T):   loss_sum += CE(model(x), y)   (autocast in bf16/fp16)
+    loss = loss_sum / (targets counted over the whole step and every rank); backward (all-reduce once, at the last)
+    clip the gradient norm; AdamW step at the warm-up/cosine learning rate; zero the gradients
+
+Normalising by the targets of the whole step makes accumulation and data parallelism exact: 2 ranks x B rows
+give the same update as 1 rank x 2B rows, and masked targets (-100, in fine-tuning) never count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+
+from minigpt import config as configlib
+from minigpt.checkpoint import latest_checkpoint, load_model, load_trainer_state, save_checkpoint
+from minigpt.common import UserError, pick_device, print0, progress, seed_everything, write_json
+from minigpt.config import opt
+from minigpt.log import MetricsLogger, plot_loss_curves
+from minigpt.model import GPT, ModelConfig
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of `minigpt train` (and the base of `minigpt sft`)."""
+
+    run_dir: str = opt("runs/tiny", "folder for checkpoints, logs and plots")
+    data: str = opt("data/wiki-bpe8k", "token shards folder (minigpt prepare); built from --corpus if missing")
+    corpus: list[str] = opt(["wiki"], "corpora to prepare --data from when it does not exist yet")
+    vocab_size: int = opt(8192, "vocabulary of the BPE tokenizer trained for --corpus (0: GPT-2's own)")
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.from_preset("tiny"))
+    init_from: str = opt("", "start from this run's or checkpoint's weights instead of random ones")
+
+    batch_size: int = opt(32, "sequences per micro-batch, per process")
+    seq_len: int = opt(0, "tokens per sequence (0: the model's context window)")
+    batch_tokens: int = opt(0, "tokens per optimizer step; gradient accumulation makes up the difference "
+                               "(0: one micro-batch per process)")
+    max_steps: int = opt(1000, "optimizer steps in all")
+    lr: float = opt(2e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "the cosine decays to lr x this")
+    warmup_steps: int = opt(50, "linear warm-up steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay, on weight matrices only")
+    decay_embeddings: bool = opt(True, "also decay the token and position embeddings")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto: bf16 on GPUs that have it, else fp32")
+    compile: bool = opt(False, "torch.compile the model")
+    device: str = opt("auto", "auto, cpu, cuda, mps")
+    seed: int = opt(1337, "seed for initialisation, data order and dropout")
+
+    log_every: int = opt(10, "steps between logged training losses")
+    eval_every: int = opt(250, "steps between validation evaluations (and samples); also at the end")
+    eval_batches: int = opt(20, "validation batches per evaluation (0: the whole split)")
+    sample_prompt: str = opt("The", "prompt for the samples shown at each evaluation ('' for none)")
+    sample_tokens: int = opt(48, "tokens per sample")
+    checkpoint_every: int = opt(250, "steps between checkpoints; also at the end")
+    keep_last: int = opt(2, "checkpoints kept (the best by validation loss is kept too)")
+    resume: bool = opt(False, "continue the run in --run-dir from its latest checkpoint")
+    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "log_every", "eval_every", "checkpoint_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.seq_len < 0 or self.batch_tokens < 0 or self.warmup_steps < 0 or self.eval_batches < 0:
+            raise ValueError("seq_len, batch_tokens, warmup_steps and eval_batches may not be negative")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("lr must be positive and min_lr_ratio in [0, 1]")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the loop needs from a data source (pretraining shards here, conversations in sft.py)
+
+
+class Batches(Protocol):
+    step: int  # the next micro-batch to take
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass
+class TrainData:
+    tokenizer: Any
+    train: Batches  # (x, y) micro-batches by step; y is -100 where a position does not count
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]  # validation metrics, "val_loss" among them
+    describe: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed set-up
+
+
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup_runtime(device_name: str) -> Runtime:
+    """One process, or one of torchrun's: NCCL between GPUs, gloo between CPU processes."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Runtime(pick_device(device_name))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, rank, local_rank, world)
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision, optimizer, schedule
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("this GPU has no bf16: use --precision fp16 (with loss scaling) or fp32")
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices (and embeddings if asked), never on biases or LayerNorms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = name.startswith(("wte", "wpe"))
+        if p.dim() >= 2 and (cfg.decay_embeddings or not is_embedding):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"  # one kernel for all parameters; CPU keeps the default implementation
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then a cosine down to `lr * min_lr_ratio` at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress_ = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress_))
+
+
+# Dense bf16 peak of the accelerators we know, for MFU (FLOP/s); others report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12,
+              "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining data: shards, built from the bundled corpus on first use
+
+
+def build_data(cfg: TrainConfig) -> None:
+    """Train a tokenizer on `cfg.corpus` (unless GPT-2's is asked for) and prepare the shards into `cfg.data`."""
+    from minigpt import corpus, shards
+    from minigpt.tokenizer import Tokenizer
+
+    print0(f"{cfg.data} does not exist yet: preparing it from {', '.join(cfg.corpus)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.vocab_size:
+            texts = (text for source in cfg.corpus for text in corpus.load_documents(source))
+            tokenizer = Tokenizer.train(texts, cfg.vocab_size, name=f"{'+'.join(cfg.corpus)}-bpe{cfg.vocab_size}")
+            spec = str(tokenizer.save(Path(tmp) / "tokenizer.json"))
+        else:
+            spec = "gpt2"
+        # A few percent held out: enough validation text on small corpora, and held-out articles for probes.
+        shards.prepare(shards.PrepareConfig(sources=list(cfg.corpus), tokenizer=spec, out=cfg.data,
+                                            val_fraction=0.02))
+
+
+def pretraining_data(cfg: TrainConfig, rt: Runtime, seq_len: int, precision: str) -> TrainData:
+    from minigpt.dataloader import TokenLoader
+    from minigpt.evaluate import language_model_metrics
+    from minigpt.shards import shards_tokenizer
+
+    if not (Path(cfg.data) / "meta.json").exists():
+        if not cfg.corpus:
+            raise UserError(f"{cfg.data} holds no shards: run minigpt prepare, or give --corpus")
+        if rt.rank == 0:
+            build_data(cfg)
+        barrier(rt)
+    tokenizer = shards_tokenizer(cfg.data)
+    train = TokenLoader(cfg.data, "train", cfg.batch_size, seq_len, cfg.seed, rt.rank, rt.world, True, rt.device)
+    val = TokenLoader(cfg.data, "val", cfg.batch_size, seq_len, cfg.seed, rt.rank, rt.world, False, rt.device)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        with autocast_context(precision, rt.device):
+            m = language_model_metrics(model, val, max_batches=cfg.eval_batches)
+        return {"val_loss": m["loss"], "val_ppl": m["ppl"], "val_bpb": m["bpb"]}
+
+    describe = (f"{train.num_tokens:,} training tokens, {val.num_tokens:,} validation tokens, "
+                f"{train.windows_per_epoch:,} windows of {seq_len} per epoch")
+    return TrainData(tokenizer, train, evaluate, describe)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = None, stage: str = "train") -> Path:
+    """Train by `cfg`; returns the run folder. `data` and `model` let fine-tuning supply its own."""
+    rt = setup_runtime(cfg.device)
+    run = Path(cfg.run_dir)
+    precision = resolve_precision(cfg.precision, rt.device)
+    if rt.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+
+    resume_from = latest_checkpoint(run)
+    if resume_from is not None and not cfg.resume:
+        raise UserError(f"{run} already holds checkpoints (latest: {resume_from.name}): pass --resume to continue "
+                        "it, or choose another --run-dir")
+    if resume_from is None and cfg.resume:
+        print0(f"{run} has no checkpoint yet: starting a new run")
+
+    seed_everything(cfg.seed)  # same initial weights on every rank
+    seq_len = cfg.seq_len or (model.config.block_size if model is not None else cfg.model.block_size)
+    if data is None:
+        data = pretraining_data(cfg, rt, seq_len, precision)
+    tokenizer = data.tokenizer
+
+    if resume_from is not None:
+        model, meta = load_model(resume_from, rt.device)
+        _check_tokenizer(meta, tokenizer)
+    elif model is None:
+        if cfg.init_from:
+            model, meta = load_model(cfg.init_from, rt.device)
+            _check_tokenizer(meta, tokenizer)
+        else:
+            model = GPT(dataclasses.replace(cfg.model, vocab_size=tokenizer.n_vocab))
+    if model.config.vocab_size != tokenizer.n_vocab:
+        raise UserError(f"the model has {model.config.vocab_size} tokens but the tokenizer {tokenizer.n_vocab}")
+    if seq_len > model.config.block_size:
+        raise UserError(f"seq_len {seq_len} exceeds the model's context window {model.config.block_size}")
+    model = model.to(rt.device).train()
+    raw_model = model
+
+    tokens_per_micro = cfg.batch_size * seq_len * rt.world
+    accum = 1
+    if cfg.batch_tokens:
+        if cfg.batch_tokens % tokens_per_micro:
+            raise UserError(f"batch_tokens {cfg.batch_tokens} is not a multiple of batch_size x seq_len x processes "
+                            f"= {tokens_per_micro}")
+        accum = cfg.batch_tokens // tokens_per_micro
+
+    optimizer = make_optimizer(raw_model, cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16")
+    start_step, best_val = 0, math.inf
+    if resume_from is not None:
+        state = load_trainer_state(resume_from, rt.device)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        data.train.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if rt.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+        start_step, best_val = int(state["step"]), float(state["best_val"])
+        print0(f"resuming {run} at step {start_step} from {resume_from}")
+
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+    logger = MetricsLogger(run, cfg.tensorboard, resume_step=start_step if resume_from else None)
+    if rt.rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(run / "config.json", {"stage": stage, **configlib.to_dict(cfg), "resolved": {
+            "precision": precision, "seq_len": seq_len, "grad_accum": accum, "world_size": rt.world,
+            "tokens_per_step": tokens_per_micro * accum, "model": configlib.to_dict(raw_model.config)}})
+        tokenizer.save(run / "tokenizer.json")
+    flops_per_token = raw_model.flops_per_token(seq_len)
+    peak = peak_flops(rt.device)
+    print0(f"{stage}: {raw_model.num_params():,} parameters, {precision}, {rt.device.type} x {rt.world}, "
+           f"{tokens_per_micro * accum:,} tokens per step ({accum} micro-batch{'es' if accum > 1 else ''} of "
+           f"{cfg.batch_size} x {seq_len} per process); {data.describe}")
+
+    def checkpoint(step: int, val_loss: float | None) -> None:
+        nonlocal best_val
+        is_best = val_loss is not None and val_loss < best_val
+        if is_best:
+            best_val = val_loss
+        if rt.rank == 0:
+            trainer_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                             "data": data.train.state_dict(), "rng_cpu": torch.get_rng_state(), "step": step,
+                             "best_val": best_val}
+            if rt.device.type == "cuda":
+                trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
+            meta = {"stage": stage, "tokenizer_hash": tokenizer.hash, "val_loss": val_loss,
+                    "tokens_seen": step * tokens_per_micro * accum}
+            save_checkpoint(run, raw_model, step, meta, trainer_state, cfg.keep_last, is_best)
+        barrier(rt)
+
+    def evaluate_and_sample(step: int) -> dict[str, float]:
+        model.eval()
+        metrics = data.evaluate(raw_model)
+        model.train()
+        if not math.isfinite(metrics["val_loss"]):
+            raise TrainingDiverged(f"validation loss became {metrics['val_loss']} at step {step}")
+        record = {"step": step, **metrics}
+        if cfg.sample_prompt and rt.rank == 0:
+            record["sample"] = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
+            raw_model.train()
+        logger.log(record)
+        if rt.rank == 0:
+            plot_loss_curves(run / "metrics.jsonl", run / "loss.png", title=f"{run.name}: loss")
+        return record
+
+    step = start_step
+    bar = progress(total=cfg.max_steps, desc=stage, unit="step", initial=start_step)
+    loss_window = torch.zeros((), device=rt.device)
+    window_steps, window_start = 0, time.perf_counter()
+    last_eval: dict[str, float] = {}
+    try:
+        while step < cfg.max_steps:
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [data.train.batch(data.train.step + i) for i in range(accum)]
+            data.train.step += accum
+            counted = sum((y != -100).sum() for _, y in micro).to(rt.device, torch.float32)
+            if rt.distributed:
+                dist.all_reduce(counted)
+            step_loss = torch.zeros((), device=rt.device)
+            for i, (x, y) in enumerate(micro):
+                last = i == accum - 1
+                sync = model.no_sync() if rt.distributed and not last else contextlib.nullcontext()
+                with sync, autocast_context(precision, rt.device):
+                    _, loss_sum = model(x, y, reduction="sum")
+                # DistributedDataParallel averages gradients over ranks: scale by world to get the global mean.
+                scaler.scale(loss_sum * (rt.world / counted)).backward()
+                step_loss += loss_sum.detach()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            else:
+                grad_norm = torch.zeros(())
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if rt.distributed:
+                dist.all_reduce(step_loss)
+            loss_window += step_loss / counted
+            window_steps += 1
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                loss = loss_window.item() / window_steps  # the only host synchronisation of a normal step
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"training loss became {loss} at step {step}")
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_micro * accum / elapsed
+                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                          "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_micro * accum}
+                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+                if peak:
+                    record["mfu"] = flops_per_token * tokens_per_s / rt.world / peak
+                    postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+                logger.log(record)
+                bar.set_postfix(postfix, refresh=False)
+                loss_window.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            bar.update(1)
+
+            at_end = step == cfg.max_steps
+            val_loss = None
+            if step % cfg.eval_every == 0 or at_end:
+                last_eval = evaluate_and_sample(step)
+                val_loss = last_eval["val_loss"]
+                bar.write(f"step {step}: validation loss {val_loss:.4f}"
+                          + (f", bits per byte {last_eval['val_bpb']:.4f}" if "val_bpb" in last_eval else "")
+                          + (f"\n  sample: {last_eval['sample']!r}" if last_eval.get("sample") else ""))
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if step % cfg.checkpoint_every == 0 or at_end:
+                if window_steps and not math.isfinite(loss_window.item()):  # never save weights past a divergence
+                    raise TrainingDiverged(f"training loss became {loss_window.item()} by step {step}")
+                checkpoint(step, val_loss)
+                window_start = time.perf_counter()
+    except TrainingDiverged as exc:
+        kept = latest_checkpoint(run)
+        raise TrainingDiverged(f"{exc}: stopped; the last good checkpoint is {kept or 'none (none was saved)'}. "
+                               "Lower --lr, raise --warmup-steps or use --precision bf16") from None
+    finally:
+        bar.close()
+        logger.close()
+    if rt.rank == 0 and last_eval:
+        print0(summary_line(run, step, last_eval))
+    return run
+
+
+def summary_line(run: Path, step: int, metrics: dict[str, float]) -> str:
+    parts = [f"{run}: step {step}", f"validation loss {metrics['val_loss']:.4f}"]
+    if "val_bpb" in metrics:
+        parts.append(f"bits per byte {metrics['val_bpb']:.4f}")
+    text = ", ".join(parts)
+    if metrics.get("sample"):
+        text += f"\nsample: {metrics['sample']}"
+    return text
+
+
+def _check_tokenizer(meta: dict[str, Any], tokenizer: Any) -> None:
+    expected = meta.get("tokenizer_hash")
+    if expected and expected != tokenizer.hash:
+        raise UserError(f"the checkpoint was trained with tokenizer {expected}, but the data uses {tokenizer.hash}: "
+                        "prepare the data with the checkpoint's tokenizer")
+
+
+def sample_text(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int, seed: int) -> str:
+    """A short seeded sample from the generation engine (the same one `chat` and `serve` use)."""
+    from minigpt.engine import Engine, SamplingParams
+
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
+                            stop_token_ids=[tokenizer.eot_id])
+    (completion,) = Engine(model, max_batch=1).generate([ids[-(model.config.block_size - 1):]], params)
+    model.train()
+    return prompt + tokenizer.decode(completion.tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: `minigpt train`
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override it)")
+    configlib.add_arguments(parser, TrainConfig)
+
+
+def main(args) -> None:
+    cfg = configlib.config_from_args(TrainConfig, args)
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

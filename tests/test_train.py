@@ -1,0 +1,174 @@
+"""The training loop: exact resume after SIGKILL, torchrun equals one process, precisions, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.checkpoint import latest_checkpoint, load_model, load_run
+from minigpt.cli import main as cli_main
+from minigpt.common import UserError
+from minigpt.log import read_metrics
+from minigpt.model import GPT, ModelConfig
+from minigpt.train import TrainConfig, learning_rate, train
+
+SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
+
+
+def small_config(run: Path, data: Path, **overrides) -> TrainConfig:
+    base = dict(run_dir=str(run), data=str(data), model=ModelConfig(**SMALL), batch_size=8, max_steps=12,
+                warmup_steps=3, lr=3e-3, log_every=1, eval_every=1000, eval_batches=4, checkpoint_every=1000,
+                sample_prompt="", device="cpu", seed=5)
+    return TrainConfig(**{**base, **overrides})
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
+
+def cli_args(run: Path, data: Path, **extra) -> list[str]:
+    args = ["--run-dir", str(run), "--data", str(data), "--device", "cpu", "--model.n-layer", "2",
+            "--model.n-head", "2", "--model.n-embd", "32", "--model.block-size", "32", "--batch-size", "8",
+            "--warmup-steps", "3", "--lr", "3e-3", "--log-every", "1", "--sample-prompt", "", "--seed", "5"]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+    assert all(learning_rate(s, cfg) >= learning_rate(s + 1, cfg) for s in range(10, 110))
+
+
+def test_loss_falls_and_checkpoint_round_trips(tmp_path, tiny_shards):
+    run = train(small_config(tmp_path / "run", tiny_shards, max_steps=40, eval_every=20, checkpoint_every=20,
+                             sample_prompt="The"))
+    curve = losses(run)
+    assert len(curve) == 40 and curve[-1] < curve[0] - 0.5
+    assert (run / "loss.png").stat().st_size > 1000 and (run / "config.json").exists()
+    evals = [r for r in read_metrics(run) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert all(r["sample"].startswith("The") for r in evals)
+    model, tokenizer, meta = load_run(run)
+    assert meta["step"] == 40 and meta["tokenizer_hash"] == tokenizer.hash
+    assert model.config.vocab_size == tokenizer.n_vocab == 512
+    # weights only: the trainer state is a separate file, loaded with weights_only=True
+    assert torch.load(Path(meta["checkpoint"]) / "trainer.pt", weights_only=True)["step"] == 40
+
+
+def test_existing_run_needs_resume(tmp_path, tiny_shards):
+    cfg = small_config(tmp_path / "run", tiny_shards, max_steps=2)
+    train(cfg)
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, tiny_shards):
+    steps = 300
+    reference = tmp_path / "reference"
+    assert cli_main(["train", *cli_args(reference, tiny_shards, max_steps=steps)]) == 0
+    expected = losses(reference)
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "minigpt", "train", *cli_args(run, tiny_shards, max_steps=steps,
+                                                                 checkpoint_every=10)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while latest_checkpoint(run) is None or latest_checkpoint(run).name < "step_00000030":
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest_checkpoint(run).name.split("_")[1])
+    assert 30 <= killed_at < steps
+    assert cli_main(["train", *cli_args(run, tiny_shards, max_steps=steps, checkpoint_every=10), "--resume"]) == 0
+    assert losses(run) == expected  # bit for bit
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_shards):
+    single = tmp_path / "single"
+    assert cli_main(["train", *cli_args(single, tiny_shards, max_steps=5, batch_size=8)]) == 0
+    double = tmp_path / "double"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "minigpt",
+           "train", *cli_args(double, tiny_shards, max_steps=5, batch_size=4)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses(single), losses(double)
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    config = json.loads((double / "config.json").read_text())
+    assert config["resolved"]["world_size"] == 2 and config["resolved"]["tokens_per_step"] == 8 * 32
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_shards):
+    big = train(small_config(tmp_path / "big", tiny_shards, max_steps=4, batch_size=8))
+    accumulated = train(small_config(tmp_path / "acc", tiny_shards, max_steps=4, batch_size=2, batch_tokens=8 * 32))
+    for a, b in zip(losses(big), losses(accumulated), strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_every_precision_trains(tmp_path, tiny_shards, precision):
+    run = train(small_config(tmp_path / precision, tiny_shards, max_steps=25, precision=precision))
+    curve = losses(run)
+    assert all(math.isfinite(x) for x in curve)
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5
+    assert json.loads((run / "config.json").read_text())["resolved"]["precision"] == precision
+
+
+def test_gradient_checkpointing_gives_identical_losses(tmp_path, tiny_shards):
+    plain = train(small_config(tmp_path / "plain", tiny_shards, max_steps=6))
+    ckpt = train(small_config(tmp_path / "ckpt", tiny_shards, max_steps=6,
+                              model=ModelConfig(**SMALL, gradient_checkpointing=True)))
+    assert losses(plain) == losses(ckpt)
+
+
+def test_divergence_is_refused_and_the_last_good_checkpoint_kept(tmp_path, tiny_shards, monkeypatch):
+    run = tmp_path / "run"
+    train(small_config(run, tiny_shards, max_steps=4, checkpoint_every=2))
+    good = latest_checkpoint(run)
+    forward = GPT.forward
+
+    def diverging(self, *args, **kwargs):  # the loss blows up as a too-high learning rate would make it
+        logits, loss = forward(self, *args, **kwargs)
+        return logits, None if loss is None else loss * float("nan")
+
+    monkeypatch.setattr(GPT, "forward", diverging)
+    with pytest.raises(UserError, match="became nan.*last good checkpoint is .*step_00000004"):
+        train(small_config(run, tiny_shards, max_steps=8, resume=True, checkpoint_every=1))
+    monkeypatch.undo()
+    assert latest_checkpoint(run) == good
+    model, _ = load_model(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_keep_last_and_best(tmp_path, tiny_shards):
+    run = train(small_config(tmp_path / "run", tiny_shards, max_steps=10, checkpoint_every=2, eval_every=2,
+                             keep_last=2))
+    names = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    best = (run / "checkpoints" / "BEST").read_text().strip()
+    assert names[-2:] == ["step_00000008", "step_00000010"] and best in names and len(names) <= 3
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_shards, capsys):
+    assert cli_main(["train", "--data", str(tmp_path / "missing"), "--corpus", "--run-dir", str(tmp_path)]) == 2
+    assert "holds no shards" in capsys.readouterr().err
+    assert cli_main(["train", *cli_args(tmp_path / "r", tiny_shards), "--batch-tokens", "1000"]) == 2
+    assert "not a multiple" in capsys.readouterr().err
