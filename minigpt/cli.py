@@ -15,7 +15,15 @@ from minigpt.common import UserError
 
 # (command, module, one line of help), in the order data flows through the project.
 STAGES: list[tuple[str, str, str]] = [
+    ("quickstart", "minigpt.quickstart", "the whole pipeline on a CPU in minutes: data, pretraining, chat tuning"),
     ("model", "minigpt.model", "show a model shape: parameters per component and FLOPs per token"),
+    ("tokenizer", "minigpt.tokenizer", "train a byte-level BPE vocabulary; encode, decode, measure compression"),
+    ("prepare", "minigpt.shards", "tokenize corpora into binary token shards for training"),
+    ("train", "minigpt.train", "pretrain a GPT-2 on token shards (the tiny preset on bundled Wikipedia by default)"),
+    ("eval", "minigpt.evaluate", "score a run: validation loss, perplexity, bits per byte, benchmarks, recall"),
+    ("sft", "minigpt.sft", "fine-tune a pretrained run into a chatbot on conversations"),
+    ("chat", "minigpt.chat", "talk to a fine-tuned model in the terminal"),
+    ("inspect", "minigpt.inspect_model", "look inside a model: attention maps, per-token surprise, the logit lens"),
 ]
 
 

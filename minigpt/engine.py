@@ -75,7 +75,7 @@ class TokenEvent:
     index: int = 0  # the prompt's position in `Engine.stream`
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: two generations are never "equal"
 class Generation:
     """One prompt being continued. The engine fills `output` (stop tokens excluded) and `finish_reason`."""
 
@@ -243,12 +243,17 @@ class Engine:
         More generations than rows wait in a queue and join as rows free up.
         """
         queue = deque(generations)
-        while queue or self.live:
-            admit = [queue.popleft() for _ in range(min(self.free_rows, len(queue)))]
-            events = self.add(admit) if admit else []
-            events += self.step()
-            if events:
-                yield events
+        try:
+            while queue or self.live:
+                admit = [queue.popleft() for _ in range(min(self.free_rows, len(queue)))]
+                events = self.add(admit) if admit else []
+                events += self.step()
+                if events:
+                    yield events
+        finally:  # a consumer that stops early (closes the generator) frees the rows at once
+            for g in generations:
+                if g in self.live:
+                    self.cancel(g)
 
     def stream(self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
                ) -> Iterator[list[TokenEvent]]:

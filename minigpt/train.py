@@ -105,6 +105,7 @@ class TrainData:
     train: Batches  # (x, y) micro-batches by step; y is -100 where a position does not count
     evaluate: Callable[[torch.nn.Module], dict[str, float]]  # validation metrics, "val_loss" among them
     describe: str = ""
+    sample: Callable[[GPT], str] | None = None  # text to show at each evaluation (default: continue sample_prompt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,20 +274,19 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
         print0(f"{run} has no checkpoint yet: starting a new run")
 
     seed_everything(cfg.seed)  # same initial weights on every rank
+    meta: dict[str, Any] = {}
+    if resume_from is not None:
+        model, meta = load_model(resume_from, rt.device)
+    elif model is None and cfg.init_from:
+        model, meta = load_model(cfg.init_from, rt.device)
     seq_len = cfg.seq_len or (model.config.block_size if model is not None else cfg.model.block_size)
     if data is None:
         data = pretraining_data(cfg, rt, seq_len, precision)
     tokenizer = data.tokenizer
-
-    if resume_from is not None:
-        model, meta = load_model(resume_from, rt.device)
+    if meta:
         _check_tokenizer(meta, tokenizer)
-    elif model is None:
-        if cfg.init_from:
-            model, meta = load_model(cfg.init_from, rt.device)
-            _check_tokenizer(meta, tokenizer)
-        else:
-            model = GPT(dataclasses.replace(cfg.model, vocab_size=tokenizer.n_vocab))
+    if model is None:
+        model = GPT(dataclasses.replace(cfg.model, vocab_size=tokenizer.n_vocab))
     if model.config.vocab_size != tokenizer.n_vocab:
         raise UserError(f"the model has {model.config.vocab_size} tokens but the tokenizer {tokenizer.n_vocab}")
     if seq_len > model.config.block_size:
@@ -348,7 +348,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
             if rt.device.type == "cuda":
                 trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
             meta = {"stage": stage, "tokenizer_hash": tokenizer.hash, "val_loss": val_loss,
-                    "tokens_seen": step * tokens_per_micro * accum}
+                    "tokens_seen": tokens_seen}
             save_checkpoint(run, raw_model, step, meta, trainer_state, cfg.keep_last, is_best)
         barrier(rt)
 
@@ -360,7 +360,10 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
             raise TrainingDiverged(f"validation loss became {metrics['val_loss']} at step {step}")
         record = {"step": step, **metrics}
         if cfg.sample_prompt and rt.rank == 0:
-            record["sample"] = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
+            if data.sample is not None:
+                record["sample"] = data.sample(raw_model)
+            else:
+                record["sample"] = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
             raw_model.train()
         logger.log(record)
         if rt.rank == 0:
@@ -370,7 +373,8 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     step = start_step
     bar = progress(total=cfg.max_steps, desc=stage, unit="step", initial=start_step)
     loss_window = torch.zeros((), device=rt.device)
-    window_steps, window_start = 0, time.perf_counter()
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    tokens_seen = start_step * tokens_per_micro * accum  # exact for fixed-size batches (pretraining)
     last_eval: dict[str, float] = {}
     try:
         while step < cfg.max_steps:
@@ -382,6 +386,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
             counted = sum((y != -100).sum() for _, y in micro).to(rt.device, torch.float32)
             if rt.distributed:
                 dist.all_reduce(counted)
+            step_tokens = sum(x.numel() for x, _ in micro) * rt.world
             step_loss = torch.zeros((), device=rt.device)
             for i, (x, y) in enumerate(micro):
                 last = i == accum - 1
@@ -404,15 +409,17 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                 dist.all_reduce(step_loss)
             loss_window += step_loss / counted
             window_steps += 1
+            window_tokens += step_tokens
+            tokens_seen += step_tokens
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 loss = loss_window.item() / window_steps  # the only host synchronisation of a normal step
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"training loss became {loss} at step {step}")
                 elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_micro * accum / elapsed
+                tokens_per_s = window_tokens / elapsed
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_micro * accum}
+                          "tokens_per_s": tokens_per_s, "tokens": tokens_seen}
                 postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
                 if peak:
                     record["mfu"] = flops_per_token * tokens_per_s / rt.world / peak
@@ -420,7 +427,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                 logger.log(record)
                 bar.set_postfix(postfix, refresh=False)
                 loss_window.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
             bar.update(1)
 
             at_end = step == cfg.max_steps

@@ -1,0 +1,236 @@
+"""The chat format, and `minigpt chat`: talk to a fine-tuned model in the terminal.
+
+A conversation is rendered as one token sequence, starting like every pretraining document with end-of-text:
+
+    <|endoftext|><|system|>You are helpful.<|end|><|user|>What is Paris?<|end|><|assistant|>Paris is ...<|end|>
+
+Fine-tuning trains only on what the assistant says: the tokens of each assistant message and the <|end|> closing
+it (so the model learns to stop). To generate, the conversation so far is rendered and followed by
+<|assistant|>; decoding stops at <|end|> (or end-of-text).
+
+    minigpt chat runs/quickstart/chat                       # interactive; /help lists the commands
+    minigpt chat runs/quickstart/chat --prompt "What is Paris?"   # one answer, for scripts
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from minigpt.common import UserError
+
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_OF_TURN = "<|end|>"
+
+
+@dataclasses.dataclass
+class Message:
+    role: str  # system, user or assistant
+    content: str
+
+
+def chat_ids(tokenizer) -> dict[str, int]:
+    """Ids of the role tokens and <|end|>; a clear error for a tokenizer without them."""
+    ids = tokenizer.chat_token_ids
+    if not ids:
+        raise UserError(f"tokenizer {tokenizer.name} has no chat tokens: fine-tune with `minigpt sft`, which adds them")
+    return ids
+
+
+def as_messages(messages: Sequence[Message | dict]) -> list[Message]:
+    out = []
+    for m in messages:
+        m = m if isinstance(m, Message) else Message(m.get("role", ""), m.get("content", ""))
+        if m.role not in ROLE_TOKENS:
+            raise UserError(f"unknown chat role {m.role!r}: use system, user or assistant")
+        if not isinstance(m.content, str):
+            raise UserError("message content must be a string")
+        out.append(m)
+    return out
+
+
+def render(tokenizer, messages: Sequence[Message | dict], add_generation_prompt: bool = False
+           ) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation, and for each id whether it is trained on (assistant text and its <|end|>).
+
+    Message text is encoded as plain text: a user typing "<|end|>" gets those characters, not the token.
+    """
+    ids_of = chat_ids(tokenizer)
+    ids, trained = [tokenizer.eot_id], [False]
+    for m in as_messages(messages):
+        body = tokenizer.encode_ordinary(m.content) + [ids_of[END_OF_TURN]]
+        is_assistant = m.role == "assistant"
+        ids += [ids_of[ROLE_TOKENS[m.role]], *body]
+        trained += [False] + [is_assistant] * len(body)
+    if add_generation_prompt:
+        ids.append(ids_of[ROLE_TOKENS["assistant"]])
+        trained.append(False)
+    return ids, trained
+
+
+def stop_ids(tokenizer) -> list[int]:
+    return [chat_ids(tokenizer)[END_OF_TURN], tokenizer.eot_id]
+
+
+def fit_to_window(tokenizer, messages: list[Message], window: int, reply_room: int) -> tuple[list[Message], list[int]]:
+    """Drop the oldest turns (never the system prompt, never the last user message) until the prompt leaves
+    `reply_room` tokens of the context window for the answer. Returns the kept messages and the prompt ids."""
+    messages = list(messages)
+    while True:
+        ids, _ = render(tokenizer, messages, add_generation_prompt=True)
+        if len(ids) + reply_room <= window:
+            return messages, ids
+        first = next((i for i, m in enumerate(messages) if m.role != "system"), None)
+        if first is None or first >= len(messages) - 1:  # only the newest message is left: cut it from the left
+            keep = window - reply_room
+            if keep < 8:
+                raise UserError(f"the context window ({window} tokens) leaves no room for a reply of {reply_room}")
+            return messages, ids[-keep:]
+        del messages[first]  # the oldest turn: its user message and the replies that followed it
+        while first < len(messages) - 1 and messages[first].role == "assistant":
+            del messages[first]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Talking
+
+
+class ChatSession:
+    """A conversation with a model through the generation engine: history, system prompt, temperature."""
+
+    def __init__(self, model, tokenizer, system: str = "", temperature: float = 0.7, top_k: int = 50,
+                 top_p: float = 0.95, max_new_tokens: int = 200, seed: int | None = None):
+        from minigpt.engine import Engine
+
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = Engine(model, max_batch=1, seed=seed)
+        self.system, self.temperature, self.top_k, self.top_p = system, temperature, top_k, top_p
+        self.max_new_tokens = min(max_new_tokens, model.config.block_size // 2)
+        self.history: list[Message] = []
+        chat_ids(tokenizer)
+
+    def reset(self) -> None:
+        self.history = []
+
+    def messages(self) -> list[Message]:
+        return ([Message("system", self.system)] if self.system else []) + self.history
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the assistant's answer to `text` piece by piece; the full answer joins the history."""
+        from minigpt.engine import SamplingParams, TextDecoder
+
+        self.history.append(Message("user", text))
+        kept, prompt = fit_to_window(self.tokenizer, self.messages(), self.model.config.block_size,
+                                     self.max_new_tokens)
+        self.history = [m for m in kept if m.role != "system"]
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                                top_p=self.top_p, stop_token_ids=stop_ids(self.tokenizer))
+        decoder = TextDecoder(self.tokenizer.token_bytes)
+        for events in self.engine.stream([prompt], params):
+            for event in events:
+                if event.finish_reason != "stop":
+                    piece = decoder.push(event.token)
+                    if piece:
+                        yield piece
+        tail = decoder.finish()
+        if tail:
+            yield tail
+        self.history.append(Message("assistant", decoder.text.strip()))
+
+
+HELP = """commands:
+  /reset          forget the conversation
+  /system TEXT    set the system prompt (empty to clear) and start over
+  /temp X         sampling temperature (0 = greedy)
+  /help           this text
+  /quit           leave (or Ctrl-D)"""
+
+
+def interactive(session: ChatSession, out=sys.stdout) -> None:
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    print(f"Chatting with {session.model.num_params():,}-parameter model. /help for commands, Ctrl-D to leave.",
+          file=out, flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=out)
+            return
+        except KeyboardInterrupt:
+            print(file=out)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, arg = text.partition(" ")
+            if command in ("/quit", "/exit"):
+                return
+            elif command == "/reset":
+                session.reset()
+                print("(conversation cleared)", file=out, flush=True)
+            elif command == "/system":
+                session.system = arg.strip()
+                session.reset()
+                print(f"(system prompt {'set' if session.system else 'cleared'}; conversation cleared)", file=out,
+                      flush=True)
+            elif command == "/temp":
+                try:
+                    value = float(arg)
+                    if value < 0:
+                        raise ValueError
+                except ValueError:
+                    print("(usage: /temp X with X >= 0)", file=out, flush=True)
+                    continue
+                session.temperature = value
+                print(f"(temperature {value})", file=out, flush=True)
+            else:
+                print(HELP, file=out, flush=True)
+            continue
+        print("bot> ", end="", file=out, flush=True)
+        try:
+            for piece in session.reply(text):
+                print(piece, end="", file=out, flush=True)
+        except KeyboardInterrupt:
+            pass
+        print(file=out, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: `minigpt chat`
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run", help="a fine-tuned run folder or checkpoint (minigpt sft)")
+    parser.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    parser.add_argument("--system", default="", help="system prompt")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    parser.add_argument("--top-k", type=int, default=50, help="(default: 50)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="(default: 0.95)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="longest reply (default: 200)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--checkpoint", default="latest", help="latest, best or a step_N folder name")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
+
+
+def main(args) -> None:
+    from minigpt.checkpoint import load_run
+    from minigpt.common import pick_device
+
+    if args.temperature < 0 or args.max_new_tokens < 1:
+        raise UserError("--temperature must be >= 0 and --max-new-tokens >= 1")
+    torch.set_grad_enabled(False)
+    model, tokenizer, _ = load_run(args.run, pick_device(args.device), args.checkpoint)
+    session = ChatSession(model, tokenizer, args.system, args.temperature, args.top_k, args.top_p,
+                          args.max_new_tokens, args.seed)
+    if args.prompt is not None:
+        for piece in session.reply(args.prompt):
+            print(piece, end="", flush=True)
+        print()
+        return
+    interactive(session)
