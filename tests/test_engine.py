@@ -154,3 +154,16 @@ def test_sampling_params_validate():
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert math.isclose(SamplingParams().top_p, 1.0)
+
+
+def test_sample_command_is_seeded_and_checks_its_flags(base_run, capsys):
+    from minigpt.cli import main as cli_main
+
+    args = ["sample", str(base_run), "--prompt", "The", "--max-new-tokens", "12", "--seed", "3"]
+    assert cli_main(args) == 0
+    first = capsys.readouterr().out
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out == first and first.startswith("The") and len(first) > 4
+    assert cli_main(["sample", str(base_run), "--num-samples", "3", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.count("--- sample") == 3
+    assert cli_main(["sample", str(base_run), "--temperature", "-1"]) == 2
