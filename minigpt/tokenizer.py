@@ -361,7 +361,7 @@ def _gpt2_folder() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data"
 
 
-def _byte_chars() -> dict[str, int]:
+def gpt2_byte_chars() -> dict[str, int]:
     """GPT-2's printable stand-ins for bytes: visible Latin-1 bytes stand for themselves, the rest for 256 + n."""
     visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = {chr(b): b for b in visible}
@@ -379,7 +379,7 @@ def _read_gpt2(folder: Path) -> Tokenizer:
         if not p.is_file():
             raise UserError(f"{p} does not exist: GPT-2's tokenizer needs encoder.json and vocab.bpe")
     encoder = read_json(encoder_path)
-    chars = _byte_chars()
+    chars = gpt2_byte_chars()
     try:
         ranks = {bytes(chars[c] for c in token): i for token, i in encoder.items() if token != ENDOFTEXT}
     except (KeyError, AttributeError):
