@@ -186,19 +186,35 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        self.capture: list[torch.Tensor] | None = None  # set by inspect_model.capture_attention, else None
 
     def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if step is None:
+        if step is None and self.capture is not None:
+            y = self.explicit_attention(q, k, v)
+        elif step is None:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             y = step.attend(layer, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return _dropout(self.c_proj(y), self.dropout, self.training)
+
+    def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim) + causal mask) v, written out so the weights (B, H, T, T) can be kept.
+
+        The slow path taken only while `self.capture` is a list (inspect_model.py): the weights are appended to it.
+        No dropout: inspect a model in eval mode. The fast path above never pays for this.
+        """
+        T = q.size(-2)
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, H, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # each row sums to 1
+        self.capture.append(weights.detach())
+        return weights.to(v.dtype) @ v
 
 
 class MLP(nn.Module):
