@@ -153,7 +153,9 @@ class CacheStep:
         self.write_pos = self.positions.reshape(-1) if self.keep is None else self.positions.reshape(-1)[self.keep]
         self.span = min(int(self.positions.max()) + 1, cache.max_len)  # the longest row's prefix, no further
         key_pos = torch.arange(self.span, device=device)
-        self.mask = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # (B, 1, T, span): causal
+        causal = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # (B, 1, T, span)
+        # An additive mask (0 or -inf) is a little faster in scaled_dot_product_attention than a boolean one.
+        self.mask = torch.zeros(causal.shape, dtype=cache.k.dtype, device=device).masked_fill_(~causal, float("-inf"))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this layer's new keys and values, then attend over each row's whole prefix. q, k, v: (B, H, T, D)."""
