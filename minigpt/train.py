@@ -64,6 +64,9 @@ class TrainConfig:
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto: bf16 on GPUs that have it, else fp32")
     compile: bool = opt(False, "torch.compile the model")
+    chunked_loss: Literal["auto", "on", "off"] = opt("auto", "compute head and loss in chunks without holding all "
+                                                     "logits (auto: on CPUs, where it is faster; GPUs use the "
+                                                     "plain path that torch.compile fuses)")
     device: str = opt("auto", "auto, cpu, cuda, mps")
     seed: int = opt(1337, "seed for initialisation, data order and dropout")
 
@@ -190,6 +193,14 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     progress_ = min((step - cfg.warmup_steps) / span, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress_))
+
+
+def loss_chunk_rows(setting: str, device: torch.device, vocab_rows: int) -> int:
+    """Positions per chunk of the chunked loss (0: the plain path). Chunks of ~2M logits stay in a CPU's cache."""
+    if setting == "off" or (setting == "auto" and device.type != "cpu"):
+        return 0
+    budget = 2**21 if device.type == "cpu" else 2**26
+    return max(64, budget // vocab_rows)
 
 
 # Dense bf16 peak of the accelerators we know, for MFU (FLOP/s); others report no MFU.
@@ -332,6 +343,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
             "precision": precision, "seq_len": seq_len, "grad_accum": accum, "world_size": rt.world,
             "tokens_per_step": tokens_per_micro * accum, "model": configlib.to_dict(raw_model.config)}})
         tokenizer.save(run / "tokenizer.json")
+    chunk_rows = loss_chunk_rows(cfg.chunked_loss, rt.device, raw_model.config.padded_vocab_size)
     flops_per_token = raw_model.flops_per_token(seq_len)
     peak = peak_flops(rt.device)
     print0(f"{stage}: {raw_model.num_params():,} parameters, {precision}, {rt.device.type} x {rt.world}, "
@@ -394,7 +406,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                 last = i == accum - 1
                 sync = model.no_sync() if rt.distributed and not last else contextlib.nullcontext()
                 with sync, autocast_context(precision, rt.device):
-                    _, loss_sum = model(x, y, reduction="sum")
+                    _, loss_sum = model(x, y, reduction="sum", chunk_rows=chunk_rows)
                 # DistributedDataParallel averages gradients over ranks: scale by world to get the global mean.
                 scaler.scale(loss_sum * (rt.world / counted)).backward()
                 step_loss += loss_sum.detach()

@@ -177,3 +177,27 @@ def test_context_window_enforced():
     model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=20))
     with pytest.raises(ValueError, match="context window"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(chunk):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=200)  # 256 rows with padding
+    plain, chunked = GPT(cfg), GPT(cfg)
+    chunked.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 200, (3, 32))
+    targets = torch.randint(0, 200, (3, 32))
+    targets[0, :10] = -100
+    _, a = plain(idx, targets, reduction="sum")
+    logits, b = chunked(idx, targets, reduction="sum", chunk_rows=chunk)
+    assert logits is None
+    assert b.item() == pytest.approx(a.item(), rel=1e-5)
+    (2.5 * a).backward()
+    (2.5 * b).backward()
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.all(chunked.wte.weight.grad[200:] == 0)
+    with torch.no_grad():
+        _, mean_plain = plain(idx, targets)
+        _, mean_chunked = chunked(idx, targets, chunk_rows=chunk)
+    assert mean_chunked.item() == pytest.approx(mean_plain.item(), rel=1e-5)
