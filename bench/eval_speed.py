@@ -1,0 +1,82 @@
+"""Multiple-choice scoring speed: our batched scorer against a one-example-one-choice-at-a-time loop.
+
+    python bench/eval_speed.py                        # random tiny-preset model, GPT-2 vocabulary, 200 HellaSwag
+    python bench/eval_speed.py --run runs/tiny --task arc_easy --limit 500
+
+Three ways to score the same (context, continuation) pairs with the same model:
+  naive      one forward pass per pair, logits at every position (score_pairs_naive)
+  batch 1    score_pairs with one pair per pass: only the continuation's positions go through the output head
+  batch N    score_pairs: pairs sorted by length, N per right-padded pass (the default path of `minigpt eval`)
+Throughput is in examples per second (an example is all of its choices). The pairs are tokenized beforehand and
+the tokenizing is not timed. Measure on a quiet machine: the load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", help="a run or checkpoint folder (default: a random tiny-preset model with GPT-2's "
+                                      "vocabulary)")
+    parser.add_argument("--task", default="hellaswag")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="timed repetitions; the best is reported")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import torch
+
+    from minigpt import evaluate, tasks
+    from minigpt.checkpoint import load_run
+    from minigpt.model import GPT, ModelConfig
+    from minigpt.tokenizer import Tokenizer
+
+    if args.run:
+        model, tokenizer, _ = load_run(args.run)
+        what = args.run
+    else:
+        tokenizer = Tokenizer.gpt2()
+        torch.manual_seed(0)
+        model = GPT(ModelConfig.from_preset("tiny", vocab_size=tokenizer.n_vocab)).eval()
+        what = "random tiny preset (4 layers, width 128, context 256), GPT-2 vocabulary"
+    task = tasks.load_task(args.task, limit=args.limit)
+    pairs, _ = evaluate.task_pairs(task, tokenizer)
+    tokens = sum(len(c) + len(k) for c, k in pairs)
+    print(f"{what}; {args.task}: {len(task.examples)} examples, {len(pairs)} pairs, {tokens:,} tokens; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average before: {load_average()}")
+
+    runs = {"naive (one pair per pass, full logits)": lambda: evaluate.score_pairs_naive(model, pairs),
+            "batch 1 (continuation positions only)": lambda: evaluate.score_pairs(model, pairs, 1),
+            f"batch {args.batch_size}": lambda: evaluate.score_pairs(model, pairs, args.batch_size)}
+    results, reference = {}, None
+    for name, fn in runs.items():
+        best = float("inf")
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            scores = fn()
+            best = min(best, time.perf_counter() - start)
+        if reference is None:
+            reference = scores
+        diff = max(abs(a.logprob - b.logprob) for a, b in zip(scores, reference, strict=True))
+        results[name] = (best, diff)
+    naive = results[next(iter(runs))][0]
+    print("| scorer | seconds | examples/s | speed-up | max abs diff vs naive |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (seconds, diff) in results.items():
+        print(f"| {name} | {seconds:.2f} | {len(task.examples) / seconds:.1f} | {naive / seconds:.1f}x | {diff:.1e} |")
+    print(f"load average after: {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
