@@ -19,8 +19,6 @@ import dataclasses
 import sys
 from collections.abc import Iterator, Sequence
 
-import torch
-
 from minigpt.common import UserError
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -224,8 +222,8 @@ def main(args) -> None:
 
     if args.temperature < 0 or args.max_new_tokens < 1:
         raise UserError("--temperature must be >= 0 and --max-new-tokens >= 1")
-    torch.set_grad_enabled(False)
     model, tokenizer, _ = load_run(args.run, pick_device(args.device), args.checkpoint)
+    model.requires_grad_(False)  # generation only; a local switch, not torch's global grad mode
     session = ChatSession(model, tokenizer, args.system, args.temperature, args.top_k, args.top_p,
                           args.max_new_tokens, args.seed)
     if args.prompt is not None:

@@ -23,7 +23,11 @@ STAGES: list[tuple[str, str, str]] = [
     ("eval", "minigpt.evaluate", "score a run: validation loss, perplexity, bits per byte, benchmarks, recall"),
     ("sft", "minigpt.sft", "fine-tune a pretrained run into a chatbot on conversations"),
     ("chat", "minigpt.chat", "talk to a fine-tuned model in the terminal"),
+    ("serve", "minigpt.serve", "an OpenAI-compatible HTTP server and web chat for a run (needs minigpt[serve])"),
+    ("sample", "minigpt.engine", "continue a prompt with any run, pretrained or fine-tuned"),
     ("inspect", "minigpt.inspect_model", "look inside a model: attention maps, per-token surprise, the logit lens"),
+    ("export", "minigpt.hf_export", "a checkpoint as a Hugging Face GPT-2 folder: weights, tokenizer, chat template"),
+    ("import", "minigpt.hf_import", "make a run from a local Hugging Face GPT-2 folder, e.g. OpenAI's GPT-2 124M"),
 ]
 
 

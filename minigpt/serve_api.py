@@ -1,0 +1,633 @@
+"""The HTTP layer of `minigpt serve`: OpenAI-shaped requests in, engine jobs out, answers and SSE streams back.
+
+Built by `build_app` (serve.py calls it). Request bodies are pydantic models that accept unknown fields and
+explicit nulls, as OpenAI's API does; every error, our own or FastAPI's, leaves in OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad input. Generation runs on the
+scheduler's engine thread (scheduler.py); each request coroutine receives its tokens through an asyncio queue
+that the engine thread fills with `call_soon_threadsafe`. A client that goes away has its job cancelled: a stream
+when Starlette stops the response generator, a plain request when its disconnect watcher sees the disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import functools
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minigpt.chat import ROLE_TOKENS, Message, render, stop_ids
+from minigpt.engine import SamplingParams
+from minigpt.scheduler import Choice, Done, Job, JobTimeout, PromptScores, QueueFull, Scheduler, Update
+from minigpt.serve import APIError, Gate, Metrics, chat_page, validation_error
+
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 256  # choices per request (prompts x n)
+MAX_STOP = 16  # stop strings per request
+MAX_LOGPROBS = 20
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Request bodies: unknown fields pass, explicit nulls mean "the default"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class _Sampling(_Body):
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0: off
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]  # no true -> 1
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool | None = None
+    add_special_tokens: bool | None = None  # accepted for vLLM's clients; our tokenizer adds none
+    return_token_strs: bool | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Turning requests into engine jobs
+
+
+class _Channel:
+    """Items from the engine thread, handed to this request's coroutine through an asyncio queue."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[list] = asyncio.Queue()
+        self.started = time.perf_counter()
+
+    def deliver(self, items: list) -> None:  # called on the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, items)
+
+
+class _Gone(Exception):
+    """The client disconnected."""
+
+
+class Server:
+    """Everything the endpoints share: model facts, the scheduler, metrics and settings."""
+
+    def __init__(self, model, tokenizer, cfg, name: str):
+        self.tokenizer, self.cfg, self.name = tokenizer, cfg, name
+        self.scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.seed)
+        self.window = self.scheduler.window
+        self.vocab_size = self.scheduler.vocab_size
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        self.chat_stop = stop_ids(tokenizer) if tokenizer.chat_token_ids else None
+        self.token_str = functools.lru_cache(maxsize=1 << 16)(self._token_str)
+
+    def _token_str(self, token: int) -> str:
+        """A token as text, or as `bytes:\\xNN...` when its bytes are not valid UTF-8 on their own (as OpenAI)."""
+        raw = self.tokenizer.token_bytes(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"The model `{model}` does not exist; this server has `{self.name}`.",
+                           param="model", code="model_not_found")
+
+    def check_prompt(self, ids: list[int], param: str, generating: bool) -> None:
+        if not ids:
+            raise APIError(400, f"The {param} is empty.", param=param, code="invalid_value")
+        limit = self.window - 1 if generating else self.window
+        if len(ids) > limit:
+            room = ", and at least one token must be left for the reply" if generating else ""
+            raise APIError(400, f"This model's maximum context length is {self.window} tokens; the {param} has "
+                                f"{len(ids)} tokens{room}.", param=param, code="context_length_exceeded")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise APIError(400, f"Token ids must be in [0, {self.vocab_size}).", param=param, code="invalid_value")
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> ids; special-token text becomes the special token (as Hugging Face tokenizers do)."""
+        try:
+            return self.tokenizer.encode(text, allowed_special="all")
+        except Exception as exc:  # e.g. lone surrogates from JSON escapes
+            raise APIError(400, f"The text cannot be encoded: {exc}", param="prompt", code="invalid_value"
+                           ) from None
+
+    # -- sampling settings shared by both endpoints --
+
+    def sampling(self, body: _Sampling, max_tokens: int, stop_tokens: list[int], top_logprobs: int
+                 ) -> list[SamplingParams]:
+        """One SamplingParams per choice of a prompt: the n choices get seeds seed, seed+1, ... when seeded."""
+        bias = {}
+        for key, value in (body.logit_bias or {}).items():
+            if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < self.vocab_size:
+                raise APIError(400, f"logit_bias keys must be token ids in [0, {self.vocab_size}), not {key!r}.",
+                               param="logit_bias", code="invalid_value")
+            if not -100 <= value <= 100:
+                raise APIError(400, "logit_bias values must be in [-100, 100].", param="logit_bias",
+                               code="invalid_value")
+            bias[int(key)] = float(value)
+        top_k = body.top_k or 0
+        return [SamplingParams(max_new_tokens=max_tokens,
+                               temperature=1.0 if body.temperature is None else body.temperature,
+                               top_k=max(top_k, 0), top_p=1.0 if body.top_p is None else body.top_p,
+                               stop_token_ids=stop_tokens,
+                               seed=None if body.seed is None else (body.seed + i) % 2**64,
+                               presence_penalty=body.presence_penalty or 0.0,
+                               frequency_penalty=body.frequency_penalty or 0.0,
+                               logit_bias=bias, top_logprobs=top_logprobs)
+                for i in range(body.n or 1)]
+
+    def max_tokens(self, body: _Sampling, default: int, least: int) -> int:
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        value = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if value is None:
+            return default
+        if value < least or value > self.window:
+            raise APIError(400, f"{param} must be in [{least}, {self.window}] (this model's context window), not "
+                                f"{value}.", param=param, code="invalid_value")
+        return value
+
+    @staticmethod
+    def stop_strings(body: _Sampling) -> list[str]:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > MAX_STOP:
+            raise APIError(400, f"At most {MAX_STOP} stop strings are allowed.", param="stop", code="invalid_value")
+        return [s for s in stop if s]
+
+    # -- running a job --
+
+    def submit(self, choices: list[Choice], prompt_tokens: int, score_prompts: int | None = None
+               ) -> tuple[Job, _Channel]:
+        if len(choices) > MAX_CHOICES:
+            raise APIError(400, f"A request may ask for at most {MAX_CHOICES} choices (prompts x n).", param="n",
+                           code="invalid_value")
+        channel = _Channel()
+        timeout = self.cfg.request_timeout or None
+        job = Job(choices, channel.deliver, timeout, score_prompts)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull:
+            self.metrics.rejected += 1
+            raise APIError(429, "The server is busy: too many requests are waiting. Retry shortly.",
+                           type="rate_limit_error", code="queue_full") from None
+        except RuntimeError as exc:
+            raise APIError(503, str(exc), type="server_error", code="unavailable") from None
+        self.metrics.prompt_tokens += prompt_tokens
+        return job, channel
+
+    async def items(self, channel: _Channel):
+        """The job's items in order, until Done; engine-side errors become APIErrors."""
+        first = True
+        while True:
+            for item in await channel.queue.get():
+                if isinstance(item, _Gone):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise _engine_error(item)
+                if first and isinstance(item, Update) and item.tokens:
+                    first = False
+                    self.metrics.first_token(time.perf_counter() - channel.started)
+                yield item
+                if isinstance(item, Done):
+                    return
+
+    async def collect(self, request: Request, job: Job, channel: _Channel) -> list:
+        """All items of a job not streamed, cancelling it if the client disconnects meanwhile."""
+
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.scheduler.cancel(job)
+            channel.queue.put_nowait([_Gone()])
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return [item async for item in self.items(channel)]
+        finally:
+            watcher.cancel()
+            self.scheduler.cancel(job)  # a no-op when it finished; frees its rows when it did not
+
+
+def _engine_error(exc: BaseException) -> APIError:
+    if isinstance(exc, JobTimeout):
+        return APIError(503, "The server was too busy to start this request within its time limit.",
+                        type="server_error", code="timeout")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), code="invalid_value")
+    return APIError(500, f"The engine failed: {exc}", type="server_error", code="engine_error")
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class _Offsets:
+    """Character offset of each token in the text decoded so far (OpenAI's `text_offset`)."""
+
+    def __init__(self, token_bytes) -> None:
+        self._bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0
+
+    def take(self, tokens: list[int]) -> list[int]:
+        out = []
+        for t in tokens:
+            out.append(self.chars)
+            self.chars += len(self._utf8.decode(self._bytes(t)))
+        return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# /v1/chat/completions
+
+
+def _chat_messages(body: ChatRequest) -> list[Message]:
+    out = []
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role not in ROLE_TOKENS:
+            raise APIError(400, f"Unsupported role {m.role!r}: use system, developer, user or assistant.",
+                           param=f"messages.[{i}].role", code="invalid_value")
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise APIError(400, "Only text content parts are supported.", param=f"messages.[{i}].content",
+                               code="invalid_value")
+            content = "".join(p.text for p in content)
+        out.append(Message(role, content or ""))
+    return out
+
+
+async def chat_completions(server: Server, body: ChatRequest, request: Request):
+    server.check_model(body.model)
+    if server.chat_stop is None:
+        raise APIError(400, "This model has no chat format (it was not fine-tuned with `minigpt sft`): use "
+                            "/v1/completions.", param="messages", code="chat_not_supported")
+    prompt, _ = render(server.tokenizer, _chat_messages(body), add_generation_prompt=True)
+    server.check_prompt(prompt, "messages", generating=True)
+    k = (body.top_logprobs or 0) if body.logprobs else 0
+    params = server.sampling(body, server.max_tokens(body, server.window, least=1), server.chat_stop, k)
+    stop = server.stop_strings(body)
+    job, channel = server.submit([Choice(prompt, p, stop) for p in params], len(prompt))
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": ident, "object": "chat.completion", "created": created, "model": server.name}
+
+    def logprob_items(update: Update) -> list[dict]:
+        out = []
+        for token, lp, top in zip(update.tokens, update.logprobs, update.top_logprobs, strict=True):
+            alternatives = [{"token": server.token_str(t), "logprob": v,
+                             "bytes": list(server.tokenizer.token_bytes(t))} for t, v in top]
+            out.append({"token": server.token_str(token), "logprob": lp,
+                        "bytes": list(server.tokenizer.token_bytes(token)), "top_logprobs": alternatives})
+        return out
+
+    if body.stream:
+        chunk_head = {**head, "object": "chat.completion.chunk"}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream():
+            try:
+                for i in range(len(params)):
+                    yield _sse({**chunk_head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                           "logprobs": None, "finish_reason": None}]})
+                async for item in server.items(channel):
+                    if isinstance(item, Update):
+                        if item.text or (body.logprobs and item.tokens):
+                            lp = {"content": logprob_items(item)} if body.logprobs else None
+                            yield _sse({**chunk_head, "choices": [{"index": item.index, "delta": {
+                                "content": item.text}, "logprobs": lp, "finish_reason": None}]})
+                        if item.finish_reason:
+                            yield _sse({**chunk_head, "choices": [{"index": item.index, "delta": {}, "logprobs": None,
+                                                                   "finish_reason": item.finish_reason}]})
+                    elif isinstance(item, Done) and include_usage:
+                        yield _sse({**chunk_head, "choices": [], "usage": _usage(len(prompt), item.completion_tokens)})
+                yield "data: [DONE]\n\n"
+            except APIError as exc:
+                yield _sse(exc.body())
+            finally:
+                server.scheduler.cancel(job)
+
+        return _streaming(stream())
+
+    texts = [[] for _ in params]
+    logprobs: list[list[dict]] = [[] for _ in params]
+    finish: list[str | None] = [None] * len(params)
+    usage = None
+    for item in await server.collect(request, job, channel):
+        if isinstance(item, Update):
+            texts[item.index].append(item.text)
+            if body.logprobs:
+                logprobs[item.index] += logprob_items(item)
+            finish[item.index] = item.finish_reason or finish[item.index]
+        elif isinstance(item, Done):
+            usage = _usage(len(prompt), item.completion_tokens)
+    choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+                "logprobs": {"content": logprobs[i]} if body.logprobs else None, "finish_reason": finish[i]}
+               for i in range(len(params))]
+    return JSONResponse({**head, "choices": choices, "usage": usage})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# /v1/completions
+
+
+def _prompts(server: Server, prompt) -> list[list[int]]:
+    """A string, a list of strings, a list of ids or a list of id lists -> the prompts' ids."""
+    if isinstance(prompt, str):
+        return [server.encode(prompt) if prompt else [server.tokenizer.eot_id]]  # "" starts a new document
+    if not prompt:
+        raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    if isinstance(prompt[0], str):
+        return [server.encode(p) if p else [server.tokenizer.eot_id] for p in prompt]
+    return [list(p) for p in prompt]
+
+
+async def completions(server: Server, body: CompletionRequest, request: Request):
+    server.check_model(body.model)
+    prompts = _prompts(server, body.prompt)
+    max_tokens = server.max_tokens(body, COMPLETION_DEFAULT_MAX_TOKENS, least=0)
+    for ids in prompts:
+        server.check_prompt(ids, "prompt", generating=max_tokens > 0)
+    want_logprobs = body.logprobs is not None
+    k = body.logprobs or 0
+    stop = server.stop_strings(body)
+    choices = []
+    for ids in prompts:
+        choices += [Choice(ids, p, stop) for p in server.sampling(body, max_tokens, [server.tokenizer.eot_id], k)]
+    score = k if (body.echo and want_logprobs) else None
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    job, channel = server.submit(choices, prompt_tokens, score_prompts=score)
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": ident, "object": "text_completion", "created": created, "model": server.name}
+    offsets = [_Offsets(server.tokenizer.token_bytes) for _ in choices]
+    echoed = [not body.echo] * len(choices)
+
+    def top_dict(top, token: int, lp: float) -> dict[str, float]:
+        out = {server.token_str(t): v for t, v in top}
+        out.setdefault(server.token_str(token), lp)  # OpenAI: the sampled token always appears
+        return out
+
+    def logprobs_of(i: int, tokens, lps, tops) -> dict:
+        return {"tokens": [server.token_str(t) for t in tokens], "token_logprobs": list(lps),
+                "top_logprobs": [None if top is None else top_dict(top, t, lp)
+                                 for t, lp, top in zip(tokens, lps, tops, strict=True)],
+                "text_offset": offsets[i].take(tokens)}
+
+    def echo_piece(i: int, scores: PromptScores | None) -> tuple[str, dict | None]:
+        echoed[i] = True
+        ids = choices[i].prompt
+        text = server.tokenizer.decode(ids)
+        if not want_logprobs:
+            return text, None
+        if scores is None:  # echo without prompt scores cannot happen with logprobs; keep the shape anyway
+            scores = PromptScores(i, [None] * len(ids), [None] * len(ids))
+        return text, logprobs_of(i, ids, scores.logprobs, scores.top_logprobs)
+
+    def pieces(item) -> list[tuple[int, str, dict | None, str | None]]:
+        """(index, text, logprobs, finish_reason) for the output an item adds."""
+        out = []
+        if isinstance(item, PromptScores):
+            out.append((item.index, *echo_piece(item.index, item), None))
+        elif isinstance(item, Update):
+            if not echoed[item.index]:
+                out.append((item.index, *echo_piece(item.index, None), None))
+            lp = logprobs_of(item.index, item.tokens, item.logprobs, item.top_logprobs) if want_logprobs else None
+            out.append((item.index, item.text, lp, item.finish_reason))
+        return out
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream():
+            try:
+                async for item in server.items(channel):
+                    for index, text, lp, finish in pieces(item):
+                        if text or lp is not None and lp["tokens"] or finish:
+                            yield _sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
+                                                             "finish_reason": finish}]})
+                    if isinstance(item, Done) and include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, item.completion_tokens)})
+                yield "data: [DONE]\n\n"
+            except APIError as exc:
+                yield _sse(exc.body())
+            finally:
+                server.scheduler.cancel(job)
+
+        return _streaming(stream())
+
+    texts: list[list[str]] = [[] for _ in choices]
+    merged: list[dict | None] = [None] * len(choices)
+    finish: list[str | None] = [None] * len(choices)
+    usage = None
+    for item in await server.collect(request, job, channel):
+        for index, text, lp, reason in pieces(item):
+            texts[index].append(text)
+            finish[index] = reason or finish[index]
+            if lp is not None:
+                if merged[index] is None:
+                    merged[index] = lp
+                else:
+                    for key in lp:
+                        merged[index][key] += lp[key]
+        if isinstance(item, Done):
+            usage = _usage(prompt_tokens, item.completion_tokens)
+    out = [{"index": i, "text": "".join(texts[i]), "logprobs": merged[i] if want_logprobs else None,
+            "finish_reason": finish[i]} for i in range(len(choices))]
+    for i in range(len(choices)):
+        if want_logprobs and out[i]["logprobs"] is None:
+            out[i]["logprobs"] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    return JSONResponse({**head, "choices": out, "usage": usage})
+
+
+def _json_error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _streaming(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The application
+
+
+def build_app(model, tokenizer, cfg, name: str) -> FastAPI:
+    server = Server(model, tokenizer, cfg, name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.scheduler.start()
+        try:
+            yield
+        finally:
+            server.scheduler.stop()
+
+    app = FastAPI(title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _json_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _json_error(validation_error(list(exc.errors())))
+
+    @app.exception_handler(_Gone)
+    async def _gone(request: Request, exc: _Gone):
+        return Response(status_code=499)  # nobody reads it: the status nginx logs for "client closed request"
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _json_error(APIError(exc.status_code, str(exc.detail), code=kind))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        return _json_error(APIError(500, f"Internal error: {type(exc).__name__}", type="server_error"))
+
+    @app.post("/v1/chat/completions")
+    async def _chat(body: ChatRequest, request: Request):
+        return await chat_completions(server, body, request)
+
+    @app.post("/v1/completions")
+    async def _completions(body: CompletionRequest, request: Request):
+        return await completions(server, body, request)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "minigpt",
+                "max_model_len": server.window}
+
+    @app.get("/v1/models")
+    async def _models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def _model(model: str):
+        server.check_model(model)
+        return model_card()
+
+    @app.post("/tokenize")
+    async def _tokenize(body: TokenizeRequest):
+        server.check_model(body.model)
+        if body.messages is not None:
+            if server.chat_stop is None:
+                raise APIError(400, "This model has no chat format.", param="messages", code="chat_not_supported")
+            add = True if body.add_generation_prompt is None else body.add_generation_prompt
+            ids, _ = render(tokenizer, _chat_messages(body), add_generation_prompt=add)
+        elif body.prompt is not None:
+            ids = server.encode(body.prompt)
+        else:
+            raise APIError(400, "Give `prompt` or `messages`.", param="prompt", code="missing_required_parameter")
+        strs = [server.token_str(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": server.window, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def _detokenize(body: DetokenizeRequest):
+        server.check_model(body.model)
+        if body.tokens and (min(body.tokens) < 0 or max(body.tokens) >= tokenizer.n_vocab):
+            raise APIError(400, f"Token ids must be in [0, {tokenizer.n_vocab}).", param="tokens",
+                           code="invalid_value")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def _tokenizer_info():
+        info = {"tokenizer_class": "minigpt.Tokenizer", "name": tokenizer.name, "hash": tokenizer.hash,
+                "vocab_size": tokenizer.n_vocab, "model_max_length": server.window,
+                "eos_token": "<|endoftext|>", "bos_token": None, "pad_token": None,
+                "special_tokens": tokenizer.special_tokens}
+        if server.chat_stop is not None:  # our chat format as a Jinja template, for clients that render it
+            info["chat_template"] = (
+                "<|endoftext|>{% for m in messages %}<|{{ 'system' if m['role'] == 'developer' else m['role'] }}|>"
+                "{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+        return info
+
+    @app.get("/health")
+    async def _health():
+        alive = server.scheduler.alive
+        body = {"status": "ok" if alive else "error", "model": server.name,
+                "running": server.scheduler.stats.running, "queued": server.scheduler.queued,
+                "max_batch": server.scheduler.max_batch, "max_queue": server.scheduler.max_queue}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def _metrics():
+        return PlainTextResponse(server.metrics.render(server.scheduler),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def _page():
+        html, csp = chat_page()
+        return HTMLResponse(html, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
+                                           "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+
+    app.add_middleware(Gate, api_key=cfg.api_key, max_bytes=cfg.max_request_bytes, metrics=server.metrics)
+    if cfg.cors_origin:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origin), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    return app
