@@ -33,7 +33,7 @@ class QuickstartConfig:
     """Settings of `minigpt quickstart`."""
 
     run_dir: str = opt("runs/quickstart", "folder for everything the quickstart makes")
-    pretrain_steps: int = opt(250, "pretraining steps (32 x 256 tokens each)")
+    pretrain_steps: int = opt(500, "pretraining steps (16 x 256 tokens each)")
     sft_steps: int = opt(300, "fine-tuning steps (16 conversations each)")
     questions: int = opt(100, "held-out questions for the report")
     device: str = opt("auto", "auto, cpu, cuda, mps")
@@ -57,7 +57,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         print0(f"pretraining already done ({cfg.pretrain_steps} steps): skipped")
     else:
         train(TrainConfig(run_dir=str(base), data=str(root / "data"), model=ModelConfig.from_preset("tiny"),
-                          max_steps=cfg.pretrain_steps, warmup_steps=min(25, cfg.pretrain_steps // 10),
+                          max_steps=cfg.pretrain_steps, warmup_steps=min(50, cfg.pretrain_steps // 10),
                           eval_every=max(cfg.pretrain_steps // 5, 1), checkpoint_every=max(cfg.pretrain_steps // 5, 1),
                           device=cfg.device, seed=cfg.seed, resume=True))
 
