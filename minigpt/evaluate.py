@@ -379,7 +379,7 @@ def benchmark_scores(model: torch.nn.Module, tokenizer, tasks: list[str], limit:
             _PREPARED[key] = (task, None if task.kind == "generate" else task_pairs(task, tokenizer))
         task, pairs = _PREPARED[key]
         result = run_task(model, tokenizer, task, batch_size, show, pairs)
-        out.update({f"{name}/{metric}": value for metric, value in result.metrics.items()})
+        out.update({f"{task.name}/{metric}": value for metric, value in result.metrics.items()})
     return out
 
 

