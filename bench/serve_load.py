@@ -128,8 +128,12 @@ async def malformed_one(client: httpx.AsyncClient, url: str, model: str, phase: 
     except httpx.HTTPError as exc:
         phase.errors.append(f"{name}: {type(exc).__name__}")
         return
-    if not 400 <= response.status_code < 500 or "error" not in response.json():
-        phase.errors.append(f"{name}: HTTP {response.status_code}")
+    try:
+        shaped = "error" in response.json()
+    except ValueError:  # not JSON: an error too, counted rather than crashing the benchmark
+        shaped = False
+    if not 400 <= response.status_code < 500 or not shaped:
+        phase.errors.append(f"{name}: HTTP {response.status_code}" + ("" if shaped else " without an error body"))
     else:
         phase.note(f"malformed -> {response.status_code}")
 

@@ -108,6 +108,7 @@ class Stats:
     """Counters for /metrics and /health, written by the engine thread only."""
 
     running: int = 0  # live sequences after the last step
+    free_rows: int = 0  # engine rows free after the last step
     steps: int = 0
     tokens_generated: int = 0
     jobs_finished: int = 0
@@ -148,7 +149,7 @@ class Scheduler:
         self.window = self.engine.max_len  # longest sequence (prompt + output)
         self.vocab_size = model.config.vocab_size
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.stats = Stats()
+        self.stats = Stats(free_rows=max_batch)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()  # submitted, not started; guarded by _cond
         self._active: list[Job] = []  # started, not finished; engine thread only
@@ -181,7 +182,9 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            # Jobs that free rows will take at the next iteration do not count as waiting (a request arriving
+            # mid-step on an idle server is not queued, even with max_queue 0).
+            if len(self._waiting) >= self.max_queue + self.stats.free_rows:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(job)
             self._cond.notify()
@@ -234,6 +237,7 @@ class Scheduler:
             self.stats.steps += 1
         self._flush(pending)
         self.stats.running = len(self.engine.live)
+        self.stats.free_rows = self.engine.free_rows
 
     def _collect(self, events, pending: dict[Job, list]) -> None:
         self.stats.tokens_generated += len(events)
@@ -300,9 +304,10 @@ class Scheduler:
         choice.generated += 1
         finish = event.finish_reason
         text = "" if finish == "stop" else choice.decoder.push(event.token)
-        if finish is None and choice.decoder.stopped:  # a stop string: end it now and free the row
+        if choice.decoder.stopped and finish != "stop":  # a stop string, maybe completed by the last allowed token
+            if finish is None:  # end it now and free the row
+                self.engine.cancel(choice.gen, "stop")
             finish = "stop"
-            self.engine.cancel(choice.gen, "stop")
         if finish is not None:
             text += choice.decoder.finish()
             choice.finish_reason = finish
@@ -358,6 +363,7 @@ class Scheduler:
             for job in waiting:
                 self._send(job, [exc])
         self.stats.running = len(self.engine.live)
+        self.stats.free_rows = self.engine.free_rows
 
     @staticmethod
     def _send(job: Job, items: list) -> None:

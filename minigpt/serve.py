@@ -55,7 +55,7 @@ class ServeConfig:
     device: str = opt("cpu", "cpu, cuda, mps or auto")
     dtype: str = opt("float32", "weights' dtype: float32, bfloat16 or float16 (float32 for exact log-probs)")
     max_batch: int = opt(16, "sequences decoded together (rows of the KV cache)")
-    max_queue: int = opt(64, "requests allowed to wait for a row; beyond that the answer is 429")
+    max_queue: int = opt(64, "requests allowed to wait while every row is busy; beyond that the answer is 429")
     request_timeout: float = opt(300.0, "seconds a request may take, queueing included (0: no limit)")
     max_request_bytes: int = opt(1 << 20, "largest request body accepted (413 beyond)")
     api_key: str = opt("", f"require `Authorization: Bearer KEY` on the API (default: ${API_KEY_ENV})")

@@ -15,6 +15,7 @@ import codecs
 import contextlib
 import functools
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -42,7 +43,8 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: "2" is not a number and "false" not a boolean, as the OpenAI API answers (ints still pass as floats)
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Body):
@@ -174,7 +176,7 @@ class Server:
         """One SamplingParams per choice of a prompt: the n choices get seeds seed, seed+1, ... when seeded."""
         bias = {}
         for key, value in (body.logit_bias or {}).items():
-            if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < self.vocab_size:
+            if not re.fullmatch(r"[0-9]{1,9}", key.strip()) or int(key) >= self.vocab_size:
                 raise APIError(400, f"logit_bias keys must be token ids in [0, {self.vocab_size}), not {key!r}.",
                                param="logit_bias", code="invalid_value")
             if not -100 <= value <= 100:
@@ -192,14 +194,21 @@ class Server:
                                logit_bias=bias, top_logprobs=top_logprobs)
                 for i in range(body.n or 1)]
 
-    def max_tokens(self, body: _Sampling, default: int, least: int) -> int:
+    def max_tokens(self, body: _Sampling, prompt_tokens: int, default: int, least: int) -> int:
+        """The tokens to generate: as asked, if the longest prompt plus that many fit the window (else a 400, as
+        OpenAI and vLLM answer), or by default `default` cut to the room the window leaves."""
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         value = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if value is None:
-            return default
+            return max(min(default, self.window - prompt_tokens), least)
         if value < least or value > self.window:
             raise APIError(400, f"{param} must be in [{least}, {self.window}] (this model's context window), not "
                                 f"{value}.", param=param, code="invalid_value")
+        if prompt_tokens + value > self.window:
+            raise APIError(400, f"This model's maximum context length is {self.window} tokens. However, you "
+                                f"requested {prompt_tokens + value} tokens ({prompt_tokens} in the prompt, {value} "
+                                f"in the completion). Reduce the prompt or {param}.", param=param,
+                           code="context_length_exceeded")
         return value
 
     @staticmethod
@@ -323,10 +332,11 @@ async def chat_completions(server: Server, body: ChatRequest, request: Request):
     if server.chat_stop is None:
         raise APIError(400, "This model has no chat format (it was not fine-tuned with `minigpt sft`): use "
                             "/v1/completions.", param="messages", code="chat_not_supported")
-    prompt, _ = render(server.tokenizer, _chat_messages(body), add_generation_prompt=True)
+    # Tokenizing a long text takes a while (0.5 s per MB): off the event loop, so other streams go on meanwhile.
+    prompt, _ = await asyncio.to_thread(render, server.tokenizer, _chat_messages(body), add_generation_prompt=True)
     server.check_prompt(prompt, "messages", generating=True)
     k = (body.top_logprobs or 0) if body.logprobs else 0
-    params = server.sampling(body, server.max_tokens(body, server.window, least=1), server.chat_stop, k)
+    params = server.sampling(body, server.max_tokens(body, len(prompt), server.window, least=1), server.chat_stop, k)
     stop = server.stop_strings(body)
     job, channel = server.submit([Choice(prompt, p, stop) for p in params], len(prompt))
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -406,10 +416,11 @@ def _prompts(server: Server, prompt) -> list[list[int]]:
 
 async def completions(server: Server, body: CompletionRequest, request: Request):
     server.check_model(body.model)
-    prompts = _prompts(server, body.prompt)
-    max_tokens = server.max_tokens(body, COMPLETION_DEFAULT_MAX_TOKENS, least=0)
+    prompts = await asyncio.to_thread(_prompts, server, body.prompt)  # off the event loop, as in chat
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     for ids in prompts:
-        server.check_prompt(ids, "prompt", generating=max_tokens > 0)
+        server.check_prompt(ids, "prompt", generating=asked != 0)
+    max_tokens = server.max_tokens(body, max(map(len, prompts)), COMPLETION_DEFAULT_MAX_TOKENS, least=0)
     want_logprobs = body.logprobs is not None
     k = body.logprobs or 0
     stop = server.stop_strings(body)
@@ -577,9 +588,9 @@ def build_app(model, tokenizer, cfg, name: str) -> FastAPI:
             if server.chat_stop is None:
                 raise APIError(400, "This model has no chat format.", param="messages", code="chat_not_supported")
             add = True if body.add_generation_prompt is None else body.add_generation_prompt
-            ids, _ = render(tokenizer, _chat_messages(body), add_generation_prompt=add)
+            ids, _ = await asyncio.to_thread(render, tokenizer, _chat_messages(body), add_generation_prompt=add)
         elif body.prompt is not None:
-            ids = server.encode(body.prompt)
+            ids = await asyncio.to_thread(server.encode, body.prompt)
         else:
             raise APIError(400, "Give `prompt` or `messages`.", param="prompt", code="missing_required_parameter")
         strs = [server.token_str(t) for t in ids] if body.return_token_strs else None

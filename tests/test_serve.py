@@ -175,6 +175,19 @@ def test_stop_strings_end_the_text_before_them(client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
 
 
+def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(client):
+    gen = client.completions.create(model="chat", prompt="The city", max_tokens=12, temperature=0, logprobs=0)
+    text, tokens = gen.choices[0].text, gen.choices[0].logprobs.tokens
+    for k in range(1, len(tokens)):  # a stop string across tokens k-1 and k, first seen where token k ends
+        stop = tokens[k - 1] + tokens[k]
+        if "bytes:" not in stop and stop.strip() and text.find(stop) + len(stop) == len("".join(tokens[:k + 1])):
+            break
+    else:
+        pytest.skip("no stop string ends first at a token boundary in this model's text")
+    cut = client.completions.create(model="chat", prompt="The city", max_tokens=k + 1, temperature=0, stop=stop)
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (text[:text.find(stop)], "stop")
+
+
 @torch.inference_mode()
 def test_logprobs_equal_the_models_own(chat, client):
     _, model, tokenizer = chat
@@ -230,16 +243,29 @@ def test_errors_are_typed_with_code_and_param(chat, client):
     assert (err.value.code, err.value.param) == ("context_length_exceeded", "prompt")
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hello"}])
-    assert err.value.code == "model_not_found"
+    assert (err.value.code, err.value.param) == ("model_not_found", "model")
     with pytest.raises(openai.AuthenticationError) as err:
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
-    assert err.value.code == "invalid_api_key"
+    assert (err.value.code, err.value.param) == ("invalid_api_key", None)
     for kwargs, param in [({"max_tokens": 10_000}, "max_tokens"), ({"n": 99}, "n"), ({"temperature": 3}, "temperature"),
                           ({"temperature": "hot"}, "temperature"), ({"logit_bias": {"x": 1}}, "logit_bias"),
-                          ({"top_p": 0}, "top_p")]:
+                          ({"logit_bias": {"--5": 1}}, "logit_bias"), ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),
+                          ({"max_tokens": "2"}, "max_tokens"), ({"top_p": 0}, "top_p")]:
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="chat", prompt="Hi", **kwargs)
         assert err.value.param == param, kwargs
+    # the prompt fits the 64-token window, but not with the completion asked for (OpenAI and vLLM refuse it too)
+    prompt = chat[2].encode_ordinary("word " * 10)
+    for create, kwargs, param in [(client.completions.create, {"prompt": prompt, "max_tokens": 60}, "max_tokens"),
+                                  (client.chat.completions.create, {"messages": [{"role": "user", "content": "Hi"}],
+                                   "max_completion_tokens": 63}, "max_completion_tokens")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            create(model="chat", **kwargs)
+        assert (err.value.code, err.value.param) == ("context_length_exceeded", param)
+    # unasked, the completion is cut to the room the window leaves
+    full = client.completions.create(model="chat", prompt=(prompt * 6)[:54], temperature=0, logit_bias={
+        str(chat[2].eot_id): -100})  # OpenAI's default is 16 tokens; 10 are left
+    assert full.usage.completion_tokens == 10 and full.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="chat", messages=[{"role": "robot", "content": "Hi"}])
     assert err.value.param == "messages.[0].role"
@@ -251,6 +277,8 @@ def test_raw_http_errors_never_500(chat):
     cases = [(b"{not json", 400), (b"[1, 2]", 400), (b"", 400), (b'{"prompt": {"a": 1}}', 400),
              (b'{"prompt": "x", "n": null, "seed": null, "logprobs": null, "stop": null, "whatever": 1}', 200),
              (b'{"prompt": "x", "max_tokens": 1, "stream_options": null, "echo": null}', 200),
+             (b'{"prompt": "x", "stream": "false"}', 400), (b'{"prompt": "x", "max_tokens": 2.5}', 400),
+             (b'{"prompt": "x", "logit_bias": {"--5": 1}}', 400), (b'{"prompt": "x", "temperature": 1}', 200),
              (b'{"prompt": "' + b"x" * (2 << 20) + b'"}', 413)]
     for body, status in cases:
         r = httpx.post(server.url + "/v1/completions", content=body, headers=auth, timeout=30)
@@ -353,6 +381,20 @@ def test_a_full_queue_answers_429(slow):
     waiting.join(10)
     assert not waiting.is_alive()
     wait_until_idle(server)
+
+
+def test_max_queue_zero_serves_when_a_row_is_free(slow):
+    _, tokenizer = slow
+    app = create_app(slow_model(tokenizer), tokenizer, ServeConfig(model="slow", max_batch=1, max_queue=0), "slow")
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        assert client.completions.create(model="slow", prompt="A", max_tokens=2).usage.completion_tokens == 2
+        running = client.completions.create(stream=True, **long_request(tokenizer))
+        next(iter(running))  # it holds the only row: nothing may wait
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="slow", prompt="B", max_tokens=2)
+        running.close()
+        wait_until_idle(server)
 
 
 def test_the_time_limit_ends_a_request_as_length(slow):

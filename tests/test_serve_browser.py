@@ -78,15 +78,17 @@ def test_a_typed_message_gets_a_streamed_reply(browser, chat_run, artifacts):
     app = create_app(model, tokenizer, ServeConfig(model=str(chat_run)), "chat")
     with BackgroundServer(app) as server:
         open_page(browser, server.url, 0)
-        # count every change the stream makes to the reply, to see it arrive in pieces
-        browser.execute_script("window.pieces = 0; new MutationObserver((records) => { window.pieces += "
-                               "records.length; }).observe(document.getElementById('log'), "
+        # record the reply's text at every change the stream makes, to see it arrive in pieces
+        browser.execute_script("window.seen = []; new MutationObserver(() => { const t = document.querySelector("
+                               "'#log .msg.assistant .text'); if (t && t.textContent) window.seen.push(t.textContent);"
+                               " }).observe(document.getElementById('log'), "
                                "{childList: true, subtree: true, characterData: true});")
         send(browser, "Hello")
         WebDriverWait(browser, 20).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-busy")
                                          == "false" and replies(b))
         assert replies(browser) == ["Hi there!"]
-        assert browser.execute_script("return window.pieces") > 3  # the bubble, then text piece by piece
+        seen = list(dict.fromkeys(browser.execute_script("return window.seen")))
+        assert len(seen) >= 3 and all("Hi there!".startswith(t) for t in seen)  # growing prefixes, then the whole
         assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#log .msg.user .text")] == ["Hello"]
         assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
         assert "generated" in browser.find_element(By.ID, "status").text  # the usage chunk was read
