@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -61,6 +64,20 @@ def test_hf_source_without_datasets_is_a_clear_error():
         docs("hf:roneneldan/TinyStories")
     with pytest.raises(UserError, match="pip install datasets"):
         corpus.check_source("hf:roneneldan/TinyStories")
+
+
+def test_hf_source_offline_is_a_clear_error(tmp_path):
+    """With `datasets` installed but no network (Hugging Face's offline switches on): `minigpt prepare` ends with
+    one clear line and exit code 2, no traceback."""
+    if importlib.util.find_spec("datasets") is None:
+        pytest.skip("datasets is not installed; the test above checks the message shown without it")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-m", "minigpt", "prepare", "--sources", "hf:roneneldan/TinyStories",
+                             "--tokenizer", "gpt2", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot stream hf:roneneldan/TinyStories (offline, or no such dataset?)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

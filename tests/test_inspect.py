@@ -59,7 +59,7 @@ def test_capturing_leaves_the_output_unchanged_and_switches_back():
     assert all(block.attn.capture is None for block in model.h)
 
 
-def positional_model() -> GPT:
+def positional_model(all_previous: bool = False) -> GPT:
     """Weights set by hand so each head's target is known. Token embeddings and every linear layer are zero except
     the query/key weights, so every block passes its input through unchanged and the residual stream is just the
     position embedding: position t is the angle t * theta, written as (cos, sin) in a zero-mean pattern so that
@@ -68,6 +68,7 @@ def positional_model() -> GPT:
         layer 0 head 1: q_t = k_t, peak at s = t                                   -> same token
         layer 1 head 0: q constant (a bias) pointing at angle 0, peak at s = 0      -> first token
         layer 1 head 1: q = 0, every key scores the same                           -> spread
+    `all_previous`: every head of both layers is built like layer 0 head 0.
     A scale of 200 makes the peaks sharp: the nearest rival key scores 200 (1 - cos theta) = 15 lower.
     """
     T, C = 16, 8
@@ -85,7 +86,9 @@ def positional_model() -> GPT:
             for head in range(2):
                 q, k = 4 * head, C + 4 * head
                 w[k:k + 2, 0:2] = torch.eye(2)
-                if layer == 0:
+                if all_previous:
+                    w[q:q + 2, 0:2] = scale * rotate_back
+                elif layer == 0:
                     w[q:q + 2, 0:2] = scale * (rotate_back if head == 0 else torch.eye(2))
                 elif head == 0:
                     b[q] = scale * 1.5
@@ -105,6 +108,16 @@ def test_a_hand_built_positional_model_is_classified_as_built():
     assert profile[1, 1, 3] < 0.2  # uniform rows: the largest weight is 1 / (t + 1)
     assert profile[0, 0, 4] == pytest.approx(1.0, abs=1e-3) and profile[0, 1, 4] == pytest.approx(0.0, abs=1e-3)
     assert profile[1, 1, 4] == pytest.approx(sum(t / 2 for t in range(2, 16)) / 14, rel=1e-4)  # uniform: t / 2 back
+
+
+def test_a_model_whose_every_head_looks_back_one_token_is_classified_so():
+    model = positional_model(all_previous=True)
+    windows = torch.randint(0, 10, (3, 16)).tolist()
+    with torch.no_grad(), capture_attention(model) as maps:
+        model(torch.tensor(windows))
+    t = torch.arange(1, 16)
+    assert all((m[:, :, t, t - 1] > 0.999).all() for m in maps)
+    assert classify_heads(profile_heads(model, windows)) == [["previous token"] * 2] * 2
 
 
 def test_logit_lens_ends_at_the_models_logits():

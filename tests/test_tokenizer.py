@@ -173,6 +173,27 @@ def test_surrogates_become_replacement_characters(gpt2, trained):
         assert tok.encode("\ud83d\ude00") == tok.encode("😀")  # a pair spelt as two code points is joined
 
 
+with_surrogates = st.lists(st.one_of(st.integers(0xD800, 0xDFFF).map(chr), st.characters(), st.sampled_from(PIECES)),
+                           max_size=16).map("".join)
+
+
+def surrogates_replaced(text: str) -> str:
+    """The documented rule, computed independently: a surrogate pair spelt as two code points is the character it
+    encodes; a lone surrogate is U+FFFD."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=with_surrogates)
+def test_round_trip_with_lone_and_paired_surrogates(gpt2, trained, text):
+    clean = surrogates_replaced(text)
+    for tok in (gpt2, trained["gpt4"]):
+        ids = tok.encode(text)
+        assert ids == tok.encode(clean) == tok.encode_reference(text)
+        assert tok.decode(ids) == clean
+        assert not set(ids) & set(tok.special_tokens.values())
+
+
 def test_decode_partial_utf8(gpt2):
     ids = gpt2.encode("龘")  # GPT-2 splits this character's three bytes into two tokens: b"\xe9\xbe" + b"\x98"
     assert [gpt2.token_bytes(i) for i in ids] == [b"\xe9\xbe", b"\x98"]
