@@ -5,8 +5,9 @@
 
 Three ways to score the same (context, continuation) pairs with the same model:
   naive      one forward pass per pair, logits at every position (score_pairs_naive)
-  batch 1    score_pairs with one pair per pass: only the continuation's positions go through the output head
-  batch N    score_pairs: pairs sorted by length, N per right-padded pass (the default path of `minigpt eval`)
+  batch 1    score_pairs one question at a time: its context once (a KV cache its choices extend), only the
+             continuations' positions through the output head
+  batch N    score_pairs: questions sorted by length, about N pairs per pass (the default path of `minigpt eval`)
 Throughput is in examples per second (an example is all of its choices). The pairs are tokenized beforehand and
 the tokenizing is not timed. Measure on a quiet machine: the load average is printed before and after.
 """
@@ -56,7 +57,7 @@ def main() -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average before: {load_average()}")
 
     runs = {"naive (one pair per pass, full logits)": lambda: evaluate.score_pairs_naive(model, pairs),
-            "batch 1 (continuation positions only)": lambda: evaluate.score_pairs(model, pairs, 1),
+            "batch 1 (shared context, continuation positions only)": lambda: evaluate.score_pairs(model, pairs, 1),
             f"batch {args.batch_size}": lambda: evaluate.score_pairs(model, pairs, args.batch_size)}
     results, reference = {}, None
     for name, fn in runs.items():

@@ -17,9 +17,11 @@ context, the way lm-evaluation-harness does it, so the two agree example by exam
   inputs longer than the context window lose tokens on the left.
 - acc picks the choice with the largest summed log-probability; acc_norm divides each by the number of characters
   of the choice's string (lm-evaluation-harness's definition, not a token count).
-- batching: every (context, continuation) pair of every example goes into one list, sorted by length, cut into
-  right-padded batches; one forward pass scores the choices of many examples, and only the positions that predict
-  continuation tokens go through the output head (bench/eval_speed.py measures the gain).
+- batching: pairs that share the tokens before their first scored position (the choices of one question) form a
+  group whose context runs through the model once, into a KV cache that each choice's continuation then extends;
+  groups go in batches of about --batch-size pairs, longest first, so one forward pass scores the choices of many
+  examples; only the positions that predict continuation tokens go through the output head, a chunk of
+  positions at a time (bench/eval_speed.py measures the gain).
 
 Results go to RUN/eval/report.json and RUN/eval/report.md (and are printed), beside random chance and GPT-2
 124M's published figures. During training, `benchmark_scores` gives the same numbers as flat metric names.
@@ -41,6 +43,7 @@ from minigpt import tasks as tasklib
 from minigpt.checkpoint import unwrap
 from minigpt.common import UserError, pick_device, progress, read_json, write_json
 from minigpt.config import opt
+from minigpt.model import GPT, logit_chunk_rows
 
 REPORT_FORMAT, REPORT_VERSION = "minigpt-eval", 1
 
@@ -176,52 +179,113 @@ def _sequence(context: list[int], continuation: list[int], window: int) -> tuple
 @torch.inference_mode()
 def score_pairs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int = 32,
                 owners: list[int] | None = None, bar=None) -> list[Score]:
-    """Score token pairs (context ids, continuation ids) in length-sorted, right-padded batches.
+    """Score token pairs (context ids, continuation ids), each context run once however many pairs share it.
 
-    `owners[i]` names the example pair i belongs to: `bar` then advances by one as each example completes.
+    Pairs are grouped by the tokens before their first scored position (the choices of one multiple-choice
+    question share them), and groups go in batches of about `batch_size` pairs, longest first. `owners[i]` names
+    the example pair i belongs to: `bar` then advances by one as each example completes.
     """
     model = unwrap(model)
-    device = next(model.parameters()).device
     window = model.config.block_size
     seqs, scored = [], []
     for context, continuation in pairs:
         seq, k = _sequence(context, continuation, window)
         seqs.append(seq)
         scored.append(k)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (seq, k) in enumerate(zip(seqs, scored, strict=True)):
+        groups.setdefault(tuple(seq[:len(seq) - k]), []).append(i)
+    longest = {prefix: len(prefix) + max(scored[i] for i in members) for prefix, members in groups.items()}
+    batches: list[list[tuple[tuple[int, ...], list[int]]]] = [[]]
+    for prefix in sorted(groups, key=lambda p: -longest[p]):
+        if batches[-1] and sum(len(m) for _, m in batches[-1]) + len(groups[prefix]) > batch_size:
+            batches.append([])
+        batches[-1].append((prefix, groups[prefix]))
     remaining: dict[int, int] = {}
     for owner in owners or []:
         remaining[owner] = remaining.get(owner, 0) + 1
     out: list[Score | None] = [None] * len(seqs)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = len(seqs[batch[0]]) - 1
-        x = torch.zeros(len(batch), width, dtype=torch.long)  # (B, W), right-padded with token 0
-        rows, cols, targets = [], [], []
-        for r, i in enumerate(batch):
-            n, k = len(seqs[i]) - 1, scored[i]
-            x[r, :n] = torch.tensor(seqs[i][:-1])
-            rows += [r] * k
-            cols += range(n - k, n)  # the positions whose next token is a continuation token
-            targets += seqs[i][-k:]
-        hidden = model.hidden_states(x.to(device))  # (B, W, C)
-        rows_t = torch.tensor(rows, device=device)
-        targets_t = torch.tensor(targets, device=device)
-        picked = hidden[rows_t, torch.tensor(cols, device=device)]  # (N, C): only the scored positions
-        logits = model.logits(picked).float()  # (N, V)
-        token_lp = _log_softmax_at(logits, targets_t)
-        misses = (logits.argmax(-1) != targets_t).double()
-        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows_t, token_lp)
-        wrong = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows_t, misses)
-        for r, i in enumerate(batch):
-            out[i] = Score(float(sums[r]), bool(wrong[r] == 0))
+    for batch in batches:
+        members = [i for _, group in batch for i in group]
+        logprobs, misses = _score_shared_prefixes(model, [p for p, _ in batch], [len(g) for _, g in batch],
+                                                  [seqs[i] for i in members], [scored[i] for i in members])
+        for row, i in enumerate(members):
+            out[i] = Score(float(logprobs[row]), bool(misses[row] == 0))
         if owners is not None and bar is not None:
             done = 0
-            for i in batch:
+            for i in members:
                 remaining[owners[i]] -= 1
                 done += remaining[owners[i]] == 0
             bar.update(done)
     return out  # type: ignore[return-value]
+
+
+def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (B, T) ids padded with token 0 on the right, and each row's real length (B,)."""
+    x = torch.zeros(len(rows), max(max(map(len, rows)), 1), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return x.to(device), torch.tensor([len(ids) for ids in rows], device=device)
+
+
+def _score_shared_prefixes(model: GPT, prefixes: list[tuple[int, ...]], sizes: list[int], seqs: list[list[int]],
+                           scored: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities and counts of non-greedy tokens (float64, one per sequence) for groups of sequences;
+    the `sizes[g]` sequences of group g all begin with `prefixes[g]` and score their last `scored` tokens.
+
+    1. Each prefix goes through the model once, into a KV cache with a row per group: its last position predicts
+       the first scored token of every sequence in the group.
+    2. Each group's cache row is copied to one row per sequence, and the rest of each sequence (its scored tokens
+       but the last) runs on top of it: each of those positions predicts the next scored token.
+    Only the scored positions go through the output head. This computes what a plain forward pass over each
+    sequence would (tests/test_evaluate.py checks against score_pairs_naive), with each shared prefix computed once.
+    """
+    from minigpt.model import KVCache
+
+    device = next(model.parameters()).device
+    group_of = torch.repeat_interleave(torch.arange(len(prefixes)), torch.tensor(sizes)).to(device)  # (N,)
+    rests = [seq[len(seq) - k:-1] for seq, k in zip(seqs, scored, strict=True)]  # k - 1 tokens each
+    longest = max(len(seq) - 1 for seq in seqs)
+    cache = KVCache(model.config, len(prefixes), longest, device, next(model.parameters()).dtype)
+    x, lengths = _right_padded([list(p) for p in prefixes], device)
+    hidden = model.hidden_states(x, cache, lengths=lengths)  # (G, P, C)
+    picked = [hidden[torch.arange(len(prefixes), device=device), lengths - 1][group_of]]  # (N, C)
+    owner = [torch.arange(len(seqs), device=device)]
+    if any(rests):
+        per_sequence = KVCache(model.config, len(seqs), longest, device, cache.k.dtype)
+        per_sequence.k.copy_(cache.k[:, group_of])  # (layers, N, heads, longest, head_dim)
+        per_sequence.v.copy_(cache.v[:, group_of])
+        per_sequence.lengths.copy_(cache.lengths[group_of])
+        y, rest_lengths = _right_padded(rests, device)
+        rest_hidden = model.hidden_states(y, per_sequence, lengths=rest_lengths)  # (N, R, C)
+        real = torch.arange(y.shape[1], device=device)[None, :] < rest_lengths[:, None]  # (N, R)
+        picked.append(rest_hidden[real])  # row by row, position by position
+        owner.append(torch.arange(len(seqs), device=device)[:, None].expand_as(real)[real])
+    targets = torch.tensor([t for seq, k in zip(seqs, scored, strict=True) for t in seq[-k:][:1]]
+                           + [t for seq, k in zip(seqs, scored, strict=True) for t in seq[-k:][1:]], device=device)
+    token_lp, misses = _score_positions(model, torch.cat(picked), targets)
+    owner_t = torch.cat(owner)
+    sums = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, owner_t, token_lp)
+    wrong = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, owner_t, misses)
+    return sums, wrong
+
+
+def _score_positions(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each target, 1.0 where it is not the most likely token) for hidden states (N, C), as
+    float64 (N,) each. The logits are made and reduced a chunk of positions at a time: over a 50k vocabulary a
+    batch's (N, V) logits are hundreds of MB, and reading them three times (logsumexp, gather, argmax) from memory
+    cost more than the head's matmul; chunks that stay in cache make scoring 2x faster on a CPU
+    (bench/eval_speed.py)."""
+    step = logit_chunk_rows(hidden.device, model.config.vocab_size)
+    token_lp = torch.empty(len(targets), dtype=torch.float64, device=hidden.device)
+    misses = torch.empty(len(targets), dtype=torch.float64, device=hidden.device)
+    for start in range(0, len(targets), step):
+        logits = model.logits(hidden[start:start + step]).float()  # (chunk, V)
+        target = targets[start:start + step]
+        token_lp[start:start + step] = _log_softmax_at(logits, target)
+        misses[start:start + step] = logits.argmax(-1) != target
+    return token_lp, misses
 
 
 def _log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,8 @@ class CacheStep:
         v_store[self.write_row, :, self.write_pos] = new_v.to(v_store.dtype)
         keys = k_store[:, :, : self.span].to(q.dtype)
         values = v_store[:, :, : self.span].to(q.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
+        # (the mask follows q's dtype: under autocast q may be bf16 while the cache and mask are float32)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask.to(q.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,6 +364,13 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loss without the logits
+
+
+def logit_chunk_rows(device: torch.device, vocab_rows: int) -> int:
+    """Positions per chunk when logits are made and used a chunk at a time: ~2M logits (8 MB) on a CPU, which stay
+    in its cache while they are reduced, and ~64M on a GPU, which only bounds memory."""
+    budget = 2**21 if device.type == "cpu" else 2**26
+    return max(64, budget // vocab_rows)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,

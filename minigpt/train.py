@@ -34,7 +34,7 @@ from minigpt.checkpoint import latest_checkpoint, load_model, load_trainer_state
 from minigpt.common import UserError, pick_device, print0, progress, seed_everything, write_json
 from minigpt.config import opt
 from minigpt.log import MetricsLogger, plot_loss_curves
-from minigpt.model import GPT, ModelConfig
+from minigpt.model import GPT, ModelConfig, logit_chunk_rows
 
 
 @dataclasses.dataclass
@@ -206,8 +206,7 @@ def loss_chunk_rows(setting: str, device: torch.device, vocab_rows: int) -> int:
     """Positions per chunk of the chunked loss (0: the plain path). Chunks of ~2M logits stay in a CPU's cache."""
     if setting == "off" or (setting == "auto" and device.type != "cpu"):
         return 0
-    budget = 2**21 if device.type == "cpu" else 2**26
-    return max(64, budget // vocab_rows)
+    return logit_chunk_rows(device, vocab_rows)
 
 
 # Dense bf16 peak of the accelerators we know, for MFU (FLOP/s); others report no MFU.

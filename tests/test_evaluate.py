@@ -67,9 +67,12 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         table = torch.tensor([NEXT["a"], NEXT["b"], NEXT[" "], NEXT["eot"]]).log()
         self.table = torch.nn.Parameter(table, requires_grad=False)
-        self.config = SimpleNamespace(block_size=block_size, vocab_size=EOT + 1)
+        # n_layer, n_head, head_dim: the shape of a (here unused) KV cache, which the scorer may allocate
+        self.config = SimpleNamespace(block_size=block_size, vocab_size=EOT + 1, n_layer=1, n_head=1, head_dim=1)
 
-    def hidden_states(self, idx):
+    def hidden_states(self, idx, cache=None, rows=slice(None), lengths=None):
+        if cache is not None:  # what the model's cache interface promises: each row's length advances
+            cache.lengths[rows] += idx.shape[1] if lengths is None else lengths
         return F.one_hot(idx, EOT + 1).float()  # (B, T, V)
 
     def logits(self, hidden):
@@ -156,6 +159,29 @@ def test_batched_scores_equal_one_at_a_time_and_left_truncate(tokenizer):
         batched = ev.score_pairs(model, pairs, batch_size)
         assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in naive], abs=1e-4)
         assert [s.greedy for s in batched] == [s.greedy for s in naive]
+
+
+@needs_benchmarks
+def test_shared_contexts_are_run_once_and_score_as_one_at_a_time(tokenizer):
+    # A window every pair fits in: the four endings of a HellaSwag question share their context; LAMBADA's
+    # one-token targets have nothing after the context (no second pass for them).
+    pairs, _ = ev.task_pairs(tasks.load_task("hellaswag", limit=5), tokenizer)
+    pairs += ev.task_pairs(tasks.load_task("lambada", limit=5), tokenizer)[0]
+    pairs.append((pairs[0][0], tokenizer.encode_ordinary(" x")))  # one more pair on a shared context
+    model = small_model(tokenizer, block_size=512)
+    assert max(len(c) + len(k) for c, k in pairs) <= 513  # nothing truncated: each context is a shared prefix
+    naive = ev.score_pairs_naive(model, pairs)
+    fed = []
+    forward = model.hidden_states
+    model.hidden_states = lambda idx, *a, **k: (fed.append(int(k["lengths"].sum())), forward(idx, *a, **k))[1]
+    for batch_size in (1, 3, 64):
+        fed.clear()
+        batched = ev.score_pairs(model, pairs, batch_size)
+        assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in naive], abs=1e-4)
+        assert [s.greedy for s in batched] == [s.greedy for s in naive]
+        # every context token once, then each continuation but its last token
+        contexts = {tuple(c) for c, _ in pairs}
+        assert sum(fed) == sum(map(len, contexts)) + sum(len(k) - 1 for _, k in pairs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
