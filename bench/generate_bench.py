@@ -7,7 +7,8 @@ Both decode greedily with a KV cache for exactly --new-tokens tokens (no early s
 lengths (Hugging Face left-pads them with an attention mask; our engine needs no padding). Weights are random
 (GPT-2's trained weights are not available offline), which changes nothing about speed. The outputs are compared
 token for token, and the table prints generated tokens per second (median of --repeats runs) for each and the
-ratio ours / theirs.
+ratio ours / theirs, then milliseconds per step for each beside the matrix products alone (each block's linear
+layers and the head for one decode step): the floor that no engine goes below with these weights.
 """
 
 from __future__ import annotations
@@ -50,10 +51,33 @@ def main() -> None:
     print(f"\nGreedy generation, {args.preset} shape ({ours.num_params() / 1e6:.1f}M parameters), "
           f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | identical outputs")
-    print("-" * 60)
+    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | identical outputs | "
+          f"ms/step: ours, HF, matmuls alone")
+    print("-" * 100)
     for batch, ours_tps, hf_tps, same in rows:
-        print(f"{batch:>5} | {ours_tps:>10.1f} | {hf_tps:>9.1f} | {ours_tps / hf_tps:>6.2f}x | {same}/{batch}")
+        floor = matmul_floor_ms(ours, batch, args.repeats)
+        print(f"{batch:>5} | {ours_tps:>10.1f} | {hf_tps:>9.1f} | {ours_tps / hf_tps:>6.2f}x | {same:>8}/{batch:<8} | "
+              f"{1000 * batch / ours_tps:.1f}, {1000 * batch / hf_tps:.1f}, {floor:.1f}")
+
+
+@torch.inference_mode()
+def matmul_floor_ms(model: GPT, batch: int, repeats: int) -> float:
+    """Milliseconds per decode step of the matrix products alone: each block's four linear layers and the head,
+    for `batch` rows, without attention, norms, sampling or any Python around them. No engine can decode faster
+    than this with these weights in this precision; the table compares both engines to it."""
+    x = torch.randn(batch, model.config.n_embd)
+    wide = torch.randn(batch, 4 * model.config.n_embd)
+    layers = [pair for blk in model.h
+              for pair in ((x, blk.attn.c_attn), (x, blk.attn.c_proj), (x, blk.mlp.c_fc), (wide, blk.mlp.c_proj))]
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for _ in range(10):
+            for inp, layer in layers:
+                layer(inp)
+            model.lm_head(x)
+        times.append((time.perf_counter() - start) / 10)
+    return 1000 * statistics.median(times[1:])
 
 
 def measure(ours: GPT, theirs, batch: int, args: argparse.Namespace, generator: torch.Generator) -> tuple:
