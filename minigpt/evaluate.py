@@ -192,23 +192,39 @@ def score_pairs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]]
         seq, k = _sequence(context, continuation, window)
         seqs.append(seq)
         scored.append(k)
-    groups: dict[tuple[int, ...], list[int]] = {}
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
     for i, (seq, k) in enumerate(zip(seqs, scored, strict=True)):
-        groups.setdefault(tuple(seq[:len(seq) - k]), []).append(i)
-    longest = {prefix: len(prefix) + max(scored[i] for i in members) for prefix, members in groups.items()}
-    batches: list[list[tuple[tuple[int, ...], list[int]]]] = [[]]
-    for prefix in sorted(groups, key=lambda p: -longest[p]):
-        if batches[-1] and sum(len(m) for _, m in batches[-1]) + len(groups[prefix]) > batch_size:
-            batches.append([])
-        batches[-1].append((prefix, groups[prefix]))
+        by_prefix.setdefault(tuple(seq[:len(seq) - k]), []).append(i)
+    # A prefix is run once for its group where that saves at least a third of the group's tokens (HellaSwag's
+    # and ARC's questions); otherwise (PIQA's short questions before long answers, WinoGrande and LAMBADA, which
+    # share nothing) its pairs are scored whole, in batches of their own: one plain causal pass over whole
+    # sequences costs less than a prefix pass, copying cache rows and a pass over the rest.
+    shared, single = [], []
+    for prefix, members in by_prefix.items():
+        rest = sum(scored[i] - 1 for i in members)
+        if 3 * (len(members) - 1) * len(prefix) >= len(members) * len(prefix) + rest:
+            shared.append((prefix, members))
+        else:
+            single += [(prefix, [i]) for i in members]
+    batches: list[list[tuple[tuple[int, ...], list[int]]]] = []
+    for groups in (shared, single):
+        batches.append([])
+        for prefix, members in sorted(groups, key=lambda g: -(len(g[0]) + max(scored[i] for i in g[1]))):
+            if batches[-1] and sum(len(m) for _, m in batches[-1]) + len(members) > batch_size:
+                batches.append([])
+            batches[-1].append((prefix, members))
+    batches = [b for b in batches if b]
     remaining: dict[int, int] = {}
     for owner in owners or []:
         remaining[owner] = remaining.get(owner, 0) + 1
     out: list[Score | None] = [None] * len(seqs)
     for batch in batches:
         members = [i for _, group in batch for i in group]
-        logprobs, misses = _score_shared_prefixes(model, [p for p, _ in batch], [len(g) for _, g in batch],
-                                                  [seqs[i] for i in members], [scored[i] for i in members])
+        if len(members) == len(batch):  # pairs scored whole
+            logprobs, misses = _score_whole(model, [seqs[i] for i in members], [scored[i] for i in members])
+        else:
+            logprobs, misses = _score_shared_prefixes(model, [p for p, _ in batch], [len(g) for _, g in batch],
+                                                      [seqs[i] for i in members], [scored[i] for i in members])
         for row, i in enumerate(members):
             out[i] = Score(float(logprobs[row]), bool(misses[row] == 0))
         if owners is not None and bar is not None:
@@ -226,6 +242,23 @@ def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Te
     for r, ids in enumerate(rows):
         x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     return x.to(device), torch.tensor([len(ids) for ids in rows], device=device)
+
+
+def _score_whole(model: GPT, seqs: list[list[int]], scored: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `_score_shared_prefixes`, for sequences that share nothing: one causal pass over each whole sequence
+    (right-padded), then only the positions that predict the `scored` last tokens go through the head."""
+    device = next(model.parameters()).device
+    x, lengths = _right_padded([seq[:-1] for seq in seqs], device)
+    hidden = model.hidden_states(x)  # (N, W, C); padding on the right is never attended to by real tokens
+    k = torch.tensor(scored, device=device)
+    owner = torch.repeat_interleave(torch.arange(len(seqs), device=device), k)  # (P,)
+    start = torch.repeat_interleave(lengths - k, k)
+    offset = torch.arange(len(owner), device=device) - torch.repeat_interleave(torch.cumsum(k, 0) - k, k)
+    targets = torch.tensor([t for seq, n in zip(seqs, scored, strict=True) for t in seq[-n:]], device=device)
+    token_lp, misses = _score_positions(model, hidden[owner, start + offset], targets)
+    sums = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, owner, token_lp)
+    wrong = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, owner, misses)
+    return sums, wrong
 
 
 def _score_shared_prefixes(model: GPT, prefixes: list[tuple[int, ...]], sizes: list[int], seqs: list[list[int]],

@@ -162,7 +162,7 @@ def test_batched_scores_equal_one_at_a_time_and_left_truncate(tokenizer):
 
 
 @needs_benchmarks
-def test_shared_contexts_are_run_once_and_score_as_one_at_a_time(tokenizer):
+def test_shared_contexts_are_run_once_and_score_as_one_at_a_time(tokenizer, monkeypatch):
     # A window every pair fits in: the four endings of a HellaSwag question share their context; LAMBADA's
     # one-token targets have nothing after the context (no second pass for them).
     pairs, _ = ev.task_pairs(tasks.load_task("hellaswag", limit=5), tokenizer)
@@ -171,9 +171,10 @@ def test_shared_contexts_are_run_once_and_score_as_one_at_a_time(tokenizer):
     model = small_model(tokenizer, block_size=512)
     assert max(len(c) + len(k) for c, k in pairs) <= 513  # nothing truncated: each context is a shared prefix
     naive = ev.score_pairs_naive(model, pairs)
-    fed = []
-    forward = model.hidden_states
-    model.hidden_states = lambda idx, *a, **k: (fed.append(int(k["lengths"].sum())), forward(idx, *a, **k))[1]
+    fed = []  # real tokens of every batch the scorer builds for the model
+    pad = ev._right_padded
+    monkeypatch.setattr(ev, "_right_padded",
+                        lambda rows, device: (fed.append(sum(map(len, rows))), pad(rows, device))[1])
     for batch_size in (1, 3, 64):
         fed.clear()
         batched = ev.score_pairs(model, pairs, batch_size)
@@ -182,6 +183,15 @@ def test_shared_contexts_are_run_once_and_score_as_one_at_a_time(tokenizer):
         # every context token once, then each continuation but its last token
         contexts = {tuple(c) for c, _ in pairs}
         assert sum(fed) == sum(map(len, contexts)) + sum(len(k) - 1 for _, k in pairs)
+    # a short shared question before long answers (as in PIQA) is not worth a cache: its pairs are scored whole
+    question = tokenizer.encode_ordinary("Question: Why?\nAnswer:")
+    piqa = [(question, tokenizer.encode_ordinary(" " + "because the weather was cold and wet " * n)) for n in (3, 4)]
+    assert 3 * len(question) < 2 * len(question) + sum(len(k) - 1 for _, k in piqa)  # the rule in score_pairs
+    fed.clear()
+    batched = ev.score_pairs(model, piqa, 8)
+    assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in ev.score_pairs_naive(model, piqa)],
+                                                         abs=1e-4)
+    assert sum(fed) == sum(len(c) + len(k) - 1 for c, k in piqa)
 
 
 # ----------------------------------------------------------------------------------------------------------------
