@@ -355,29 +355,23 @@ async def chat_completions(server: Server, body: ChatRequest, request: Request):
         chunk_head = {**head, "object": "chat.completion.chunk"}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def stream():
-            try:
-                for i in range(len(params)):
-                    yield _sse({**chunk_head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                           "logprobs": None, "finish_reason": None}]})
-                async for item in server.items(channel):
-                    if isinstance(item, Update):
-                        if item.text or (body.logprobs and item.tokens):
-                            lp = {"content": logprob_items(item)} if body.logprobs else None
-                            yield _sse({**chunk_head, "choices": [{"index": item.index, "delta": {
-                                "content": item.text}, "logprobs": lp, "finish_reason": None}]})
-                        if item.finish_reason:
-                            yield _sse({**chunk_head, "choices": [{"index": item.index, "delta": {}, "logprobs": None,
-                                                                   "finish_reason": item.finish_reason}]})
-                    elif isinstance(item, Done) and include_usage:
-                        yield _sse({**chunk_head, "choices": [], "usage": _usage(len(prompt), item.completion_tokens)})
-                yield "data: [DONE]\n\n"
-            except APIError as exc:
-                yield _sse(exc.body())
-            finally:
-                server.scheduler.cancel(job)
+        async def chunks():
+            for i in range(len(params)):
+                yield {**chunk_head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]}
+            async for item in server.items(channel):
+                if isinstance(item, Update):
+                    if item.text or (body.logprobs and item.tokens):
+                        lp = {"content": logprob_items(item)} if body.logprobs else None
+                        yield {**chunk_head, "choices": [{"index": item.index, "delta": {"content": item.text},
+                                                          "logprobs": lp, "finish_reason": None}]}
+                    if item.finish_reason:
+                        yield {**chunk_head, "choices": [{"index": item.index, "delta": {}, "logprobs": None,
+                                                          "finish_reason": item.finish_reason}]}
+                elif isinstance(item, Done) and include_usage:
+                    yield {**chunk_head, "choices": [], "usage": _usage(len(prompt), item.completion_tokens)}
 
-        return _streaming(stream())
+        return _streaming(server, job, chunks())
 
     texts = [[] for _ in params]
     logprobs: list[list[dict]] = [[] for _ in params]
@@ -471,22 +465,16 @@ async def completions(server: Server, body: CompletionRequest, request: Request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def stream():
-            try:
-                async for item in server.items(channel):
-                    for index, text, lp, finish in pieces(item):
-                        if text or lp is not None and lp["tokens"] or finish:
-                            yield _sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
-                                                             "finish_reason": finish}]})
-                    if isinstance(item, Done) and include_usage:
-                        yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, item.completion_tokens)})
-                yield "data: [DONE]\n\n"
-            except APIError as exc:
-                yield _sse(exc.body())
-            finally:
-                server.scheduler.cancel(job)
+        async def chunks():
+            async for item in server.items(channel):
+                for index, text, lp, finish in pieces(item):
+                    if text or lp is not None and lp["tokens"] or finish:
+                        yield {**head, "choices": [{"index": index, "text": text, "logprobs": lp,
+                                                    "finish_reason": finish}]}
+                if isinstance(item, Done) and include_usage:
+                    yield {**head, "choices": [], "usage": _usage(prompt_tokens, item.completion_tokens)}
 
-        return _streaming(stream())
+        return _streaming(server, job, chunks())
 
     texts: list[list[str]] = [[] for _ in choices]
     merged: list[dict | None] = [None] * len(choices)
@@ -516,8 +504,22 @@ def _json_error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def _streaming(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
+def _streaming(server: Server, job: Job, chunks) -> StreamingResponse:
+    """Server-sent events from an async generator of chunks: `data: <json>` each, then `data: [DONE]`. An error
+    once the stream has started becomes an error event (the status line is already sent); however the stream
+    ends, the client gone included, the job is cancelled (a no-op when it finished) and its rows freed."""
+
+    async def events():
+        try:
+            async for chunk in chunks:
+                yield _sse(chunk)
+            yield "data: [DONE]\n\n"
+        except APIError as exc:
+            yield _sse(exc.body())
+        finally:
+            server.scheduler.cancel(job)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -78,11 +78,14 @@ def test_a_typed_message_gets_a_streamed_reply(browser, chat_run, artifacts):
     app = create_app(model, tokenizer, ServeConfig(model=str(chat_run)), "chat")
     with BackgroundServer(app) as server:
         open_page(browser, server.url, 0)
-        # record the reply's text at every change the stream makes, to see it arrive in pieces
-        browser.execute_script("window.seen = []; new MutationObserver(() => { const t = document.querySelector("
-                               "'#log .msg.assistant .text'); if (t && t.textContent) window.seen.push(t.textContent);"
-                               " }).observe(document.getElementById('log'), "
-                               "{childList: true, subtree: true, characterData: true});")
+        # record every text the reply shows, to see it arrive in pieces: each update replaces the reply's text
+        # node, and the mutation records keep the replaced and the new node even when several updates land
+        # between two callbacks
+        browser.execute_script(
+            "window.seen = []; new MutationObserver((records) => { for (const r of records) {"
+            " if (!r.target.closest || !r.target.closest('.msg.assistant .text')) continue;"
+            " for (const n of [...r.removedNodes, ...r.addedNodes]) if (n.textContent) window.seen.push(n.textContent);"
+            " } }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});")
         send(browser, "Hello")
         WebDriverWait(browser, 20).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-busy")
                                          == "false" and replies(b))
