@@ -43,7 +43,7 @@ from minigpt import tasks as tasklib
 from minigpt.checkpoint import unwrap
 from minigpt.common import UserError, pick_device, progress, read_json, write_json
 from minigpt.config import opt
-from minigpt.model import GPT, logit_chunk_rows
+from minigpt.model import GPT, KVCache, logit_chunk_rows
 
 REPORT_FORMAT, REPORT_VERSION = "minigpt-eval", 1
 
@@ -157,6 +157,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:  # the context was only spaces: now in the continuation, which starts a document
+        return encode_pair(tokenizer, "", continuation)
     context_ids = tokenizer.encode_ordinary(context)
     whole = tokenizer.encode_ordinary(context + continuation)
     return context_ids, whole[len(context_ids):]
@@ -173,6 +175,8 @@ def _sequence(context: list[int], continuation: list[int], window: int) -> tuple
     the last are scored: the whole continuation, or its last `window` tokens if it is longer than the window."""
     if not continuation:
         raise UserError("a continuation encodes to no tokens: nothing to score")
+    if not context:
+        raise ValueError("a context must hold at least one token (encode_pair gives an empty one end-of-text)")
     return (context + continuation)[-(window + 1):], min(len(continuation), window)
 
 
@@ -199,32 +203,40 @@ def score_pairs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]]
     # and ARC's questions); otherwise (PIQA's short questions before long answers, WinoGrande and LAMBADA, which
     # share nothing) its pairs are scored whole, in batches of their own: one plain causal pass over whole
     # sequences costs less than a prefix pass, copying cache rows and a pass over the rest.
-    shared, single = [], []
+    shared, whole = [], []
     for prefix, members in by_prefix.items():
-        rest = sum(scored[i] - 1 for i in members)
-        if 3 * (len(members) - 1) * len(prefix) >= len(members) * len(prefix) + rest:
+        saved = (len(members) - 1) * len(prefix)
+        total = len(members) * len(prefix) + sum(scored[i] - 1 for i in members)
+        if 3 * saved >= total:
             shared.append((prefix, members))
         else:
-            single += [(prefix, [i]) for i in members]
-    batches: list[list[tuple[tuple[int, ...], list[int]]]] = []
-    for groups in (shared, single):
-        batches.append([])
+            whole += [(prefix, [i]) for i in members]
+    # A shared batch holds a KV cache of every pair's whole sequence: at most about 1 GiB of it per batch.
+    cache_tokens = max(2**30 // (2 * model.config.n_layer * model.config.n_embd * 4), window + 1)
+    batches: list[tuple[bool, list[tuple[tuple[int, ...], list[int]]]]] = []
+    for is_shared, groups in ((True, shared), (False, whole)):
+        pairs_in, longest = 0, 0
         for prefix, members in sorted(groups, key=lambda g: -(len(g[0]) + max(scored[i] for i in g[1]))):
-            if batches[-1] and sum(len(m) for _, m in batches[-1]) + len(members) > batch_size:
-                batches.append([])
-            batches[-1].append((prefix, members))
-    batches = [b for b in batches if b]
+            length = len(prefix) + max(scored[i] for i in members)
+            full = pairs_in + len(members) > batch_size or (is_shared and (pairs_in + len(members)) * longest
+                                                            > cache_tokens)
+            if not batches or batches[-1][0] != is_shared or (pairs_in and full):
+                batches.append((is_shared, []))
+                pairs_in, longest = 0, length  # sorted longest first: the batch's first group is its longest
+            batches[-1][1].append((prefix, members))
+            pairs_in += len(members)
     remaining: dict[int, int] = {}
     for owner in owners or []:
         remaining[owner] = remaining.get(owner, 0) + 1
     out: list[Score | None] = [None] * len(seqs)
-    for batch in batches:
+    for is_shared, batch in batches:
         members = [i for _, group in batch for i in group]
-        if len(members) == len(batch):  # pairs scored whole
-            logprobs, misses = _score_whole(model, [seqs[i] for i in members], [scored[i] for i in members])
-        else:
+        batch_seqs, batch_scored = [seqs[i] for i in members], [scored[i] for i in members]
+        if is_shared:
             logprobs, misses = _score_shared_prefixes(model, [p for p, _ in batch], [len(g) for _, g in batch],
-                                                      [seqs[i] for i in members], [scored[i] for i in members])
+                                                      batch_seqs, batch_scored)
+        else:
+            logprobs, misses = _score_whole(model, batch_seqs, batch_scored)
         for row, i in enumerate(members):
             out[i] = Score(float(logprobs[row]), bool(misses[row] == 0))
         if owners is not None and bar is not None:
@@ -244,6 +256,16 @@ def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Te
     return x.to(device), torch.tensor([len(ids) for ids in rows], device=device)
 
 
+def _sum_per_sequence(model: GPT, hidden: torch.Tensor, owner: torch.Tensor, targets: torch.Tensor, n: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the picked positions `hidden` (P, C) against `targets` (P,) and add them up by `owner` (P,): the
+    summed log-probability and the count of non-greedy tokens of each of the n sequences, float64 (n,)."""
+    token_lp, misses = _score_positions(model, hidden, targets)
+    sums = torch.zeros(n, dtype=torch.float64, device=hidden.device).index_add_(0, owner, token_lp)
+    wrong = torch.zeros(n, dtype=torch.float64, device=hidden.device).index_add_(0, owner, misses)
+    return sums, wrong
+
+
 def _score_whole(model: GPT, seqs: list[list[int]], scored: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """As `_score_shared_prefixes`, for sequences that share nothing: one causal pass over each whole sequence
     (right-padded), then only the positions that predict the `scored` last tokens go through the head."""
@@ -251,14 +273,10 @@ def _score_whole(model: GPT, seqs: list[list[int]], scored: list[int]) -> tuple[
     x, lengths = _right_padded([seq[:-1] for seq in seqs], device)
     hidden = model.hidden_states(x)  # (N, W, C); padding on the right is never attended to by real tokens
     k = torch.tensor(scored, device=device)
-    owner = torch.repeat_interleave(torch.arange(len(seqs), device=device), k)  # (P,)
-    start = torch.repeat_interleave(lengths - k, k)
-    offset = torch.arange(len(owner), device=device) - torch.repeat_interleave(torch.cumsum(k, 0) - k, k)
+    pos = torch.arange(x.shape[1], device=device)[None, :]
+    picked = (pos >= (lengths - k)[:, None]) & (pos < lengths[:, None])  # (N, W): positions predicting a target
     targets = torch.tensor([t for seq, n in zip(seqs, scored, strict=True) for t in seq[-n:]], device=device)
-    token_lp, misses = _score_positions(model, hidden[owner, start + offset], targets)
-    sums = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, owner, token_lp)
-    wrong = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, owner, misses)
-    return sums, wrong
+    return _sum_per_sequence(model, hidden[picked], picked.nonzero()[:, 0], targets, len(seqs))
 
 
 def _score_shared_prefixes(model: GPT, prefixes: list[tuple[int, ...]], sizes: list[int], seqs: list[list[int]],
@@ -273,43 +291,43 @@ def _score_shared_prefixes(model: GPT, prefixes: list[tuple[int, ...]], sizes: l
     Only the scored positions go through the output head. This computes what a plain forward pass over each
     sequence would (tests/test_evaluate.py checks against score_pairs_naive), with each shared prefix computed once.
     """
-    from minigpt.model import KVCache
-
     device = next(model.parameters()).device
+    # under autocast the keys and values are made in the autocast dtype: store them so, at half the memory
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+        next(model.parameters()).dtype
     group_of = torch.repeat_interleave(torch.arange(len(prefixes)), torch.tensor(sizes)).to(device)  # (N,)
     rests = [seq[len(seq) - k:-1] for seq, k in zip(seqs, scored, strict=True)]  # k - 1 tokens each
-    longest = max(len(seq) - 1 for seq in seqs)
-    cache = KVCache(model.config, len(prefixes), longest, device, next(model.parameters()).dtype)
+    longest_prefix = max(map(len, prefixes))
+    cache = KVCache(model.config, len(prefixes), longest_prefix, device, dtype)
     x, lengths = _right_padded([list(p) for p in prefixes], device)
     hidden = model.hidden_states(x, cache, lengths=lengths)  # (G, P, C)
     picked = [hidden[torch.arange(len(prefixes), device=device), lengths - 1][group_of]]  # (N, C)
     owner = [torch.arange(len(seqs), device=device)]
     if any(rests):
-        per_sequence = KVCache(model.config, len(seqs), longest, device, cache.k.dtype)
-        per_sequence.k.copy_(cache.k[:, group_of])  # (layers, N, heads, longest, head_dim)
-        per_sequence.v.copy_(cache.v[:, group_of])
+        per_sequence = KVCache(model.config, len(seqs), max(len(seq) - 1 for seq in seqs), device, dtype)
+        per_sequence.k[:, :, :, :longest_prefix] = cache.k[:, group_of]  # (layers, N, heads, prefix, head_dim)
+        per_sequence.v[:, :, :, :longest_prefix] = cache.v[:, group_of]
         per_sequence.lengths.copy_(cache.lengths[group_of])
+        del cache
         y, rest_lengths = _right_padded(rests, device)
         rest_hidden = model.hidden_states(y, per_sequence, lengths=rest_lengths)  # (N, R, C)
         real = torch.arange(y.shape[1], device=device)[None, :] < rest_lengths[:, None]  # (N, R)
         picked.append(rest_hidden[real])  # row by row, position by position
-        owner.append(torch.arange(len(seqs), device=device)[:, None].expand_as(real)[real])
-    targets = torch.tensor([t for seq, k in zip(seqs, scored, strict=True) for t in seq[-k:][:1]]
-                           + [t for seq, k in zip(seqs, scored, strict=True) for t in seq[-k:][1:]], device=device)
-    token_lp, misses = _score_positions(model, torch.cat(picked), targets)
-    owner_t = torch.cat(owner)
-    sums = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, owner_t, token_lp)
-    wrong = torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add_(0, owner_t, misses)
-    return sums, wrong
+        owner.append(real.nonzero()[:, 0])
+    # targets in the order picked: each sequence's first scored token, then each sequence's others
+    targets = torch.tensor([seq[-k] for seq, k in zip(seqs, scored, strict=True)]
+                           + [t for seq, k in zip(seqs, scored, strict=True) for t in seq[len(seq) - k + 1:]],
+                           device=device)
+    return _sum_per_sequence(model, torch.cat(picked), torch.cat(owner), targets, len(seqs))
 
 
 def _score_positions(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each target, 1.0 where it is not the most likely token) for hidden states (N, C), as
     float64 (N,) each. The logits are made and reduced a chunk of positions at a time: over a 50k vocabulary a
-    batch's (N, V) logits are hundreds of MB, and reading them three times (logsumexp, gather, argmax) from memory
-    cost more than the head's matmul; chunks that stay in cache make scoring 2x faster on a CPU
-    (bench/eval_speed.py)."""
+    batch's (N, V) logits would be hundreds of MB, read three times (logsumexp, gather, argmax); in chunks they
+    stay in a CPU's cache (under 10% faster on this project's CPU, docs/evaluation.md) and bound the memory on any
+    device."""
     step = logit_chunk_rows(hidden.device, model.config.vocab_size)
     token_lp = torch.empty(len(targets), dtype=torch.float64, device=hidden.device)
     misses = torch.empty(len(targets), dtype=torch.float64, device=hidden.device)

@@ -264,6 +264,8 @@ class Scheduler:
                     if not self._waiting:
                         break
                     job = self._waiting.popleft()
+                    # the rows this job takes are no longer free for `submit`'s count, from now on
+                    self.stats.free_rows = max(self.engine.free_rows - len(admit) - len(job.choices), 0)
                 job.started = True
                 self._active.append(job)
                 queue.append(job)

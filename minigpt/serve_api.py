@@ -15,6 +15,7 @@ import codecs
 import contextlib
 import functools
 import json
+import logging
 import re
 import time
 import uuid
@@ -30,6 +31,8 @@ from minigpt.chat import ROLE_TOKENS, Message, render, stop_ids
 from minigpt.engine import SamplingParams
 from minigpt.scheduler import Choice, Done, Job, JobTimeout, PromptScores, QueueFull, Scheduler, Update
 from minigpt.serve import APIError, Gate, Metrics, chat_page, validation_error
+
+log = logging.getLogger("minigpt.serve")
 
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 256  # choices per request (prompts x n)
@@ -516,6 +519,10 @@ def _streaming(server: Server, job: Job, chunks) -> StreamingResponse:
             yield "data: [DONE]\n\n"
         except APIError as exc:
             yield _sse(exc.body())
+        except Exception:  # a bug: the client still gets an error event rather than a stream cut without [DONE]
+            log.exception("streaming a response failed")
+            yield _sse(APIError(500, "Internal error while streaming.", type="server_error",
+                                code="engine_error").body())
         finally:
             server.scheduler.cancel(job)
 

@@ -77,7 +77,8 @@ class TrainConfig:
     eval_batches: int = opt(20, "validation batches per evaluation (0: the whole split)")
     eval_tasks: list[str] = opt([], "benchmarks also scored at each evaluation, e.g. hellaswag,lambada,recall "
                                     "(minigpt eval's task names; none by default)")
-    eval_tasks_limit: int = opt(200, "examples per benchmark at each evaluation (a fixed seeded subset; 0: all)")
+    eval_tasks_limit: int = opt(200, "examples per benchmark at each evaluation (a fixed seeded subset; 0: all); "
+                                     "under torchrun rank 0 scores them while the others wait, so keep it small")
     sample_prompt: str = opt("The", "prompt for the samples shown at each evaluation ('' for none)")
     sample_tokens: int = opt(48, "tokens per sample")
     checkpoint_every: int = opt(100, "steps between checkpoints; also at the end")
@@ -390,7 +391,6 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
             with autocast_context(precision, rt.device):
                 record.update(benchmark_scores(raw_model, tokenizer, cfg.eval_tasks, cfg.eval_tasks_limit,
                                                shards=cfg.data if stage == "train" else None))
-            raw_model.train()
         if cfg.sample_prompt and rt.rank == 0:
             if data.sample is not None:
                 record["sample"] = data.sample(raw_model)

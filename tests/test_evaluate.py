@@ -67,8 +67,9 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         table = torch.tensor([NEXT["a"], NEXT["b"], NEXT[" "], NEXT["eot"]]).log()
         self.table = torch.nn.Parameter(table, requires_grad=False)
-        # n_layer, n_head, head_dim: the shape of a (here unused) KV cache, which the scorer may allocate
-        self.config = SimpleNamespace(block_size=block_size, vocab_size=EOT + 1, n_layer=1, n_head=1, head_dim=1)
+        # n_layer, n_head, head_dim, n_embd: the shape of a (here unused) KV cache, which the scorer may size
+        self.config = SimpleNamespace(block_size=block_size, vocab_size=EOT + 1, n_layer=1, n_head=1, head_dim=1,
+                                      n_embd=EOT + 1)
 
     def hidden_states(self, idx, cache=None, rows=slice(None), lengths=None):
         if cache is not None:  # what the model's cache interface promises: each row's length advances
@@ -96,6 +97,7 @@ def test_fixed_logits_give_the_hand_computed_log_likelihoods():
              ev.encode_pair(tok, "", "ab"),  # an empty context is the end-of-text token
              ev.encode_pair(tok, "a", "b")]
     assert pairs[2] == pairs[0] == ([0, 1], [2, 0]) and pairs[3] == ([EOT], [0, 1])
+    assert ev.encode_pair(tok, "  ", "ab") == ([EOT], [2, 2, 0, 1])  # a context of spaces only: empty, then EOT
     expected = [math.log(P["b"][" "] * P[" "]["a"]), math.log(P["b"][" "] * P[" "]["b"] * P["b"]["a"]),
                 math.log(P["b"][" "] * P[" "]["a"]), math.log(P["eot"]["a"] * P["a"]["b"]), math.log(P["a"]["b"])]
     for scorer in (lambda p: ev.score_pairs(model, p, batch_size=2), lambda p: ev.score_pairs_naive(model, p)):
