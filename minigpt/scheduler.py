@@ -12,7 +12,8 @@ work:
 So new prompts join at token granularity while the others keep decoding (continuous batching), and a finished or
 cancelled sequence frees its row for the next waiting one at once. Nothing but this thread touches the Engine or
 the model; other threads only append to the waiting queue, set `Job.cancelled`, and read the counters in `stats`.
-Jobs wait in a bounded queue: `submit` raises `QueueFull` when it holds `max_queue` jobs (HTTP 429).
+Jobs wait in a bounded queue: `submit` raises `QueueFull` when `max_queue` jobs wait beyond those the free rows
+will take (HTTP 429).
 
 `deliver(items)` is called on the engine thread with a list of `Update`, `PromptScores`, a final `Done`, or an
 exception; it must only hand the items over (serve_api.py puts them on an asyncio queue with call_soon_threadsafe).
@@ -108,7 +109,7 @@ class Stats:
     """Counters for /metrics and /health, written by the engine thread only."""
 
     running: int = 0  # live sequences after the last step
-    free_rows: int = 0  # engine rows free after the last step
+    free_rows: int = 0  # engine rows not yet taken: set after each step and as each job is admitted
     steps: int = 0
     tokens_generated: int = 0
     jobs_finished: int = 0

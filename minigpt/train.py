@@ -52,7 +52,7 @@ class TrainConfig:
     seq_len: int = opt(0, "tokens per sequence (0: the model's context window)")
     batch_tokens: int = opt(0, "tokens per optimizer step; gradient accumulation makes up the difference "
                                "(0: one micro-batch per process)")
-    max_steps: int = opt(500, "optimizer steps in all (the default takes about 4.5 minutes on 2 CPU cores)")
+    max_steps: int = opt(500, "optimizer steps in all (the default takes about 4 minutes on 2 CPU cores)")
     lr: float = opt(3e-3, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "the cosine decays to lr x this")
     warmup_steps: int = opt(50, "linear warm-up steps")
