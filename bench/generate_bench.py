@@ -7,13 +7,17 @@ Both decode greedily with a KV cache for exactly --new-tokens tokens (no early s
 lengths (Hugging Face left-pads them with an attention mask; our engine needs no padding). Weights are random
 (GPT-2's trained weights are not available offline), which changes nothing about speed. The outputs are compared
 token for token, and the table prints generated tokens per second (median of --repeats runs) for each and the
-ratio ours / theirs, then milliseconds per step for each beside the matrix products alone (each block's linear
-layers and the head for one decode step): the floor that no engine goes below with these weights.
+ratio ours / theirs. On x86 CPUs our engine multiplies by oneDNN-prepacked copies of the large weights
+(model.Linear); the "default kernels" column runs the same engine on a copy of the model without them, which
+separates what the kernels give from what the engine gives. Then milliseconds per step: ours, HF, and the matrix
+products alone (each block's linear layers and the head for one decode step, no attention, norms, sampling or
+Python around them) with oneDNN and with PyTorch's default kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -45,26 +49,29 @@ def main() -> None:
     theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(**data)).eval()
     theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
 
+    plain = copy.deepcopy(ours)  # the same weights, never prepacked
     generator = torch.Generator().manual_seed(1)
-    rows = [measure(ours, theirs, batch, args, generator) for batch in args.batches]
+    rows = [measure(ours, plain, theirs, batch, args, generator) for batch in args.batches]
 
     print(f"\nGreedy generation, {args.preset} shape ({ours.num_params() / 1e6:.1f}M parameters), "
           f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | identical outputs | "
-          f"ms/step: ours, HF, matmuls alone")
-    print("-" * 100)
-    for batch, ours_tps, hf_tps, same in rows:
+    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | {'default kernels/HF':>18} | "
+          f"identical | ms/step: ours, HF, matmuls alone (oneDNN, default)")
+    print("-" * 118)
+    for batch, ours_tps, plain_tps, hf_tps, same in rows:
         floor = matmul_floor_ms(ours, batch, args.repeats)
-        print(f"{batch:>5} | {ours_tps:>10.1f} | {hf_tps:>9.1f} | {ours_tps / hf_tps:>6.2f}x | {same:>8}/{batch:<8} | "
-              f"{1000 * batch / ours_tps:.1f}, {1000 * batch / hf_tps:.1f}, {floor:.1f}")
+        plain_floor = matmul_floor_ms(plain, batch, args.repeats)
+        print(f"{batch:>5} | {ours_tps:>10.1f} | {hf_tps:>9.1f} | {ours_tps / hf_tps:>6.2f}x | "
+              f"{plain_tps / hf_tps:>17.2f}x | {same:>4}/{batch:<4} | "
+              f"{1000 * batch / ours_tps:.1f}, {1000 * batch / hf_tps:.1f}, {floor:.1f}, {plain_floor:.1f}")
 
 
 @torch.inference_mode()
 def matmul_floor_ms(model: GPT, batch: int, repeats: int) -> float:
-    """Milliseconds per decode step of the matrix products alone: each block's four linear layers and the head,
-    for `batch` rows, without attention, norms, sampling or any Python around them. No engine can decode faster
-    than this with these weights in this precision; the table compares both engines to it."""
+    """Milliseconds per decode step of the matrix products alone, as `model` computes them (oneDNN where its weights
+    are prepacked): each block's four linear layers and the head, for `batch` rows, without attention, norms,
+    sampling or any Python around them. An engine built on these kernels cannot decode faster than this."""
     x = torch.randn(batch, model.config.n_embd)
     wide = torch.randn(batch, 4 * model.config.n_embd)
     layers = [pair for blk in model.h
@@ -80,15 +87,20 @@ def matmul_floor_ms(model: GPT, batch: int, repeats: int) -> float:
     return 1000 * statistics.median(times[1:])
 
 
-def measure(ours: GPT, theirs, batch: int, args: argparse.Namespace, generator: torch.Generator) -> tuple:
+def measure(ours: GPT, plain: GPT, theirs, batch: int, args: argparse.Namespace, generator: torch.Generator
+            ) -> tuple:
     cfg = ours.config
     lengths = [16 + (37 * i) % 48 for i in range(batch)]  # uneven: 16..63 tokens
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=generator).tolist() for n in lengths]
     engine = Engine(ours, max_batch=batch)
+    plain_engine = Engine(plain, max_batch=batch, prepack=False)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
 
     def run_ours():
         return [c.tokens for c in engine.generate(prompts, params)]
+
+    def run_plain():
+        return [c.tokens for c in plain_engine.generate(prompts, params)]
 
     width = max(lengths)
     input_ids = torch.zeros(batch, width, dtype=torch.long)
@@ -104,18 +116,19 @@ def measure(ours: GPT, theirs, batch: int, args: argparse.Namespace, generator: 
                                   pad_token_id=0, eos_token_id=None)
         return out[:, width:].tolist()
 
-    run_ours(), run_theirs()  # warm-up
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    run_ours(), run_plain(), run_theirs()  # warm-up
+    times: dict[str, list[float]] = {"ours": [], "plain": [], "theirs": []}
     outputs = {}
-    for r in range(args.repeats):  # interleaved, taking turns to go first, so background noise hits both alike
-        order = [("ours", run_ours), ("theirs", run_theirs)]
+    for r in range(args.repeats):  # interleaved, taking turns to go first, so background noise hits all alike
+        order = [("ours", run_ours), ("plain", run_plain), ("theirs", run_theirs)]
         for name, run in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             outputs[name] = run()
             times[name].append(time.perf_counter() - t0)
-    same = sum(x == y for x, y in zip(outputs["ours"], outputs["theirs"], strict=True))
+    same = sum(x == y == z for x, y, z in zip(outputs["ours"], outputs["plain"], outputs["theirs"], strict=True))
     tokens = batch * args.new_tokens
-    return batch, tokens / statistics.median(times["ours"]), tokens / statistics.median(times["theirs"]), same
+    ours_tps, plain_tps, hf_tps = (tokens / statistics.median(times[k]) for k in ("ours", "plain", "theirs"))
+    return batch, ours_tps, plain_tps, hf_tps, same
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import platform
 from typing import Any
 
 import torch
@@ -147,34 +148,104 @@ class CacheStep:
         self.end = start + (T if lengths is None else lengths)
         if int(self.end.max()) > limit:
             raise ValueError("the KV cache is full: the sequence reached the context window")
-        batch = torch.arange(B, device=device)[:, None].expand(B, T)
         self.keep = None if lengths is None else (steps < lengths[:, None]).reshape(-1)  # (B*T,) real tokens
-        self.write_row = batch.reshape(-1) if self.keep is None else batch.reshape(-1)[self.keep]
-        self.write_pos = self.positions.reshape(-1) if self.keep is None else self.positions.reshape(-1)[self.keep]
+        # Where each new token's keys go, as row indices into a layer's cache viewed (rows * H * max_len, D): the
+        # (row, head, position) of every new token and head. One index_copy_ per layer then stores them all.
+        _, H, max_len, _ = cache.k.shape[1:]
+        first_row = rows.start or 0
+        heads = torch.arange(H, device=device)[None, None, :]  # (1, 1, H)
+        flat = ((first_row + torch.arange(B, device=device)[:, None, None]) * H + heads) * max_len \
+            + self.positions[:, :, None]  # (B, T, H)
+        self.write_index = flat.reshape(B * T, H) if self.keep is None else flat.reshape(B * T, H)[self.keep]
+        self.write_index = self.write_index.reshape(-1)
         self.span = min(int(self.positions.max()) + 1, cache.max_len)  # the longest row's prefix, no further
-        key_pos = torch.arange(self.span, device=device)
-        causal = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # (B, 1, T, span)
-        # An additive mask (0 or -inf) is a little faster in scaled_dot_product_attention than a boolean one.
-        self.mask = torch.zeros(causal.shape, dtype=cache.k.dtype, device=device).masked_fill_(~causal, float("-inf"))
+        # Rows that start empty (a prefill) attend causally among their new tokens alone: right padding comes after
+        # every real token, so no mask is needed. One row decoding one token sees its whole prefix: no mask either.
+        self.fresh = int(start.max()) == 0
+        self.mask = None
+        if not self.fresh and (B > 1 or T > 1):
+            key_pos = torch.arange(self.span, device=device)
+            causal = (key_pos[None, None, :] <= self.positions[:, :, None])[:, None]  # (B, 1, T, span)
+            # An additive mask (0 or -inf) is a little faster in scaled_dot_product_attention than a boolean one.
+            self.mask = torch.zeros(causal.shape, dtype=cache.k.dtype, device=device).masked_fill_(~causal,
+                                                                                                float("-inf"))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this layer's new keys and values, then attend over each row's whole prefix. q, k, v: (B, H, T, D)."""
         B, H, T, D = k.shape
-        k_store, v_store = self.cache.k[layer, self.rows], self.cache.v[layer, self.rows]  # (B, H, max_len, D)
-        new_k = k.transpose(1, 2).reshape(B * T, H, D)  # the layout that indexing (row, :, pos) assigns
-        new_v = v.transpose(1, 2).reshape(B * T, H, D)
-        if self.keep is not None:
-            new_k, new_v = new_k[self.keep], new_v[self.keep]
-        k_store[self.write_row, :, self.write_pos] = new_k.to(k_store.dtype)
-        v_store[self.write_row, :, self.write_pos] = new_v.to(v_store.dtype)
-        keys = k_store[:, :, : self.span].to(q.dtype)
-        values = v_store[:, :, : self.span].to(q.dtype)
+        k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]  # (rows, H, max_len, D)
+        for store, new in ((k_layer, k), (v_layer, v)):
+            new = new.transpose(1, 2).reshape(B * T * H, D)  # (B, H, T, D) -> one row per (token, head)
+            if self.keep is not None:
+                new = new.view(B * T, H * D)[self.keep].view(-1, D)
+            store.view(-1, D).index_copy_(0, self.write_index, new.to(store.dtype))
+        if self.fresh:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        keys = k_layer[self.rows, :, : self.span].to(q.dtype)  # (B, H, span, D)
+        values = v_layer[self.rows, :, : self.span].to(q.dtype)
         # (the mask follows q's dtype: under autocast q may be bf16 while the cache and mask are float32)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask.to(q.dtype))
+        mask = None if self.mask is None else self.mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that can also hold its weight prepacked for oneDNN, for fast inference on x86 CPUs.
+
+    PyTorch's default CPU matmul (MKL) multiplies a few rows by a large weight far below the memory bandwidth, and
+    decoding is exactly that product; oneDNN, with the weight reordered once into its blocked layout, does the same
+    product 1.3-4x faster on the CPUs we measured (bench/generate_bench.py). `GPT.prepack_for_cpu()` makes the
+    copies. One is used only where it gives the weight's own result: float32 on the CPU, no autograd, no autocast,
+    and the weight unchanged since packing (its version counter), so training never sees it and a weight update
+    falls back to F.linear and frees the stale copy.
+    """
+
+    # (weight, its version and storage when packed, the oneDNN op, the oneDNN copy): all a call needs, held together
+    # because decoding calls this a hundred times per token and every attribute lookup costs.
+    packed: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        onednn = self._onednn(x)
+        if onednn is not None:
+            op, weight = onednn
+            return op(x, weight, self._parameters["bias"], "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(tanh) of this layer's output; with a packed weight oneDNN applies it inside the matmul."""
+        onednn = self._onednn(x)
+        if onednn is not None:
+            op, weight = onednn
+            return op(x, weight, self._parameters["bias"], "gelu", [], "tanh")
+        return F.gelu(F.linear(x, self.weight, self.bias), approximate="tanh")
+
+    def _onednn(self, x: torch.Tensor) -> tuple | None:
+        """(op, packed weight) when the packed copy may stand in for the weight on input x, else None."""
+        if self.packed is None or torch.is_grad_enabled():
+            return None
+        weight, version, storage, op, onednn_weight = self.packed
+        # stale once the weight is changed in place, moved to new storage (.to()) or replaced by another
+        if self._parameters["weight"] is not weight or weight._version != version or weight.data_ptr() != storage:
+            self.packed = None
+            return None
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return None
+        return op, onednn_weight
+
+    def prepack(self) -> None:
+        """Keep a oneDNN copy of the weight (as much memory again as the weight). The weight must be on the CPU."""
+        weight = self.weight
+        onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        self.packed = (weight, weight._version, weight.data_ptr(), torch.ops.mkldnn._linear_pointwise.default,
+                       onednn_weight)
+
+    def __getstate__(self) -> dict:  # copies and pickles leave the oneDNN copy behind: it is only a cache
+        state = super().__getstate__()
+        state.pop("packed", None)
+        return state
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -186,16 +257,15 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.capture: list[torch.Tensor] | None = None  # set by inspect_model.capture_attention, else None
 
     def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3C) -> (3, B, n_head, T, head_dim): q, k, v side by side, each split into heads
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if step is None and self.capture is not None:
             y = self.explicit_attention(q, k, v)
         elif step is None:
@@ -223,12 +293,12 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
+        return _dropout(self.c_proj(self.c_fc.forward_gelu(x)), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -252,7 +322,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: the head reads tokens out the way wte writes them in
         self.reset_parameters()
 
@@ -331,6 +401,26 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-100, reduction=reduction)
         return logits, loss
+
+    # -- CPU inference -----------------------------------------------------------------------------------------
+
+    def prepack_for_cpu(self, min_weight: int = 1 << 17) -> list[Linear]:
+        """Prepack for oneDNN the linear weights of at least `min_weight` elements; returns the layers newly packed.
+
+        Only float32 weights on an x86-64 CPU with oneDNN: below ~0.25M elements oneDNN's fixed cost per call
+        outweighs what it saves, and elsewhere (ARM, GPUs) the default kernels are the fast ones. The copies cost
+        as much memory again as the weights they copy, and are used only for inference (see `Linear`).
+        """
+        if (platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available()
+                or not hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return []
+        packed = []
+        for module in self.modules():
+            w = module.weight if isinstance(module, Linear) and module.packed is None else None
+            if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= min_weight:
+                module.prepack()
+                packed.append(module)
+        return packed
 
     # -- accounting --------------------------------------------------------------------------------------------
 

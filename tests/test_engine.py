@@ -15,10 +15,21 @@ def model() -> GPT:
     return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=64, vocab_size=97)).eval()
 
 
+@pytest.fixture(scope="module")
+def packed_model() -> GPT:
+    """The same model with every linear weight prepacked for oneDNN, as the engine does for large ones on CPUs."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=64, vocab_size=97)).eval()
+    model.prepack_for_cpu(min_weight=0)
+    return model
+
+
 UNEVEN = [[1, 2, 3], [5] * 17, [7, 8], [9, 10, 11, 12, 13, 14, 15], list(range(40)), [42]]
 
 
-def test_kv_cache_greedy_equals_recomputation_in_uneven_batches(model):
+@pytest.mark.parametrize("packed", [False, True], ids=["default-kernels", "onednn-packed"])
+def test_kv_cache_greedy_equals_recomputation_in_uneven_batches(model, packed_model, packed):
+    model = packed_model if packed else model
     params = SamplingParams(max_new_tokens=20, temperature=0)
     for max_batch in (1, 3, 8):  # 3 < prompts: rows are reused as sequences finish
         completions = Engine(model, max_batch=max_batch).generate(UNEVEN, params)

@@ -201,3 +201,41 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(chunk):
         _, mean_plain = plain(idx, targets)
         _, mean_chunked = chunked(idx, targets, chunk_rows=chunk)
     assert mean_chunked.item() == pytest.approx(mean_plain.item(), rel=1e-5)
+
+
+def test_prepacked_weights_give_the_same_logits_and_step_aside_when_stale():
+    """CPU inference through oneDNN-packed weights (model.Linear): Hugging Face's logits, and never a stale copy."""
+    import copy
+    from unittest import mock
+
+    cfg = SHAPES[0]
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    theirs = hf_model(cfg)
+    theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
+    if not ours.prepack_for_cpu(min_weight=0):
+        pytest.skip("no oneDNN on this machine: nothing is packed")
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
+    with torch.no_grad(), mock.patch("minigpt.model.F.linear", side_effect=AssertionError("F.linear was called")):
+        packed_logits, _ = ours(idx)  # every linear layer, the head included, goes through oneDNN
+    assert_close_relative(packed_logits, theirs(idx).logits.detach())
+
+    # With autograd on the packed copies are not used: gradients reach the weights.
+    _, loss = ours(idx, targets=idx)
+    loss.backward()
+    assert ours.h[0].mlp.c_fc.weight.grad.abs().sum() > 0
+
+    # A weight changed in place (an optimizer step) makes its copy stale: it is dropped, the new weight is used.
+    with torch.no_grad():
+        ours.h[0].mlp.c_fc.weight.mul_(2.0)
+        theirs.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # HF's Conv1D holds the transpose; doubling is the same
+        changed, _ = ours(idx)
+    assert ours.h[0].mlp.c_fc.packed is None and ours.h[0].mlp.c_proj.packed is not None
+    assert_close_relative(changed, theirs(idx).logits.detach())
+
+    # Another dtype is computed with the weights themselves; copies leave the packed weights behind.
+    copied = copy.deepcopy(ours)
+    assert all(getattr(m, "packed", None) is None for m in copied.modules())
+    with torch.no_grad():
+        double, _ = copied.double()(idx)
+    assert_close_relative(double.float(), changed)
