@@ -192,12 +192,10 @@ def score_pairs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]]
     model = unwrap(model)
     # On x86 CPUs oneDNN runs these products faster from prepacked weights (model.Linear); the copies live only as
     # long as this call, since a training run's evaluation is followed by weight updates.
-    packed_here = model.prepack_for_cpu(min_weight=0) if prepack and isinstance(model, GPT) else []
-    try:
+    if not prepack or not isinstance(model, GPT):
         return _score_pairs(model, pairs, batch_size, owners, bar)
-    finally:
-        for layer in packed_here:
-            layer.packed = None
+    with model.prepacked_for_cpu(min_weight=0):  # many rows per product: every layer gains, the smallest too
+        return _score_pairs(model, pairs, batch_size, owners, bar)
 
 
 def _score_pairs(model: GPT, pairs: list[tuple[list[int], list[int]]], batch_size: int, owners: list[int] | None,
@@ -409,12 +407,13 @@ def generate_answers(model: torch.nn.Module, tokenizer, prompts: list[str], batc
     special = set(tokenizer.special_tokens.values())
     params = SamplingParams(max_new_tokens=budget, temperature=0.0, stop_token_ids=stop_token_ids(tokenizer))
     outputs: list[list[int]] = [[] for _ in prompts]
-    for events in Engine(model, max_batch=batch_size).stream(ids, params):
-        for event in events:
-            if event.token not in special:  # the stop token itself may hold text before its stop string
-                outputs[event.index].append(event.token)
-            if event.finish_reason is not None and bar is not None:
-                bar.update(1)
+    with model.prepacked_for_cpu():  # for this call only: a training run's evaluation is followed by updates
+        for events in Engine(model, max_batch=batch_size, prepack=False).stream(ids, params):
+            for event in events:
+                if event.token not in special:  # the stop token itself may hold text before its stop string
+                    outputs[event.index].append(event.token)
+                if event.finish_reason is not None and bar is not None:
+                    bar.update(1)
     texts = []
     for tokens in outputs:
         text = tokenizer.decode(tokens)

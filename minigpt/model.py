@@ -13,9 +13,11 @@ Run `minigpt model --preset gpt2` for the parameter count and FLOPs of a shape.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import platform
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -421,6 +423,17 @@ class GPT(nn.Module):
                 module.prepack()
                 packed.append(module)
         return packed
+
+    @contextlib.contextmanager
+    def prepacked_for_cpu(self, min_weight: int = 1 << 17) -> Iterator[GPT]:
+        """`prepack_for_cpu` for the duration of a `with`: the copies made are dropped at its end, as when a
+        training run evaluates or samples between weight updates."""
+        packed = self.prepack_for_cpu(min_weight)
+        try:
+            yield self
+        finally:
+            for layer in packed:
+                layer.packed = None
 
     # -- accounting --------------------------------------------------------------------------------------------
 

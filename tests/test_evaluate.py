@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -161,6 +162,15 @@ def test_batched_scores_equal_one_at_a_time_and_left_truncate(tokenizer):
         batched = ev.score_pairs(model, pairs, batch_size)
         assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in naive], abs=1e-4)
         assert [s.greedy for s in batched] == [s.greedy for s in naive]
+    # The oneDNN copies the scorer makes on x86 CPUs are gone after the call: the model may be trained next.
+    assert all(getattr(m, "packed", None) is None for m in model.modules())
+    with model.prepacked_for_cpu(min_weight=0):
+        onednn = model.lm_head.packed is not None
+    if onednn:  # while scoring, every product goes through the copies: F.linear is never called
+        with mock.patch("torch.nn.functional.linear", side_effect=AssertionError("F.linear was called")):
+            assert [s.logprob for s in ev.score_pairs(model, pairs, 64)] == [s.logprob for s in batched]
+    plain = ev.score_pairs(model, pairs, 64, prepack=False)
+    assert [s.logprob for s in plain] == pytest.approx([s.logprob for s in naive], abs=1e-4)
 
 
 @needs_benchmarks
