@@ -105,8 +105,9 @@ class Engine:
     """KV-cached, continuously batched decoding for one model.
 
     With `prepack` (the default) on a CPU, the model's large linear weights get oneDNN copies (model.Linear) that
-    stay with the model: as much memory again as those weights. A caller that goes on training the model passes
-    prepack=False, or wraps the engine's use in `model.prepacked_for_cpu()`.
+    stay with the model, as much memory again as those weights, until `model.train()` drops them. A caller that
+    samples once between training steps passes prepack=False, or wraps the engine's use in
+    `model.prepacked_for_cpu()`.
     """
 
     def __init__(self, model: GPT, max_batch: int = 16, max_len: int | None = None, seed: int | None = None,

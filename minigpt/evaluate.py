@@ -192,7 +192,7 @@ def score_pairs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]]
     model = unwrap(model)
     # On x86 CPUs oneDNN runs these products faster from prepacked weights (model.Linear); the copies live only as
     # long as this call, since a training run's evaluation is followed by weight updates.
-    if not prepack or not isinstance(model, GPT):
+    if not prepack or not isinstance(model, GPT) or torch.is_autocast_enabled("cpu"):  # (autocast: unused)
         return _score_pairs(model, pairs, batch_size, owners, bar)
     with model.prepacked_for_cpu(min_weight=0):  # many rows per product: every layer gains, the smallest too
         return _score_pairs(model, pairs, batch_size, owners, bar)
@@ -335,9 +335,9 @@ def _score_positions(model: torch.nn.Module, hidden: torch.Tensor, targets: torc
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each target, 1.0 where it is not the most likely token) for hidden states (N, C), as
     float64 (N,) each. The logits are made and reduced a chunk of positions at a time: over a 50k vocabulary a
-    batch's (N, V) logits would be hundreds of MB, read three times (logsumexp, gather, argmax); in chunks they
-    stay in a CPU's cache (under 10% faster on this project's CPU, docs/evaluation.md) and bound the memory on any
-    device."""
+    batch's (N, V) logits would be hundreds of MB, read twice (maximum and argmax, then the normaliser); in chunks
+    they stay in a CPU's cache (under 10% faster on this project's CPU, docs/evaluation.md) and bound the memory on
+    any device."""
     step = logit_chunk_rows(hidden.device, model.config.vocab_size)
     token_lp = torch.empty(len(targets), dtype=torch.float64, device=hidden.device)
     misses = torch.empty(len(targets), dtype=torch.float64, device=hidden.device)

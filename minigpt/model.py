@@ -155,6 +155,7 @@ class CacheStep:
         # (row, head, position) of every new token and head. One index_copy_ per layer then stores them all.
         _, H, max_len, _ = cache.k.shape[1:]
         first_row = rows.start or 0
+        assert rows.step in (None, 1) and first_row >= 0, "cache rows are a contiguous slice"
         heads = torch.arange(H, device=device)[None, None, :]  # (1, 1, H)
         flat = ((first_row + torch.arange(B, device=device)[:, None, None]) * H + heads) * max_len \
             + self.positions[:, :, None]  # (B, T, H)
@@ -200,13 +201,15 @@ class Linear(nn.Linear):
     PyTorch's default CPU matmul (MKL) multiplies a few rows by a large weight far below the memory bandwidth, and
     decoding is exactly that product; oneDNN, with the weight reordered once into its blocked layout, does the same
     product 1.3-4x faster on the CPUs we measured (bench/generate_bench.py). `GPT.prepack_for_cpu()` makes the
-    copies. One is used only where it gives the weight's own result: float32 on the CPU, no autograd, no autocast,
-    and the weight unchanged since packing (its version counter), so training never sees it and a weight update
-    falls back to F.linear and frees the stale copy.
+    copies. One is used only where it gives the weight's own result: float32, no autograd, no autocast, the module
+    in eval mode, and the weight the same tensor as when packed, not changed in place since (its version counter)
+    nor moved (its storage). `train()` drops the copies: fused AdamW updates weights in place without advancing
+    their version counter, so a training loop's return to train mode is the sure sign the weights will change.
     """
 
     # (weight, its version and storage when packed, the oneDNN op, the oneDNN copy): all a call needs, held together
-    # because decoding calls this a hundred times per token and every attribute lookup costs.
+    # because decoding calls this a hundred times per token and every attribute lookup costs. Holding the weight
+    # also keeps its storage alive, so a new tensor can never reuse the address.
     packed: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,25 +220,31 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """GELU(tanh) of this layer's output; with a packed weight oneDNN applies it inside the matmul."""
-        onednn = self._onednn(x)
-        if onednn is not None:
-            op, weight = onednn
-            return op(x, weight, self._parameters["bias"], "gelu", [], "tanh")
-        return F.gelu(F.linear(x, self.weight, self.bias), approximate="tanh")
+        """GELU(tanh) of this layer's output, applied by oneDNN inside the matmul; call only when `usable(x)`."""
+        op, weight = self._onednn(x)
+        return op(x, weight, self._parameters["bias"], "gelu", [], "tanh")
+
+    def usable(self, x: torch.Tensor) -> bool:
+        """Whether the packed copy stands in for the weight on input x."""
+        return self._onednn(x) is not None
 
     def _onednn(self, x: torch.Tensor) -> tuple | None:
         """(op, packed weight) when the packed copy may stand in for the weight on input x, else None."""
-        if self.packed is None or torch.is_grad_enabled():
+        if self.packed is None or torch.is_grad_enabled() or self.training:
             return None
-        weight, version, storage, op, onednn_weight = self.packed
-        # stale once the weight is changed in place, moved to new storage (.to()) or replaced by another
-        if self._parameters["weight"] is not weight or weight._version != version or weight.data_ptr() != storage:
+        if not self.fresh():
             self.packed = None
             return None
         if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return None
-        return op, onednn_weight
+        return self.packed[3], self.packed[4]
+
+    def fresh(self) -> bool:
+        """Whether the packed copy still matches the weight (False when there is none)."""
+        if self.packed is None:
+            return False
+        weight, version, storage, _, _ = self.packed
+        return self._parameters["weight"] is weight and weight._version == version and weight.data_ptr() == storage
 
     def prepack(self) -> None:
         """Keep a oneDNN copy of the weight (as much memory again as the weight). The weight must be on the CPU."""
@@ -243,6 +252,11 @@ class Linear(nn.Linear):
         onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         self.packed = (weight, weight._version, weight.data_ptr(), torch.ops.mkldnn._linear_pointwise.default,
                        onednn_weight)
+
+    def train(self, mode: bool = True) -> Linear:
+        if mode:
+            self.packed = None
+        return super().train(mode)
 
     def __getstate__(self) -> dict:  # copies and pickles leave the oneDNN copy behind: it is only a cache
         state = super().__getstate__()
@@ -300,7 +314,9 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _dropout(self.c_proj(self.c_fc.forward_gelu(x)), self.dropout, self.training)
+        if self.c_fc.usable(x):  # oneDNN applies the GELU inside the matmul
+            return _dropout(self.c_proj(self.c_fc.forward_gelu(x)), self.dropout, self.training)
+        return _dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -409,17 +425,20 @@ class GPT(nn.Module):
     def prepack_for_cpu(self, min_weight: int = 1 << 17) -> list[Linear]:
         """Prepack for oneDNN the linear weights of at least `min_weight` elements; returns the layers newly packed.
 
-        Only float32 weights on an x86-64 CPU with oneDNN: below ~0.25M elements oneDNN's fixed cost per call
-        outweighs what it saves, and elsewhere (ARM, GPUs) the default kernels are the fast ones. The copies cost
-        as much memory again as the weights they copy, and are used only for inference (see `Linear`).
+        Only float32 weights on an x86-64 CPU with oneDNN: below ~128K elements oneDNN's fixed cost per call
+        outweighs what it saves for a few rows, and elsewhere (ARM, GPUs) the default kernels are the fast ones.
+        The copies cost as much memory again as the weights they copy, and are used only for inference in eval
+        mode (see `Linear`). A stale copy is replaced; weights made under inference_mode are left alone (they
+        carry no version counter to tell a change by).
         """
         if (platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available()
                 or not hasattr(torch.ops.mkldnn, "_linear_pointwise")):
             return []
         packed = []
         for module in self.modules():
-            w = module.weight if isinstance(module, Linear) and module.packed is None else None
-            if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= min_weight:
+            w = module.weight if isinstance(module, Linear) and not module.fresh() else None
+            if (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= min_weight
+                    and not w.is_inference()):
                 module.prepack()
                 packed.append(module)
         return packed

@@ -20,7 +20,8 @@ def packed_model() -> GPT:
     """The same model with every linear weight prepacked for oneDNN, as the engine does for large ones on CPUs."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=64, vocab_size=97)).eval()
-    model.prepack_for_cpu(min_weight=0)
+    if not model.prepack_for_cpu(min_weight=0):
+        pytest.skip("no oneDNN on this machine: nothing is packed")
     return model
 
 

@@ -233,9 +233,40 @@ def test_prepacked_weights_give_the_same_logits_and_step_aside_when_stale():
     assert ours.h[0].mlp.c_fc.packed is None and ours.h[0].mlp.c_proj.packed is not None
     assert_close_relative(changed, theirs(idx).logits.detach())
 
-    # Another dtype is computed with the weights themselves; copies leave the packed weights behind.
+    # Copies leave the packed weights behind; another dtype is computed with the weights themselves.
     copied = copy.deepcopy(ours)
     assert all(getattr(m, "packed", None) is None for m in copied.modules())
+    assert ours.lm_head.packed is not None
     with torch.no_grad():
-        double, _ = copied.double()(idx)
+        double, _ = ours.double()(idx)
     assert_close_relative(double.float(), changed)
+    assert ours.lm_head.packed is None  # moved to new storage: the copy was stale and is gone
+
+
+def test_training_drops_prepacked_weights_even_when_updates_leave_no_trace():
+    """Fused AdamW changes weights in place without advancing their version counter: train() must drop the copies."""
+    torch.manual_seed(0)
+    model = GPT(SHAPES[0]).eval()
+    if not model.prepack_for_cpu(min_weight=0):
+        pytest.skip("no oneDNN on this machine: nothing is packed")
+    idx = torch.randint(0, SHAPES[0].vocab_size, (2, 16))
+    model.train()
+    assert all(getattr(m, "packed", None) is None for m in model.modules())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    optimizer.step()
+    model.eval()
+    reference = copy_without_packs(model)
+    with torch.no_grad():
+        assert_close_relative(model(idx)[0], reference(idx)[0])
+    # Weights made under inference_mode have no version counter to tell a change by: they are not packed.
+    with torch.inference_mode():
+        frozen = GPT(SHAPES[0]).eval()
+    assert frozen.prepack_for_cpu(min_weight=0) == []
+
+
+def copy_without_packs(model: GPT) -> GPT:
+    import copy
+
+    return copy.deepcopy(model)
