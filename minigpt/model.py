@@ -159,8 +159,8 @@ class CacheStep:
         heads = torch.arange(H, device=device)[None, None, :]  # (1, 1, H)
         flat = ((first_row + torch.arange(B, device=device)[:, None, None]) * H + heads) * max_len \
             + self.positions[:, :, None]  # (B, T, H)
-        self.write_index = flat.reshape(B * T, H) if self.keep is None else flat.reshape(B * T, H)[self.keep]
-        self.write_index = self.write_index.reshape(-1)
+        flat = flat.reshape(B * T, H)
+        self.write_index = (flat if self.keep is None else flat[self.keep]).reshape(-1)
         self.span = min(int(self.positions.max()) + 1, cache.max_len)  # the longest row's prefix, no further
         # Rows that start empty (a prefill) attend causally among their new tokens alone: right padding comes after
         # every real token, so no mask is needed. One row decoding one token sees its whole prefix: no mask either.
@@ -219,14 +219,14 @@ class Linear(nn.Linear):
             return op(x, weight, self._parameters["bias"], "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
-    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """GELU(tanh) of this layer's output, applied by oneDNN inside the matmul; call only when `usable(x)`."""
-        op, weight = self._onednn(x)
+    def fused_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """GELU(tanh) of this layer's output with oneDNN applying it inside the matmul, or None where the packed
+        copy cannot stand in for the weight (the caller then goes through the module as usual)."""
+        onednn = self._onednn(x)
+        if onednn is None:
+            return None
+        op, weight = onednn
         return op(x, weight, self._parameters["bias"], "gelu", [], "tanh")
-
-    def usable(self, x: torch.Tensor) -> bool:
-        """Whether the packed copy stands in for the weight on input x."""
-        return self._onednn(x) is not None
 
     def _onednn(self, x: torch.Tensor) -> tuple | None:
         """(op, packed weight) when the packed copy may stand in for the weight on input x, else None."""
@@ -314,9 +314,10 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.c_fc.usable(x):  # oneDNN applies the GELU inside the matmul
-            return _dropout(self.c_proj(self.c_fc.forward_gelu(x)), self.dropout, self.training)
-        return _dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
+        h = self.c_fc.fused_gelu(x)
+        if h is None:
+            h = F.gelu(self.c_fc(x), approximate="tanh")
+        return _dropout(self.c_proj(h), self.dropout, self.training)
 
 
 class Block(nn.Module):

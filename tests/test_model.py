@@ -1,6 +1,8 @@
 """The model against Hugging Face's GPT-2, GPT-2's published sizes, and its own gradient checkpointing."""
 
+import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -205,9 +207,6 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(chunk):
 
 def test_prepacked_weights_give_the_same_logits_and_step_aside_when_stale():
     """CPU inference through oneDNN-packed weights (model.Linear): Hugging Face's logits, and never a stale copy."""
-    import copy
-    from unittest import mock
-
     cfg = SHAPES[0]
     torch.manual_seed(0)
     ours = GPT(cfg).eval()
@@ -257,16 +256,10 @@ def test_training_drops_prepacked_weights_even_when_updates_leave_no_trace():
     loss.backward()
     optimizer.step()
     model.eval()
-    reference = copy_without_packs(model)
+    reference = copy.deepcopy(model)  # copies leave the packed weights behind
     with torch.no_grad():
         assert_close_relative(model(idx)[0], reference(idx)[0])
     # Weights made under inference_mode have no version counter to tell a change by: they are not packed.
     with torch.inference_mode():
         frozen = GPT(SHAPES[0]).eval()
     assert frozen.prepack_for_cpu(min_weight=0) == []
-
-
-def copy_without_packs(model: GPT) -> GPT:
-    import copy
-
-    return copy.deepcopy(model)
