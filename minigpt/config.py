@@ -7,6 +7,9 @@ of them into argparse flags and back, so a value is resolved in one order everyw
 
 Nested dataclasses become dotted flags and TOML tables: `--model.n-layer 6` is `[model] n_layer = 6`.
 Fields carry their help text in `metadata["help"]` (see `opt`). Unknown keys are refused, never ignored.
+
+`--config` takes a file path or the name of a recipe shipped with the package (`minigpt/recipes/NAME.toml`, e.g.
+`minigpt train --config gpt2-124m`); `list_recipes()` names them with the first line of each file's comment.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, TypeVar
 from minigpt.common import UserError
 
 T = TypeVar("T")
+RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
 def opt(default: Any, help: str, **metadata: Any) -> Any:
@@ -144,11 +148,37 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def recipe_path(name: str) -> Path | None:
+    """The shipped recipe called `name` (a file name without .toml), or None."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    path = RECIPES_DIR / f"{name}.toml"
+    return path if path.is_file() else None
+
+
+def list_recipes(stage: str | None = None) -> list[tuple[str, str, str]]:
+    """(name, stage, first comment line) of every shipped recipe, for `--list-configs`.
+
+    A recipe's first line is `# STAGE: one line of description`; `stage` keeps only that stage's recipes.
+    """
+    out = []
+    for path in sorted(RECIPES_DIR.glob("*.toml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        recipe_stage, _, text = first.lstrip("# ").partition(":")
+        if stage is None or recipe_stage.strip() == stage:
+            out.append((path.stem, recipe_stage.strip(), text.strip()))
+    return out
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
-    """Read settings from a .toml, .yaml/.yml or .json file."""
+    """Read settings from a .toml, .yaml/.yml or .json file, or a shipped recipe named without its suffix."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        recipe = recipe_path(str(path))
+        if recipe is None:
+            names = ", ".join(name for name, _, _ in list_recipes()) or "none"
+            raise UserError(f"config file {path} does not exist (and is not a shipped recipe: {names})")
+        path = recipe
     text = path.read_text()
     suffix = path.suffix.lower()
     try:
