@@ -64,7 +64,9 @@ class TrainConfig:
     fused_adamw: bool = opt(True, "AdamW as one fused kernel on CUDA and CPU (off: PyTorch's per-tensor-list "
                                   "foreach implementation, same arithmetic)")
 
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto: bf16 on GPUs that have it, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto: bf16 on GPUs that compute it natively "
+                                                             "(compute capability 8.0+), fp16 with loss scaling on "
+                                                             "older GPUs, fp32 on CPUs")
     compile: bool = opt(False, "torch.compile the model")
     chunked_loss: Literal["auto", "on", "off"] = opt("auto", "compute head and loss in chunks without holding all "
                                                      "logits (auto: on CPUs, where it is faster; GPUs use the "
@@ -81,15 +83,19 @@ class TrainConfig:
                                      "under torchrun rank 0 scores them while the others wait, so keep it small")
     sample_prompt: str = opt("The", "prompt for the samples shown at each evaluation ('' for none)")
     sample_tokens: int = opt(48, "tokens per sample")
-    checkpoint_every: int = opt(100, "steps between checkpoints; also at the end")
+    checkpoint_every: int = opt(0, "steps between checkpoints (0: a tenth of max_steps); also at the end")
+    checkpoint_minutes: float = opt(30.0, "also save once this many minutes have passed since the last save "
+                                          "(0: only by steps), so a crash never costs more than that")
     keep_last: int = opt(2, "checkpoints kept (the best by validation loss is kept too)")
     resume: bool = opt(False, "continue the run in --run-dir from its latest checkpoint")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "log_every", "eval_every", "checkpoint_every", "keep_last"):
+        for name in ("batch_size", "max_steps", "log_every", "eval_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.checkpoint_every < 0 or not 0 <= self.checkpoint_minutes < math.inf:
+            raise ValueError("checkpoint_every and checkpoint_minutes may not be negative")
         if min(self.seq_len, self.batch_tokens, self.warmup_steps, self.eval_batches, self.eval_tasks_limit) < 0:
             raise ValueError("seq_len, batch_tokens, warmup_steps, eval_batches and eval_tasks_limit may not be "
                              "negative")
@@ -157,14 +163,26 @@ def barrier(rt: Runtime) -> None:
 # Precision, optimizer, schedule
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware: compute capability 8.0 and up (A100, H100, L4, RTX 30xx/40xx).
+
+    `torch.cuda.is_bf16_supported()` also says yes on a V100 or T4, where bf16 is emulated and several times slower
+    than fp16, so it cannot decide this.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError("this GPU has no bf16: use --precision fp16 (with loss scaling) or fp32")
-        return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    """`auto`: bf16 where the GPU has it natively, fp16 with loss scaling on older GPUs, fp32 on CPUs and MPS."""
+    if name == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if native_bf16(device) else "fp16"
+    if name == "bf16" and device.type == "cuda" and not native_bf16(device):
+        print0(f"warning: {torch.cuda.get_device_name(device)} has no native bf16 (compute capability "
+               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}): it is emulated and slow; "
+               "--precision fp16 (with loss scaling) is the fast choice on this card")
+    return name
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -277,6 +295,9 @@ class TrainingDiverged(UserError):
     pass
 
 
+MAX_SKIPPED_IN_A_ROW = 40  # consecutive fp16 overflows before a run is called diverged
+
+
 def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = None, stage: str = "train") -> Path:
     """Train by `cfg`; returns the run folder. `data` and `model` let fine-tuning supply its own."""
     rt = setup_runtime(cfg.device)
@@ -329,6 +350,8 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     optimizer = make_optimizer(raw_model, cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16")
     start_step, best_val = 0, math.inf
+    tokens_seen = 0
+    skipped_steps = 0  # fp16 steps whose update the gradient scaler dropped (an overflow): not counted as progress
     if resume_from is not None:
         state = load_trainer_state(resume_from, rt.device)
         optimizer.load_state_dict(state["optimizer"])
@@ -338,6 +361,8 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
         if rt.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu())
         start_step, best_val = int(state["step"]), float(state["best_val"])
+        skipped_steps = int(state.get("skipped_steps", 0))
+        tokens_seen = int(state.get("tokens_seen", start_step * tokens_per_micro * accum))
         print0(f"resuming {run} at step {start_step} from {resume_from}")
 
     if cfg.compile:
@@ -369,7 +394,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
         if rt.rank == 0:
             trainer_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                              "data": data.train.state_dict(), "rng_cpu": torch.get_rng_state(), "step": step,
-                             "best_val": best_val}
+                             "best_val": best_val, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps}
             if rt.device.type == "cuda":
                 trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
             meta = {"stage": stage, "tokenizer_hash": tokenizer.hash, "val_loss": val_loss,
@@ -406,7 +431,9 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     bar = progress(total=cfg.max_steps, desc=stage, unit="step", initial=start_step)
     loss_window = torch.zeros((), device=rt.device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-    tokens_seen = start_step * tokens_per_micro * accum  # exact for fixed-size batches (pretraining)
+    checkpoint_steps = cfg.checkpoint_every or max(cfg.max_steps // 10, 1)
+    skipped_in_a_row = 0
+    last_save = time.monotonic()
     last_eval: dict[str, float] = {}
     try:
         while step < cfg.max_steps:
@@ -428,21 +455,31 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                 # DistributedDataParallel averages gradients over ranks: scale by world to get the global mean.
                 scaler.scale(loss_sum * (rt.world / counted)).backward()
                 step_loss += loss_sum.detach()
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip > 0 or scaler.is_enabled():
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                # max_norm inf: the norm alone, which tells a skipped fp16 step below
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
             else:
                 grad_norm = torch.zeros(())
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed (the scale then halves)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
             if rt.distributed:
                 dist.all_reduce(step_loss)
-            loss_window += step_loss / counted
-            window_steps += 1
             window_tokens += step_tokens
             tokens_seen += step_tokens
+            # The scaler skips a step on every rank alike (it reduces the overflow flag over the gradients, which
+            # DistributedDataParallel already averaged). Reading the flag is a host sync, paid in fp16 only.
+            if scaler.is_enabled() and not torch.isfinite(grad_norm).item():
+                skipped_steps += 1  # the data moved on; the step count, the schedule and the loss window did not
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:  # the scale fell by 2^40: the loss itself is not finite
+                    raise TrainingDiverged(f"{skipped_in_a_row} fp16 steps in a row overflowed at step {step}")
+                continue
+            skipped_in_a_row = 0
+            step += 1
+            loss_window += step_loss / counted
+            window_steps += 1
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 loss = loss_window.item() / window_steps  # the only host synchronisation of a normal step
@@ -452,6 +489,8 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                 tokens_per_s = window_tokens / elapsed
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                           "tokens_per_s": tokens_per_s, "tokens": tokens_seen}
+                if scaler.is_enabled():
+                    record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped_steps)
                 postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
                 if peak:
                     record["mfu"] = flops_per_token * tokens_per_s / rt.world / peak
@@ -473,10 +512,12 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                           + (f"\n  benchmarks: {', '.join(scores)}" if scores else "")
                           + (f"\n  sample: {last_eval['sample']!r}" if last_eval.get("sample") else ""))
                 window_start = time.perf_counter()  # evaluation time is not training throughput
-            if step % cfg.checkpoint_every == 0 or at_end:
+            if step % checkpoint_steps == 0 or at_end or _minutes_passed(last_save, cfg.checkpoint_minutes, step,
+                                                                          cfg.log_every, rt):
                 if window_steps and not math.isfinite(loss_window.item()):  # never save weights past a divergence
                     raise TrainingDiverged(f"training loss became {loss_window.item()} by step {step}")
                 checkpoint(step, val_loss)
+                last_save = time.monotonic()
                 window_start = time.perf_counter()
     except TrainingDiverged as exc:
         kept = latest_checkpoint(run)
@@ -488,6 +529,19 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     if rt.rank == 0 and last_eval:
         print0(summary_line(run, step, last_eval))
     return run
+
+
+def _minutes_passed(since: float, minutes: float, step: int, log_every: int, rt: Runtime) -> bool:
+    """Whether `minutes` of wall time have passed since the last save, asked at logging steps only; under torchrun
+    rank 0's clock decides for every rank (one broadcast of one number), so all ranks save at the same step."""
+    if not minutes or step % log_every:
+        return False
+    due = time.monotonic() - since >= 60 * minutes
+    if rt.distributed:
+        flag = torch.tensor([float(due)], device=rt.device)
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
 
 
 def summary_line(run: Path, step: int, metrics: dict[str, float]) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -172,3 +173,60 @@ def test_cli_errors_are_one_line(tmp_path, tiny_shards, capsys):
     assert "holds no shards" in capsys.readouterr().err
     assert cli_main(["train", *cli_args(tmp_path / "r", tiny_shards), "--batch-tokens", "1000"]) == 2
     assert "not a multiple" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_only_where_the_card_has_it(monkeypatch, capability, expected):
+    from minigpt.train import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts: must not decide
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_explicit_bf16_on_a_pre_ampere_card_warns(monkeypatch, capsys):
+    from minigpt.train import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
+    assert "Tesla T4 has no native bf16" in capsys.readouterr().out
+
+
+def test_skipped_fp16_steps_do_not_advance_the_schedule(tmp_path, tiny_shards):
+    """Overflowing gradients on chosen micro-steps: the scaler drops those updates, and the loop does not count
+    them: every one of max_steps is an applied update at its own learning rate, and the skips are logged."""
+    overflow_at = {2, 3, 7}  # 0-based optimizer attempts whose gradient becomes inf
+    attempts = {"n": 0}
+    model = GPT(ModelConfig(**SMALL, vocab_size=512))
+
+    def poison(grad):
+        return grad * math.inf if attempts["n"] in overflow_at else grad
+
+    model.wte.weight.register_hook(poison)
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):  # the scaler calls step only for applied updates
+        counting_step.applied += 1
+        return real_step(self, *args, **kwargs)
+
+    counting_step.applied = 0
+    cfg = small_config(tmp_path / "run", tiny_shards, max_steps=8, precision="fp16", fused_adamw=False)
+    def on_zero_grad(self, *args, **kwargs):  # one call per attempt, after the scaler decided
+        attempts["n"] += 1
+        return real_zero_grad(self, *args, **kwargs)
+
+    real_zero_grad = torch.optim.AdamW.zero_grad
+    with mock.patch.object(torch.optim.AdamW, "step", counting_step), \
+            mock.patch.object(torch.optim.AdamW, "zero_grad", on_zero_grad):
+        run = train(cfg, model=model)
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert counting_step.applied == 8 and attempts["n"] == 8 + len(overflow_at)
+    assert [r["lr"] for r in records] == pytest.approx([learning_rate(s, cfg) for s in range(8)])
+    assert records[-1]["skipped_steps"] == len(overflow_at)
+    assert records[-1]["loss_scale"] == 2.0**16 / 2 ** len(overflow_at)  # halved once per overflow, no growth yet
+    state = torch.load(latest_checkpoint(run) / "trainer.pt", weights_only=True)
+    assert state["skipped_steps"] == len(overflow_at) and state["step"] == 8
