@@ -31,6 +31,33 @@ print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", 
     echo "C compiler: $(command -v gcc || command -v cc || echo none)"
 } 2>&1 | tee "$OUT/env.txt"
 
+# Every import the benchmark needs, checked before the first row: one line naming what is missing, and no table
+# run that would trip over it minutes later.
+"$PY" - <<'PY' 2>&1 | tee -a "$OUT/env.txt"
+import importlib, shutil, sys
+needed = ["torch", "numpy", "regex", "tiktoken", "safetensors", "tqdm", "matplotlib", "yaml",
+          "minigpt.train", "minigpt.dataloader", "minigpt.shards", "minigpt.tokenizer", "minigpt.log"]
+missing = []
+for name in needed:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # an ImportError, or a module that fails while importing
+        missing.append(f"{name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+import torch
+if torch.cuda.is_available():
+    try:
+        importlib.import_module("triton")  # torch.compile's GPU code generator
+    except Exception:
+        missing.append("triton (torch.compile rows need it)")
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        missing.append("a C compiler (Triton compiles a small launcher with it)")
+if missing:
+    print("gpu_session: missing before the first row: " + "; ".join(missing))
+    sys.exit(2)
+print("gpu_session: every import the benchmark needs is here")
+PY
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+
 timeout -k 10 "${TIMEOUT_S:-480}" "$PY" bench/train_gpu.py --data "$DATA" --json "$OUT/train_gpu.json" \
     --budget-s "${BUDGET_S:-330}" "${@:2}" 2> "$OUT/train_gpu.stderr" | tee "$OUT/train_gpu.log"
 rc=${PIPESTATUS[0]}

@@ -167,3 +167,18 @@ def test_other_rows_report_oom_and_errors_without_stopping():
     assert row.status == "error: ValueError: boom"
     assert bench.is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not bench.is_oom(RuntimeError("shape mismatch"))
+
+
+def test_gpu_session_names_a_missing_import_before_the_first_row(tmp_path):
+    """A bare GPU image without one package: the session script stops at once with one line naming it, instead of
+    tripping over it minutes into the table."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "tiktoken.py").write_text("raise ImportError('No module named tiktoken')\n")
+    env = {**os.environ, "PYTHONPATH": str(shadow), "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh")], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stdout.splitlines() if line.startswith("gpu_session:")]
+    assert len(lines) == 1 and "missing before the first row: tiktoken" in lines[0]
+    assert not (tmp_path / "out" / "train_gpu.json").exists()  # the benchmark never started
