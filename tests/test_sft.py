@@ -143,3 +143,14 @@ def test_dataset_facts_and_epochs(tmp_path, base_run, greetings_file):
     steps = json.loads((run / "config.json").read_text())["max_steps"]
     rows = dataset_facts(SFTConfig(base=str(base_run), datasets=[str(greetings_file)], batch_size=4))["train"]["rows"]
     assert steps == -(-2 * rows // 4)
+
+
+def test_the_shipped_recipe_resolves():
+    from minigpt import config
+    from minigpt.conversations import FieldMap, parse_source
+
+    cfg = config.resolve(SFTConfig, "gpt2-124m-sft")
+    assert ("gpt2-124m-sft", "sft") in [(name, stage) for name, stage, _ in config.list_recipes("sft")]
+    assert [parse_source(s).source.startswith("hf:") for s in cfg.datasets] == [True, True]
+    assert FieldMap.parse(cfg.fields).prompt[0] == "question" and cfg.epochs == 1 and cfg.pack
+    assert cfg.batch_tokens % (cfg.batch_size * 1024) == 0  # whole micro-batches of GPT-2's window
