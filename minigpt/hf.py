@@ -180,8 +180,7 @@ def generation_config(tokenizer) -> dict[str, Any]:
 
     stops = end_of_turn_ids(tokenizer)
     return {"bos_token_id": tokenizer.eot_id, "eos_token_id": stops if len(stops) > 1 else stops[0],
-            "pad_token_id": tokenizer.eot_id,
-            "do_sample": False}
+            "pad_token_id": tokenizer.eot_id, "do_sample": False}
 
 
 def _run_root(ckpt: Path) -> Path | None:

@@ -154,3 +154,25 @@ def test_the_shipped_recipe_resolves():
     assert [parse_source(s).source.startswith("hf:") for s in cfg.datasets] == [True, True]
     assert FieldMap.parse(cfg.fields).prompt[0] == "question" and cfg.epochs == 1 and cfg.pack
     assert cfg.batch_tokens % (cfg.batch_size * 1024) == 0  # whole micro-batches of GPT-2's window
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path, base_run, greetings_file):
+    """Two ranks (the first prepares the data into a fresh cache while the other waits) take the rows one process
+    takes: the same losses and validation loss."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--base", str(base_run), "--datasets", str(greetings_file) + "*2", "--held-out", "0.2",
+              "--max-steps", "3", "--log-every", "1", "--eval-every", "3", "--sample-prompt", "", "--device", "cpu"]
+    assert cli_main(["sft", "--run-dir", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "minigpt",
+           "sft", "--run-dir", str(tmp_path / "two"), "--batch-size", "2", "--sft-cache", str(tmp_path / "c"), *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for key in ("loss", "val_loss"):
+        a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-5)
+    assert len(list((tmp_path / "c").iterdir())) == 1  # prepared once
