@@ -206,11 +206,13 @@ def fine_tuning_data(cfg: SFTConfig, model: GPT, tokenizer, rt: Runtime) -> Trai
         m.train()
         return f"{question} -> {answer}"
 
-    facts = _rows_facts(train_set, batches.plan(0), cfg.batch_size, cfg.pack)
-    describe = (f"{facts['conversations']:,} training conversations an epoch ({facts['trained_tokens']:,} assistant "
-                f"tokens, {facts['truncated']:,} cut at the window) in {facts['rows']:,} "
-                f"{'packed' if cfg.pack else 'padded'} rows (fill {facts['fill']:.1%}); {len(eval_rows):,} "
-                f"held-out rows scored at each evaluation")
+    describe = ""
+    if rt.rank == 0:  # (counting the trained tokens of cut conversations reads them: once is enough)
+        facts = _rows_facts(train_set, batches.plan(0), cfg.batch_size, cfg.pack)
+        describe = (f"{facts['conversations']:,} training conversations an epoch ({facts['trained_tokens']:,} "
+                    f"assistant tokens, {facts['truncated']:,} cut at the window) in {facts['rows']:,} "
+                    f"{'packed' if cfg.pack else 'padded'} rows (fill {facts['fill']:.1%}); {len(eval_rows):,} "
+                    f"held-out rows scored at each evaluation")
     return TrainData(tokenizer, batches, evaluate, describe, sample=sample if question else None,
                      train_metrics=batches.metrics)
 
