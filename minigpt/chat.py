@@ -8,6 +8,10 @@ Fine-tuning trains only on what the assistant says: the tokens of each assistant
 it (so the model learns to stop). To generate, the conversation so far is rendered and followed by
 <|assistant|>; decoding stops at <|end|> (or end-of-text).
 
+One end of turn everywhere: `end_of_turn_ids` (<|end|> and <|endoftext|> for a tokenizer with the chat tokens,
+<|endoftext|> alone otherwise) is where `minigpt chat`, `minigpt sample`, both endpoints of `minigpt serve` and the
+exported generation_config.json stop; special tokens are never shown as text unless asked (`special_ids`).
+
     minigpt chat runs/quickstart/chat                       # interactive; /help lists the commands
     minigpt chat runs/quickstart/chat --prompt "What is Paris?"   # one answer, for scripts
 """
@@ -71,7 +75,21 @@ def render(tokenizer, messages: Sequence[Message | dict], add_generation_prompt:
 
 
 def stop_ids(tokenizer) -> list[int]:
-    return [chat_ids(tokenizer)[END_OF_TURN], tokenizer.eot_id]
+    """Where a chat reply ends: <|end|> or <|endoftext|> (a clear error for a tokenizer without chat tokens)."""
+    chat_ids(tokenizer)
+    return end_of_turn_ids(tokenizer)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end generation for this tokenizer's models, chat or not: <|end|> and <|endoftext|> when the
+    tokenizer has the chat tokens, else <|endoftext|>. The engine's callers and the Hugging Face export use this."""
+    ids = tokenizer.chat_token_ids
+    return [ids[END_OF_TURN], tokenizer.eot_id] if ids else [tokenizer.eot_id]
+
+
+def special_ids(tokenizer) -> frozenset[int]:
+    """Ids of the special tokens: left out of generated text by default (vLLM's skip_special_tokens)."""
+    return frozenset(tokenizer.special_tokens.values())
 
 
 def fit_to_window(tokenizer, messages: list[Message], window: int, reply_room: int) -> tuple[list[Message], list[int]]:
@@ -127,7 +145,7 @@ class ChatSession:
         self.history = [m for m in kept if m.role != "system"]
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                                 top_p=self.top_p, stop_token_ids=stop_ids(self.tokenizer))
-        decoder = TextDecoder(self.tokenizer.token_bytes)
+        decoder = TextDecoder(self.tokenizer.token_bytes, skip=special_ids(self.tokenizer))
         for events in self.engine.stream([prompt], params):
             for event in events:
                 if event.finish_reason != "stop":

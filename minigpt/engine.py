@@ -16,7 +16,7 @@ shares its batch.
         for event in events: print(event.token)
 
 `TextDecoder` turns a token stream into text: UTF-8 sequences split across tokens are held back until complete,
-and stop strings end the text without ever showing a part of them.
+stop strings end the text without ever showing a part of them, and special tokens can be left out (`skip`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import codecs
 import dataclasses
 import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 import torch
 
@@ -46,6 +46,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the generated tokens
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # added to logits by token id
     top_logprobs: int = 0  # also report this many most likely tokens with their log-probabilities
+    skip_token_ids: Collection[int] = ()  # produce no text (special tokens; vLLM's skip_special_tokens)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -371,11 +372,12 @@ class TextDecoder:
 
     Bytes of a character split across tokens wait for the rest (invalid UTF-8 becomes U+FFFD). Text that might
     be the start of a stop string waits until it is clearly not; when a stop string appears, the text before it
-    is released and `stopped` becomes true.
+    is released and `stopped` becomes true. Tokens in `skip` (special tokens, usually) give no text at all.
     """
 
-    def __init__(self, token_bytes, stop: Sequence[str] = ()):
+    def __init__(self, token_bytes, stop: Sequence[str] = (), skip: Collection[int] = ()):
         self._token_bytes = token_bytes  # callable: id -> bytes
+        self._skip = frozenset(skip)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = [s for s in stop if s]
         self._held = ""
@@ -383,7 +385,7 @@ class TextDecoder:
         self.text = ""  # everything released so far
 
     def push(self, token: int) -> str:
-        if self.stopped:
+        if self.stopped or token in self._skip:
             return ""
         return self._release(self._held + self._utf8.decode(self._token_bytes(token)), final=False)
 
@@ -432,6 +434,7 @@ def main(args) -> None:
     """Stream one sample to the terminal as it is made; several are printed one after another."""
     import sys
 
+    from minigpt.chat import end_of_turn_ids, special_ids
     from minigpt.checkpoint import load_run
     from minigpt.common import UserError, pick_device
 
@@ -445,9 +448,9 @@ def main(args) -> None:
     model, tokenizer, _ = load_run(args.run, pick_device(args.device), args.checkpoint)
     prompt = [tokenizer.eot_id] + tokenizer.encode_ordinary(args.prompt)  # a document starts after end-of-text
     prompt = prompt[-(model.config.block_size - 1):]
-    params.stop_token_ids = [tokenizer.eot_id]
+    params.stop_token_ids = end_of_turn_ids(tokenizer)
     engine = Engine(model, max_batch=args.num_samples, seed=args.seed)
-    decoders = [TextDecoder(tokenizer.token_bytes) for _ in range(args.num_samples)]
+    decoders = [TextDecoder(tokenizer.token_bytes, skip=special_ids(tokenizer)) for _ in range(args.num_samples)]
     if args.num_samples == 1:  # stream it
         sys.stdout.write(args.prompt)
         for events in engine.stream([prompt], params):
@@ -461,4 +464,6 @@ def main(args) -> None:
     if args.seed is not None:  # one seed per sample, or every sample would be the same
         params = [dataclasses.replace(params, seed=args.seed + i) for i in range(args.num_samples)]
     for i, completion in enumerate(engine.generate(prompts, params)):
-        print(f"--- sample {i + 1}\n{args.prompt}{tokenizer.decode(completion.tokens)}")
+        decoder = decoders[i]
+        text = "".join(decoder.push(t) for t in completion.tokens) + decoder.finish()
+        print(f"--- sample {i + 1}\n{args.prompt}{text}")

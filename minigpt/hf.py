@@ -171,13 +171,16 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, which: str = "late
 
 
 def generation_config(tokenizer) -> dict[str, Any]:
-    """Greedy decoding that stops at end-of-text, and at <|end|> too for a chat model.
+    """Greedy decoding that stops where `minigpt chat` and `minigpt serve` stop (chat.end_of_turn_ids): at
+    end-of-text, and at <|end|> too for a tokenizer with the chat tokens.
 
     No `max_length`: transformers warns on every call that also passes `max_new_tokens` when one is set.
     """
-    stops = [tokenizer.chat_token_ids["<|end|>"], tokenizer.eot_id] if tokenizer.chat_token_ids else tokenizer.eot_id
-    return {"bos_token_id": tokenizer.eot_id, "eos_token_id": stops, "pad_token_id": tokenizer.eot_id,
-            "do_sample": False}
+    from minigpt.chat import end_of_turn_ids
+
+    stops = end_of_turn_ids(tokenizer)
+    return {"bos_token_id": tokenizer.eot_id, "eos_token_id": stops if len(stops) > 1 else stops[0],
+            "pad_token_id": tokenizer.eot_id, "do_sample": False}
 
 
 def _run_root(ckpt: Path) -> Path | None:

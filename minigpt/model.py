@@ -278,21 +278,25 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.capture: list[torch.Tensor] | None = None  # set by inspect_model.capture_attention, else None
 
-    def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, T, T), True where a query may attend to a key, replaces the plain causal mask (packed rows,
+        see `document_attention`)."""
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, n_head, T, head_dim): q, k, v side by side, each split into heads
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if step is None and self.capture is not None:
-            y = self.explicit_attention(q, k, v)
+            y = self.explicit_attention(q, k, v, mask)
         elif step is None:
             dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         else:
             y = step.attend(layer, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return _dropout(self.c_proj(y), self.dropout, self.training)
 
-    def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(q k^T / sqrt(head_dim) + causal mask) v, written out so the weights (B, H, T, T) can be kept.
 
         The slow path taken only while `self.capture` is a list (inspect_model.py): the weights are appended to it.
@@ -300,8 +304,8 @@ class CausalSelfAttention(nn.Module):
         """
         T = q.size(-2)
         scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, H, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # each row sums to 1
+        allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if mask is None else mask
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # each row sums to 1
         self.capture.append(weights.detach())
         return weights.to(v.dtype) @ v
 
@@ -328,8 +332,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, step)
+    def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, step, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -367,20 +372,26 @@ class GPT(nn.Module):
     # -- forward -----------------------------------------------------------------------------------------------
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, rows: slice = ALL,
-                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+                      lengths: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final residual stream after ln_f, (B, T, n_embd).
 
         With a cache, `idx` holds new tokens for the cache rows `rows` (a slice; all rows by default), placed after
         what each row already holds. `lengths` (B,) says how many of the T tokens of each row are real when rows
         are right-padded to a common T; each row's length advances by its real count.
+        `doc_ids` (B, T) packs several documents into each row (no cache): see `document_attention`.
         """
         B, T = idx.shape
-        step = None
+        step = mask = None
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context window "
                                  f"({self.config.block_size})")
-            positions = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+            if doc_ids is None:
+                positions = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+            else:
+                positions, mask = document_attention(doc_ids)
+        elif doc_ids is not None:
+            raise ValueError("doc_ids cannot be combined with a KV cache")
         else:
             step = CacheStep(cache, rows, T, lengths, min(cache.max_len, self.config.block_size))
             positions = step.positions
@@ -389,9 +400,9 @@ class GPT(nn.Module):
         x = _dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.h):
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, layer, None, mask, use_reentrant=False)
             else:
-                x = block(x, layer, step)
+                x = block(x, layer, step, mask)
         if step is not None:
             cache.lengths[rows] = step.end
         return self.ln_f(x)
@@ -401,15 +412,16 @@ class GPT(nn.Module):
         return self.lm_head(hidden)[..., : self.config.vocab_size]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                rows: slice = ALL, reduction: str = "mean", chunk_rows: int = 0
+                rows: slice = ALL, reduction: str = "mean", chunk_rows: int = 0, doc_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab_size) and, with targets (B, T), the next-token cross-entropy.
 
         Targets equal to -100 are ignored (padding, masked prompt tokens). `reduction` is "mean" over the
         counted targets or "sum". With `chunk_rows` > 0 (and targets) the head and the loss are computed that many
         positions at a time and no logits are returned (None): the (B, T, vocab) logits are never held in memory.
+        `doc_ids` (B, T): several documents packed into each row, each seeing only itself (`document_attention`).
         """
-        hidden = self.hidden_states(idx, cache, rows)
+        hidden = self.hidden_states(idx, cache, rows, doc_ids=doc_ids)
         if targets is not None and chunk_rows > 0:
             h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
             loss = chunked_cross_entropy(h, self.lm_head.weight, t, self.config.vocab_size, chunk_rows)
@@ -483,6 +495,28 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
         """Model FLOPs utilisation: achieved training FLOPs over the device's peak."""
         return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed rows: several documents in one row, each attending only to itself
+
+
+def document_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask for rows that pack several documents, each a contiguous run of one id.
+
+    doc_ids (B, T) -> positions (B, T), restarting at 0 where each document starts (so a packed document gets the
+    position embeddings it would get alone), and a boolean mask (B, 1, T, T), True where query i may attend to
+    key j: j <= i in the same document. The mask is block-diagonal causal, so packing never lets one document see
+    another, and each document's outputs equal those of the document alone in its own row.
+    """
+    B, T = doc_ids.shape
+    index = torch.arange(T, device=doc_ids.device)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): where each position's document starts
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    causal = index[:, None] >= index[None, :]  # (T, T)
+    return index - first, (same & causal)[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class QuickstartConfig:
 
     run_dir: str = opt("runs/quickstart", "folder for everything the quickstart makes")
     pretrain_steps: int = opt(500, "pretraining steps (16 x 256 tokens each)")
-    sft_steps: int = opt(300, "fine-tuning steps (16 conversations each)")
+    sft_steps: int = opt(300, "fine-tuning steps (8 rows of 256 tokens each, packed with conversations)")
     questions: int = opt(100, "held-out questions for the report")
     device: str = opt("auto", "auto, cpu, cuda, mps")
     seed: int = opt(1337, "seed for everything")

@@ -276,7 +276,7 @@ class Scheduler:
             while job.admitted < len(job.choices) and len(admit) < self.engine.free_rows:
                 choice = job.choices[job.admitted]
                 job.admitted += 1
-                choice.decoder = TextDecoder(self.tokenizer.token_bytes, choice.stop)
+                choice.decoder = TextDecoder(self.tokenizer.token_bytes, choice.stop, choice.params.skip_token_ids)
                 if choice.params.max_new_tokens == 0:  # prompt scores only
                     choice.finish_reason = "length"
                     pending.setdefault(job, []).append(Update(choice.index, finish_reason="length"))

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minigpt.chat import ROLE_TOKENS, Message, render, stop_ids
+from minigpt.chat import ROLE_TOKENS, Message, end_of_turn_ids, render, special_ids, stop_ids
 from minigpt.engine import SamplingParams
 from minigpt.scheduler import Choice, Done, Job, JobTimeout, PromptScores, QueueFull, Scheduler, Update
 from minigpt.serve import APIError, Gate, Metrics, chat_page, validation_error
@@ -79,6 +79,7 @@ class _Sampling(_Body):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
+    skip_special_tokens: bool | None = None  # vLLM's extension: false shows special tokens in the text
 
 
 class ChatRequest(_Sampling):
@@ -138,6 +139,8 @@ class Server:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.chat_stop = stop_ids(tokenizer) if tokenizer.chat_token_ids else None
+        self.turn_stop = end_of_turn_ids(tokenizer)  # both endpoints stop where the exported model stops
+        self.special = special_ids(tokenizer)
         self.token_str = functools.lru_cache(maxsize=1 << 16)(self._token_str)
 
     def _token_str(self, token: int) -> str:
@@ -194,7 +197,8 @@ class Server:
                                seed=None if body.seed is None else (body.seed + i) % 2**64,
                                presence_penalty=body.presence_penalty or 0.0,
                                frequency_penalty=body.frequency_penalty or 0.0,
-                               logit_bias=bias, top_logprobs=top_logprobs)
+                               logit_bias=bias, top_logprobs=top_logprobs,
+                               skip_token_ids=() if body.skip_special_tokens is False else self.special)
                 for i in range(body.n or 1)]
 
     def max_tokens(self, body: _Sampling, prompt_tokens: int, default: int, least: int) -> int:
@@ -325,7 +329,7 @@ def _chat_messages(body: ChatRequest) -> list[Message]:
             if any(p.type != "text" or p.text is None for p in content):
                 raise APIError(400, "Only text content parts are supported.", param=f"messages.[{i}].content",
                                code="invalid_value")
-            content = "".join(p.text for p in content)
+            content = "\n".join(p.text for p in content)  # as fine-tuning reads such content
         out.append(Message(role, content or ""))
     return out
 
@@ -423,7 +427,7 @@ async def completions(server: Server, body: CompletionRequest, request: Request)
     stop = server.stop_strings(body)
     choices = []
     for ids in prompts:
-        choices += [Choice(ids, p, stop) for p in server.sampling(body, max_tokens, [server.tokenizer.eot_id], k)]
+        choices += [Choice(ids, p, stop) for p in server.sampling(body, max_tokens, server.turn_stop, k)]
     score = k if (body.echo and want_logprobs) else None
     prompt_tokens = sum(len(ids) for ids in prompts)
     job, channel = server.submit(choices, prompt_tokens, score_prompts=score)

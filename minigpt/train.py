@@ -110,7 +110,7 @@ class TrainConfig:
 class Batches(Protocol):
     step: int  # the next micro-batch to take
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def batch(self, step: int) -> tuple: ...  # (x, y), or (x, y, extra forward kwargs such as {"doc_ids": ...})
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -122,6 +122,7 @@ class TrainData:
     evaluate: Callable[[torch.nn.Module], dict[str, float]]  # validation metrics, "val_loss" among them
     describe: str = ""
     sample: Callable[[GPT], str] | None = None  # text to show at each evaluation (default: continue sample_prompt)
+    train_metrics: Callable[[], dict[str, float]] | None = None  # more numbers for each logged step (e.g. "fill")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,16 +443,16 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                 group["lr"] = lr
             micro = [data.train.batch(data.train.step + i) for i in range(accum)]
             data.train.step += accum
-            counted = sum((y != -100).sum() for _, y in micro).to(rt.device, torch.float32)
+            counted = sum((b[1] != -100).sum() for b in micro).to(rt.device, torch.float32)
             if rt.distributed:
                 dist.all_reduce(counted)
-            step_tokens = sum(x.numel() for x, _ in micro) * rt.world
+            step_tokens = sum(b[0].numel() for b in micro) * rt.world
             step_loss = torch.zeros((), device=rt.device)
-            for i, (x, y) in enumerate(micro):
+            for i, (x, y, *extra) in enumerate(micro):
                 last = i == accum - 1
                 sync = model.no_sync() if rt.distributed and not last else contextlib.nullcontext()
                 with sync, autocast_context(precision, rt.device):
-                    _, loss_sum = model(x, y, reduction="sum", chunk_rows=chunk_rows)
+                    _, loss_sum = model(x, y, reduction="sum", chunk_rows=chunk_rows, **(extra[0] if extra else {}))
                 # DistributedDataParallel averages gradients over ranks: scale by world to get the global mean.
                 scaler.scale(loss_sum * (rt.world / counted)).backward()
                 step_loss += loss_sum.detach()
@@ -488,7 +489,8 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / elapsed
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens_per_s": tokens_per_s, "tokens": tokens_seen}
+                          "tokens_per_s": tokens_per_s, "tokens": tokens_seen,
+                          **(data.train_metrics() if data.train_metrics else {})}
                 if scaler.is_enabled():
                     record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped_steps)
                 postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}

@@ -15,6 +15,16 @@ from minigpt import corpus, shards
 from minigpt.tokenizer import Tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sft_cache(tmp_path_factory) -> Path:
+    """Prepared conversations (sft_data.py) go to a temporary cache, never to the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("minigpt-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINIGPT_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def wiki_sample(tmp_path_factory) -> Path:
     """A JSONL file of 400 Wikipedia summaries (about 200 kB)."""

@@ -161,6 +161,30 @@ def test_text_decoder_holds_split_characters_and_stop_strings():
     assert plain.push(1) == "" and plain.finish() == "\ufffd"  # an unfinished character at the end
 
 
+def test_text_decoder_leaves_out_skipped_tokens():
+    pieces = {0: b"Hi", 1: b"<|user|>", 2: "é".encode()[:1], 3: "é".encode()[1:]}
+    decoder = TextDecoder(pieces.__getitem__, skip={1})
+    assert [decoder.push(t) for t in (0, 1, 2, 1, 3)] == ["Hi", "", "", "", "é"]  # even inside a split character
+    assert decoder.text == "Hié"
+    assert "".join(TextDecoder(pieces.__getitem__).push(t) for t in (0, 1)) == "Hi<|user|>"
+
+
+def test_sample_stops_at_a_chat_runs_end_of_turn(chat_run, capsys):
+    from minigpt.chat import end_of_turn_ids
+    from minigpt.checkpoint import load_run
+    from minigpt.cli import main as cli_main
+
+    model, tokenizer, _ = load_run(chat_run)
+    prompt = [tokenizer.eot_id] + tokenizer.encode_ordinary("Hello")
+    greedy = lambda stop: Engine(model).generate([prompt], SamplingParams(40, 0, stop_token_ids=stop))[0].tokens  # noqa: E731
+    on_and_on = greedy([tokenizer.eot_id])
+    assert tokenizer.chat_token_ids["<|end|>"] in on_and_on  # the chat model ends its turn, then goes on
+    assert cli_main(["sample", str(chat_run), "--prompt", "Hello", "--temperature", "0",
+                     "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    assert out == "Hello" + tokenizer.decode(greedy(end_of_turn_ids(tokenizer))) + "\n" and "<|" not in out
+
+
 def test_sampling_params_validate():
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=-1)):
         with pytest.raises(ValueError):

@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from minigpt.chat import render, stop_ids  # noqa: E402
+from minigpt.chat import end_of_turn_ids, render, stop_ids  # noqa: E402
 from minigpt.checkpoint import load_run  # noqa: E402
 from minigpt.engine import Engine, SamplingParams  # noqa: E402
 from minigpt.model import GPT, ModelConfig  # noqa: E402
@@ -146,9 +146,52 @@ def test_completion_text_streamed_or_not_equals_the_engine(chat, client):
     chunks = list(client.completions.create(model="chat", prompt="The city", max_tokens=10, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
-    offline = greedy_offline(model, tokenizer.encode_ordinary("The city"), [tokenizer.eot_id], 10)
+    offline = greedy_offline(model, tokenizer.encode_ordinary("The city"), end_of_turn_ids(tokenizer), 10)
     assert plain.choices[0].text == streamed == tokenizer.decode(offline) != ""
     assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+
+
+def test_greedy_completions_stop_where_the_exported_model_stops(chat, chat_run, client, tmp_path, monkeypatch):
+    """/v1/completions on a chat run against Hugging Face `generate` on its export (generation_config.json):
+    the same tokens, the same end of turn, and no special token in the text."""
+    transformers = pytest.importorskip("transformers")
+    from minigpt.hf import export_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, _, tokenizer = chat
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(chat_run, tmp_path / "hf")).eval()
+    as_text = lambda t: tokenizer.token_bytes(t).decode("utf-8", "replace")  # noqa: E731
+    stops = end_of_turn_ids(tokenizer)
+    ended = []
+    for prompt in ("<|endoftext|><|user|>Hello<|end|><|assistant|>", "<|user|>What is your name?<|end|><|assistant|>",
+                   "<|endoftext|><|user|>Tell me about Paris.<|end|><|assistant|>", "The city", "Hello, I am"):
+        ids = tokenizer.encode(prompt, allowed_special="all")
+        choice = client.completions.create(model="chat", prompt=prompt, max_tokens=40, temperature=0,
+                                           logprobs=0).choices[0]
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=40)
+        theirs = out[0, len(ids):].tolist()
+        stopped = theirs[-1] in stops
+        assert choice.logprobs.tokens == [as_text(t) for t in theirs]  # token for token, the end of turn included
+        assert choice.finish_reason == ("stop" if stopped else "length")
+        assert choice.text == tokenizer.decode(theirs[:-1] if stopped else theirs)
+        assert "<|" not in choice.text
+        ended.append(stopped)
+    assert ended[:3] == [True, True, True]  # the chat-shaped prompts end their turn
+
+
+def test_special_tokens_are_left_out_of_the_text_unless_asked(chat, client):
+    _, _, tokenizer = chat
+    user = str(tokenizer.chat_token_ids["<|user|>"])  # forced: the model would rarely say it
+    messages = [{"role": "user", "content": "Hello"}]
+    for show, expected in ((None, ""), (True, ""), (False, "<|user|>" * 3)):
+        extra = {} if show is None else {"extra_body": {"skip_special_tokens": show}}
+        text = client.completions.create(model="chat", prompt="The city", max_tokens=3, temperature=0,
+                                         logit_bias={user: 100}, **extra).choices[0].text
+        reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=3, temperature=0,
+                                               logit_bias={user: 100}, **extra).choices[0].message.content
+        assert text == reply == expected
 
 
 def test_prompt_forms_and_choice_order(chat, client):
@@ -318,6 +361,10 @@ def test_tokenizer_endpoints_and_models(chat, client):
     chat_ids = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "Hello"}]},
                           headers=auth).json()["tokens"]
     assert chat_ids == render(tokenizer, [{"role": "user", "content": "Hello"}], add_generation_prompt=True)[0]
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]  # joined as fine-tuning joins them
+    part_ids = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": parts}]},
+                          headers=auth).json()["tokens"]
+    assert part_ids == render(tokenizer, [{"role": "user", "content": "Hello\nthere"}], add_generation_prompt=True)[0]
     info = httpx.get(server.url + "/tokenizer_info", headers=auth).json()
     assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 64
     assert [m.id for m in client.models.list()] == ["chat"]
@@ -339,9 +386,9 @@ def test_metrics_count_requests_tokens_and_first_token_times(chat, client):
 
 
 def long_request(tokenizer, **kwargs) -> dict:
-    """A completion that would run to the window's end: end-of-text is forbidden by logit_bias."""
-    return {"model": "slow", "prompt": "The", "max_tokens": 1000, "logit_bias": {str(tokenizer.eot_id): -100},
-            **kwargs}
+    """A completion that would run to the window's end: the end-of-turn tokens are forbidden by logit_bias."""
+    return {"model": "slow", "prompt": "The", "max_tokens": 1000,
+            "logit_bias": {str(t): -100 for t in end_of_turn_ids(tokenizer)}, **kwargs}
 
 
 def test_a_client_that_disconnects_frees_its_row(slow):

@@ -1,4 +1,5 @@
-"""Fine-tuning: the chat format and its loss mask, conversation formats, batches, vocabulary growth, the stage."""
+"""Fine-tuning: the chat format and its loss mask, vocabulary growth, the stage end to end (learning, the fill
+metric, resuming, epochs), the dataset facts, and the command line's answers to bad sources."""
 
 from __future__ import annotations
 
@@ -11,22 +12,10 @@ import torch
 from minigpt.chat import Message, render
 from minigpt.checkpoint import load_run
 from minigpt.cli import main as cli_main
-from minigpt.common import UserError
+from minigpt.conversations import load_conversations
 from minigpt.log import read_metrics
 from minigpt.model import GPT, ModelConfig
-from minigpt.sft import (
-    Conversation,
-    ConversationBatches,
-    answer_quality,
-    article_opening,
-    chatterbot_conversations,
-    encode_conversation,
-    file_conversations,
-    grow_vocabulary,
-    load_conversations,
-    split_conversations,
-    wiki_qa_conversations,
-)
+from minigpt.sft import SFTConfig, answer_quality, dataset_facts, grow_vocabulary
 from minigpt.tokenizer import Tokenizer
 
 
@@ -52,9 +41,9 @@ def test_render_marks_only_assistant_text_and_its_end(tokenizer):
 def test_masked_positions_contribute_nothing(tokenizer):
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=tokenizer.n_vocab))
-    conv = Conversation("k", [Message("user", "What is a cat?"), Message("assistant", "A small animal.")])
-    x, y = encode_conversation(tokenizer, conv, 64)
-    x, y = torch.from_numpy(x)[None], torch.from_numpy(y)[None]
+    ids, trained = render(tokenizer, [Message("user", "What is a cat?"), Message("assistant", "A small animal.")])
+    x = torch.tensor(ids[:-1])[None]
+    y = torch.tensor(np.where(trained[1:], ids[1:], -100))[None]
     logits, loss_sum = model(x, y, reduction="sum")
     logits.retain_grad()
     loss_sum.backward()
@@ -63,68 +52,6 @@ def test_masked_positions_contribute_nothing(tokenizer):
     assert logits.grad[counted].abs().max() > 0
     manual = torch.nn.functional.cross_entropy(logits[counted].detach(), y[counted], reduction="sum")
     assert loss_sum.item() == pytest.approx(manual.item(), rel=1e-6)
-
-
-def test_three_file_formats(tmp_path):
-    path = tmp_path / "mixed.jsonl"
-    rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-                          {"role": "assistant", "content": "A"}]},
-            {"instruction": "Add", "input": "1 and 2", "output": "3"},
-            {"conversations": [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Hello"}]},
-            {"messages": [{"role": "user", "content": "no answer"}]}]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    convs = list(file_conversations(path))
-    assert [[m.role for m in c.messages] for c in convs] == [["system", "user", "assistant"], ["user", "assistant"],
-                                                             ["user", "assistant"]]
-    assert convs[1].messages[0].content == "Add\n\n1 and 2"
-    as_list = tmp_path / "list.json"
-    as_list.write_text(json.dumps(rows[:2]))
-    assert len(list(file_conversations(as_list))) == 2
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(UserError, match="not a conversation"):
-        list(file_conversations(bad))
-    with pytest.raises(UserError, match="no conversations at"):
-        load_conversations([str(tmp_path / "missing.jsonl")])
-
-
-def test_bundled_conversations():
-    chatter = list(chatterbot_conversations())
-    assert len(chatter) > 500 and all(c.messages[-1].role == "assistant" for c in chatter)
-    wiki = list(wiki_qa_conversations())
-    assert len(wiki) > 9000 and all(c.subject for c in wiki[:100])
-    first = wiki[0]
-    assert first.subject in first.messages[0].content and first.messages[1].content
-    text = "Alpha is one. Beta is two. Gamma " + "x" * 400
-    assert article_opening(text, max_chars=30) == "Alpha is one. Beta is two."
-
-
-def test_held_out_split_is_deterministic_and_disjoint():
-    convs = [Conversation(f"k{i}", []) for i in range(2000)]
-    train_a, held_a = split_conversations(convs, 0.1, seed=3)
-    train_b, held_b = split_conversations(convs, 0.1, seed=3)
-    assert [c.key for c in held_a] == [c.key for c in held_b]
-    assert not {c.key for c in held_a} & {c.key for c in train_a}
-    assert 120 < len(held_a) < 280
-
-
-def test_batches_pad_deterministically_and_resume():
-    rng = np.random.default_rng(0)
-    examples = [(np.arange(n), np.where(np.arange(n) % 2 == 0, np.arange(n), -100)) for n in rng.integers(3, 20, 30)]
-    a = ConversationBatches(examples, 4, pad_id=999, seed=1)
-    b = ConversationBatches(examples, 4, pad_id=999, seed=1)
-    for step in (0, 5, 9):
-        xa, ya = a.batch(step)
-        xb, yb = b.batch(step)
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-        assert ((xa == 999) <= (ya == -100)).all()  # padding is never a target
-    a.step = 7
-    c = ConversationBatches(examples, 4, pad_id=999, seed=1)
-    c.load_state_dict(a.state_dict())
-    assert c.step == 7
-    rows = lambda x: {tuple(r[r != 999].tolist()) for r in x}  # noqa: E731
-    ranks = [rows(ConversationBatches(examples, 2, 999, 1, rank=r, world=2).batch(0)[0]) for r in range(2)]
-    assert ranks[0] | ranks[1] == rows(a.batch(0)[0]) and not ranks[0] & ranks[1]
 
 
 def test_growing_the_vocabulary_keeps_old_tokens_exact():
@@ -139,13 +66,16 @@ def test_growing_the_vocabulary_keeps_old_tokens_exact():
     assert torch.allclose(grown.wte.weight[50258], model.wte.weight[:50257].mean(0))
 
 
-def test_finetuning_learns_the_answers_and_ends_its_turn(chat_run, base_run, greetings_file):
-    evals = [r for r in read_metrics(chat_run) if "val_loss" in r]
-    train_losses = [r["loss"] for r in read_metrics(chat_run) if "loss" in r]
+def test_finetuning_learns_the_answers_ends_its_turn_and_logs_the_fill(chat_run, base_run, greetings_file):
+    metrics = read_metrics(chat_run)
+    evals = [r for r in metrics if "val_loss" in r]
+    train_losses = [r["loss"] for r in metrics if "loss" in r]
     assert train_losses[-1] < 0.2 * train_losses[0] and evals[-1]["val_loss"] < 1.0
+    fills = [r["fill"] for r in metrics if "loss" in r]
+    assert fills and all(0.5 < f <= 1 for f in fills)  # three ~20-token greetings a row of 64: most of it real
     model, tokenizer, meta = load_run(chat_run)
     assert meta["stage"] == "sft"
-    convs = list(file_conversations(greetings_file))[:3]
+    convs = load_conversations([str(greetings_file)])[:3]
     quality = answer_quality(model, tokenizer, convs)
     assert quality["ended_rate"] == 1.0
     assert [a["answer"] for a in quality["answers"]] == [c.messages[1].content for c in convs]
@@ -159,6 +89,90 @@ def test_sft_resume_and_errors(tmp_path, base_run, greetings_file, capsys):
     assert cli_main(args) == 0
     assert cli_main(args[:-6] + ["--max-steps", "6", "--log-every", "1", "--sample-prompt", "", "--resume"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "r") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    weighted = args[:6] + [str(greetings_file) + "*2"] + args[7:] + ["--resume", "--max-steps", "8"]
+    assert cli_main(weighted) == 2 and "cannot resume fine-tuning" in capsys.readouterr().err
     assert cli_main(["sft", "--base", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["sft", "--list"]) == 0 and "wiki-qa" in capsys.readouterr().out
+
+
+def test_bad_sources_are_one_line_never_a_traceback(tmp_path, base_run, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"messages": [{"role": "user", "content": "Café"}]}\n'.encode("latin-1") * 3)
+    binary = tmp_path / "blob.json"
+    binary.write_bytes(bytes(range(256)) * 40)
+    common = ["--base", str(base_run), "--run-dir", str(tmp_path / "r"), "--device", "cpu", "--max-steps", "1"]
+    for source, message in ((latin, "3 lines, records or files that are not UTF-8"), (binary, "1 binary files"),
+                            (tmp_path / "missing.parquet", "no conversations at"),
+                            ("hf:", "a Hugging Face source looks like")):
+        assert cli_main(["sft", "--datasets", str(source), *common]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    parquet = tmp_path / "chats.parquet"  # the shape of SmolTalk's files: a messages column of role/content
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": f"{i}!"}]}
+            for i in range(200)]
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    assert cli_main(["sft", "--datasets", str(parquet), str(latin), *common, "--batch-size", "2",
+                     "--sample-prompt", ""]) == 0  # beside a usable source, an unusable one is a warning
+    err = capsys.readouterr().err
+    assert f"warning: no usable conversations in {latin}: 3 lines" in err and "193 conversations" in err
+
+
+def test_dataset_facts_and_epochs(tmp_path, base_run, greetings_file):
+    cfg = SFTConfig(base=str(base_run), datasets=[str(greetings_file) + "*2", "chatterbot*0.5"], batch_size=4,
+                    held_out=0.2, eval_batches=1)
+    facts = dataset_facts(cfg)
+    greetings, chatter = facts["sources"]
+    assert (greetings["weight"], chatter["weight"]) == (2.0, 0.5)
+    assert greetings["conversations"] + greetings["held_out"] == 60 and greetings["skipped"] == {}
+    train = facts["train"]
+    assert train["beyond_window"] > 0  # chatterbot has a few long prompts: no answer inside a 64-token window
+    assert train["conversations"] == 2 * greetings["conversations"] + round(0.5 * (chatter["conversations"]
+                                                                                 - train["beyond_window"]))
+    assert train["positions"] <= train["rows"] * facts["window"] and 0.75 < train["fill"] <= 1  # a 64-token window
+    assert train["steps_per_epoch"] == -(-train["rows"] // 4) and facts["held_out"]["evaluated_rows"] == 4
+    unpacked = dataset_facts(SFTConfig(**{**cfg.__dict__, "pack": False}))
+    assert unpacked["train"]["rows"] == unpacked["train"]["conversations"] > train["rows"]
+    assert unpacked["train"]["fill"] < train["fill"] and unpacked["train"]["trained_tokens"] == train["trained_tokens"]
+    run = tmp_path / "epochs"
+    assert cli_main(["sft", "--base", str(base_run), "--run-dir", str(run), "--datasets", str(greetings_file),
+                     "--batch-size", "4", "--epochs", "2", "--sample-prompt", "", "--device", "cpu"]) == 0
+    steps = json.loads((run / "config.json").read_text())["max_steps"]
+    rows = dataset_facts(SFTConfig(base=str(base_run), datasets=[str(greetings_file)], batch_size=4))["train"]["rows"]
+    assert steps == -(-2 * rows // 4)
+
+
+def test_the_shipped_recipe_resolves():
+    from minigpt import config
+    from minigpt.conversations import FieldMap, parse_source
+
+    cfg = config.resolve(SFTConfig, "gpt2-124m-sft")
+    assert ("gpt2-124m-sft", "sft") in [(name, stage) for name, stage, _ in config.list_recipes("sft")]
+    assert [parse_source(s).source.startswith("hf:") for s in cfg.datasets] == [True, True]
+    assert FieldMap.parse(cfg.fields).prompt[0] == "question" and cfg.epochs == 1 and cfg.pack
+    assert cfg.batch_tokens % (cfg.batch_size * 1024) == 0  # whole micro-batches of GPT-2's window
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path, base_run, greetings_file):
+    """Two ranks (the first prepares the data into a fresh cache while the other waits) take the rows one process
+    takes: the same losses and validation loss."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--base", str(base_run), "--datasets", str(greetings_file) + "*2", "--held-out", "0.2",
+              "--max-steps", "3", "--log-every", "1", "--eval-every", "3", "--sample-prompt", "", "--device", "cpu"]
+    assert cli_main(["sft", "--run-dir", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "minigpt",
+           "sft", "--run-dir", str(tmp_path / "two"), "--batch-size", "2", "--sft-cache", str(tmp_path / "c"), *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for key in ("loss", "val_loss"):
+        a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-5)
+    assert len(list((tmp_path / "c").iterdir())) == 1  # prepared once
