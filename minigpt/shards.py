@@ -68,14 +68,14 @@ class PrepareConfig:
     out: str = opt("data/shards", "output folder; replaced atomically, only when the run succeeds (work in "
                                   "progress waits in .NAME.partial beside it; rerun the same command to resume)")
     workers: int = opt(0, "tokenizer processes (0 = one per CPU core)")
-    val_fraction: float = opt(0.005, "share of documents held out for validation (documents over 1 MiB characters "
-                                     "go by 64 KiB sections; the first always is held out, unless this is 0)")
+    val_fraction: float = opt(0.005, "share of text held out for validation, by document (documents over 1 Mi "
+                                     "characters by 64 Ki-character sections); the first always is, unless this is 0")
     shard_tokens: int = opt(100_000_000, "tokens per shard file (the last one of a split holds the rest)")
     seed: int = opt(0, "seed of the train/validation split")
     text_field: str = opt("text", "field of .jsonl records, column of .parquet files and hf: rows holding the text")
     chunk_chars: int = opt(250_000, "characters of text handed to a worker at a time")
     force: bool = opt(False, "replace --out even when it holds files prepare did not write (they are deleted)")
-    retries: int = opt(8, "attempts at an hf: stream per network failure before giving up (the work is kept)")
+    retries: int = opt(8, "failed attempts in a row at an hf: stream before giving up (the work is kept)")
     retry_wait: float = opt(1.0, "seconds before retrying an hf: stream; doubles per failure, with jitter")
 
     def __post_init__(self) -> None:
@@ -397,7 +397,7 @@ class _Run:
         if self.journal is not None:
             self._say_resuming()
         workers = cfg.workers or cpu_count()
-        self.total = self.journal["total_bytes"] if self.journal is not None else self._known_total()
+        self.total = self.journal.get("total_bytes") if self.journal is not None else self._known_total()
         start = time.perf_counter()
         try:
             with pipeline.Encoder(cfg.tokenizer, self.tokenizer, self.dtype, workers) as encoder, \
@@ -470,8 +470,8 @@ class _Run:
             if not shards[split]:
                 raise UserError(f"the {split} split came out empty ({sum(self.splitter.documents)} documents in all, "
                                 f"{self.skipped.total()} skipped): give a larger corpus or change --val-fraction")
-        meta = _meta(self.cfg, self.tokenizer, self.dtype, self.splitter.documents, self.text_bytes, shards,
-                     self.skipped)
+        counts = {split: _Counts(self.splitter.documents[i], self.text_bytes[i]) for i, split in enumerate(SPLITS)}
+        meta = _meta(self.cfg, self.tokenizer, self.dtype, counts, shards, self.skipped)
         write_json(self.work.path / "meta.json", meta)
         self.tokenizer.save(self.work.path / "tokenizer.json")  # the shards carry their tokenizer
         self.good = {**(self.good or {}), "command": self.command, "complete": True}
@@ -540,8 +540,15 @@ def _split_meta(cfg: PrepareConfig) -> dict[str, Any]:
             "large_document_chars": pipeline.LARGE_DOC_CHARS, "section_chars": pipeline.SECTION_CHARS}
 
 
-def _meta(cfg: PrepareConfig, tokenizer, dtype: np.dtype, documents: list[int], text_bytes: list[int],
+@dataclasses.dataclass
+class _Counts:
+    documents: int = 0
+    text_bytes: int = 0
+
+
+def _meta(cfg: PrepareConfig, tokenizer, dtype: np.dtype, counts: dict[str, _Counts],
           shards: dict[str, list[dict[str, Any]]], skipped: corpus.Skipped) -> dict[str, Any]:
+    """meta.json's content (bench/train_gpu.py writes random shards with it too)."""
     return {
         "format": "minigpt-shards",
         "format_version": FORMAT_VERSION,
@@ -553,10 +560,10 @@ def _meta(cfg: PrepareConfig, tokenizer, dtype: np.dtype, documents: list[int], 
         "text_field": cfg.text_field,
         "split": _split_meta(cfg),
         "shard_tokens": cfg.shard_tokens,
-        "splits": {split: {"documents": documents[i],
+        "splits": {split: {"documents": counts[split].documents,
                            "tokens": sum(s["tokens"] for s in shards[split]),
-                           "text_bytes": text_bytes[i],
-                           "shards": shards[split]} for i, split in enumerate(SPLITS)},
+                           "text_bytes": counts[split].text_bytes,
+                           "shards": shards[split]} for split in SPLITS},
         "skipped": dataclasses.asdict(skipped),
     }
 
