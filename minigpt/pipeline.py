@@ -36,11 +36,15 @@ from minigpt import corpus
 LARGE_DOC_CHARS = 2**20  # documents longer than this are split into sections for the train/validation split
 SECTION_CHARS = 2**16  # the most characters of one section
 IN_FLIGHT = 2  # chunks queued per worker
-SPLIT_RULE = (f"blake2b(f'{{seed}}:{{source id}}') < val_fraction per document; documents over {LARGE_DOC_CHARS:,} "
-              f"characters go by sections of at most {SECTION_CHARS:,} characters keyed f'{{source id}}#{{n}}'; "
-              f"the first document (or section) of the run always goes to validation")
 
 Chunk = list[tuple[int, bool, str]]  # (split index: 0 train, 1 validation; end-of-text before it; text)
+
+
+def split_rule() -> str:
+    """The rule in one line, for meta.json."""
+    return (f"blake2b(f'{{seed}}:{{source id}}') < val_fraction per document; documents over {LARGE_DOC_CHARS:,} "
+            f"characters go by sections of at most {SECTION_CHARS:,} characters keyed f'{{source id}}#{{n}}'; "
+            f"the first document (or section) of the run always goes to validation")
 
 
 def is_validation(source: str, seed: int, val_fraction: float) -> bool:

@@ -536,7 +536,7 @@ def _tokenizer_meta(cfg: PrepareConfig, tokenizer) -> dict[str, Any]:
 
 
 def _split_meta(cfg: PrepareConfig) -> dict[str, Any]:
-    return {"rule": pipeline.SPLIT_RULE, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+    return {"rule": pipeline.split_rule(), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
             "large_document_chars": pipeline.LARGE_DOC_CHARS, "section_chars": pipeline.SECTION_CHARS}
 
 

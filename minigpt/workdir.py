@@ -60,6 +60,8 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows: assume it lives
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -118,7 +120,7 @@ class WorkDir:
         stray = self.out / JOURNAL
         if stray.is_file() and _read_journal(stray).get("complete"):
             stray.unlink()  # crashed right after the swap, before the journal was dropped
-        for folder in self.out.parent.glob(f".{self.out.name}.*-*"):
+        for folder in self.out.parent.iterdir():  # not glob(): an output's name may hold [ or *
             m = LEGACY.fullmatch(folder.name)
             if m and m["name"] == self.out.name and folder.is_dir() and not _alive(int(m["pid"])):
                 shutil.rmtree(folder, ignore_errors=True)
@@ -149,6 +151,11 @@ class WorkDir:
             say(f"discarding the unfinished work in {self.path}: {reason}")
             self.clear()
             return None
+        for p in leftovers:  # half-written temporary files of a killed run (atomic writes that never finished)
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif not OUTPUT_FILE.fullmatch(p.name):
+                p.unlink()
         return journal
 
     def save(self, journal: dict[str, Any]) -> None:

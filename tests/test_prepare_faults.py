@@ -135,6 +135,7 @@ def test_kill_9_then_the_same_command_resumes_without_redoing_finished_shards(
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
     journal = json.loads((work / JOURNAL).read_text())  # the last one written before the kill
+    (work / ".prepare-journal.json.x1y2.tmp").write_text('{"half": ')  # as if killed inside an atomic write
     done = finished_files(journal)
     before = file_ids(work, done)
     resume_file = journal["position"]["file"]

@@ -361,7 +361,7 @@ def test_a_corpus_of_one_large_file_is_split_by_sections(tmp_path, monkeypatch):
         assert meta["splits"][split]["documents"] == len(stretches[split])  # one end-of-text per stretch
         assert all(s in text for s in stretches[split])  # each stretch is a contiguous run of the book
     assert sum(len(s) for split in SPLITS for s in stretches[split]) == len(text)
-    assert meta["split"]["section_chars"] == 2_000 and "sections" in meta["split"]["rule"]
+    assert meta["split"]["section_chars"] == 2_000 and "sections of at most 2,000 characters" in meta["split"]["rule"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
