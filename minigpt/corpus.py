@@ -3,13 +3,16 @@
     iter_documents("wiki")                  10,033 Wikipedia summaries shipped inside a package (the default)
     iter_documents("notes/")                every .txt, .md, .jsonl and .parquet file below a folder, sorted
     iter_documents("data/*.jsonl", "body")  files matching a glob (`**` recurses); JSON Lines read field "body"
-    iter_documents("hf:roneneldan/TinyStories")   a Hugging Face dataset, streamed (needs `datasets` and a network)
+    iter_documents("hf:roneneldan/TinyStories")   a Hugging Face dataset, streamed (minigpt[hub], a network; hub.py)
 
-Everything streams: one document (or one Parquet row group) is in memory at a time, never a whole corpus.
+Everything streams: one document (or one bounded batch of Parquet rows) is in memory at a time, never a whole
+corpus, whatever the file's layout. And everything resumes: `DocumentStream(source, start=position)` continues after
+the document at which `position()` was taken, without reading the finished files of a folder again (see
+`minigpt prepare`'s journal in workdir.py).
 
 Rules for what is kept, so `minigpt prepare` can count what it left out (meta.json's "skipped"):
-- A .txt or .md file is one document. Files larger than `PIECE_BYTES` are read in pieces cut at blank lines; the
-  pieces after the first carry `continues=True` (no end-of-text token goes between them).
+- A .txt or .md file is one document. Files larger than `PIECE_BYTES` are read in pieces cut after blank lines
+  (see `_text_pieces`); the pieces after the first carry `continues=True` (the same document goes on).
 - Empty documents (nothing but whitespace) are skipped and counted as `empty`.
 - A text file whose first 8 KiB hold a NUL byte is binary: skipped and counted as `binary`.
 - A text file or a JSON line that is not valid UTF-8 is skipped and counted as `non_utf8`.
@@ -22,15 +25,19 @@ Bundled corpora live inside ordinary package dependencies (found with `importlib
 
 from __future__ import annotations
 
-import codecs
+import contextlib
+import copy
 import dataclasses
 import glob as globlib
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from minigpt.common import UserError
 
@@ -38,6 +45,8 @@ TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 PIECE_BYTES = 32 * 2**20  # text files above this are cut into pieces at blank lines
 SNIFF_BYTES = 8192  # a NUL byte in this much of a text file marks it binary
+PARQUET_BATCH_BYTES = 2**20  # text decoded per Parquet read, whatever the row-group size
+PARQUET_BUFFER_BYTES = 2**20  # column data buffered per read instead of a whole column chunk
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -191,56 +200,83 @@ def _decode(raw: bytes) -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
-def _read_text_file(path: Path, source: str, skipped: Skipped) -> Iterator[Document]:
+def _read_text_file(path: Path, source: str, skipped: Skipped, at: dict | None) -> Iterator[tuple[Document, Any]]:
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if at is not None:  # resuming after a piece of a large file: the next piece continues it
+            yield from _text_pieces(f, path, source, size, int(at["byte"]), None)
+            return
         head = f.read(SNIFF_BYTES)
         if b"\x00" in head:
             skipped.binary += 1
             return
-        size = os.fstat(f.fileno()).st_size
-        if size <= PIECE_BYTES:
-            try:
-                text = _decode(head + f.read())
-            except UnicodeDecodeError:
-                skipped.non_utf8 += 1
-                return
-            if text and not text.isspace():
-                yield Document(text, source)
-            else:
-                skipped.empty += 1
+        if size > PIECE_BYTES:
+            yield from _text_pieces(f, path, source, size, 0, skipped)
             return
-        # A large file: pieces cut after a blank line, decoded incrementally. Once a piece has gone out, a bad
-        # byte further on can no longer be skipped quietly, so it stops the run.
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        buffer, first, offset = head, True, 0
-        while True:
-            block = f.read(PIECE_BYTES)
-            buffer += block
-            cut = buffer.rfind(b"\n\n") + 2 if block else len(buffer)
-            if cut < 2:
-                cut = len(buffer)
-            try:
-                piece = decoder.decode(buffer[:cut], final=not block)
-            except UnicodeDecodeError as exc:
-                if first:
-                    skipped.non_utf8 += 1
-                    return
-                raise UserError(f"{path} is not UTF-8 at byte {offset + exc.start}") from None
-            offset += cut
-            buffer = buffer[cut:]
-            piece = piece.removeprefix("\ufeff") if first else piece
-            if piece:
-                yield Document(piece.replace("\r\n", "\n"), source, continues=not first)
-                first = False
-            if not block:
-                break
-        if first:
+        try:
+            text = _decode(head + f.read())
+        except UnicodeDecodeError:
+            skipped.non_utf8 += 1
+            return
+        if text and not text.isspace():
+            yield Document(text, source), None
+        else:
             skipped.empty += 1
 
 
-def _read_jsonl(path: Path, source: str, text_field: str, skipped: Skipped) -> Iterator[Document]:
+def _text_pieces(f, path: Path, source: str, size: int, offset: int,
+                 skipped: Skipped | None) -> Iterator[tuple[Document, Any]]:
+    """A large file from byte `offset` on, in pieces; `skipped` is given when `offset` is the file's start.
+
+    Each piece is the longest stretch of the next `PIECE_BYTES` bytes that ends after a blank line (else after a
+    line, else before the last character): a function of the offset alone, so a resumed run cuts exactly where an
+    uninterrupted one does, and every piece decodes on its own. Once a piece has gone out, a bad byte further on
+    can no longer be skipped quietly: it stops the run."""
+    first = skipped is not None
+    f.seek(offset)
+    buffer = b""
+    while offset < size:
+        buffer += f.read(PIECE_BYTES - len(buffer))
+        cut = len(buffer) if offset + len(buffer) >= size else _piece_end(buffer)
+        raw, buffer = buffer[:cut], buffer[cut:]
+        try:
+            piece = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if first:
+                skipped.non_utf8 += 1
+                return
+            raise UserError(f"{path} is not UTF-8 at byte {offset + exc.start}") from None
+        offset += cut
+        if first:
+            piece = piece.removeprefix("\ufeff")
+        if piece:
+            yield (Document(piece.replace("\r\n", "\n"), source, continues=skipped is None or not first),
+                   None if offset >= size else {"byte": offset})
+            first = False
+    if first:
+        skipped.empty += 1
+
+
+def _piece_end(window: bytes) -> int:
+    cut = window.rfind(b"\n\n") + 2
+    if cut < 2:
+        cut = window.rfind(b"\n") + 1
+    if cut < 1:  # no line break at all: before the last character (never inside a UTF-8 sequence)
+        cut = len(window) - 1
+        while cut > 0 and window[cut] & 0xC0 == 0x80:
+            cut -= 1
+    return cut or len(window)
+
+
+def _read_jsonl(path: Path, source: str, text_field: str, skipped: Skipped,
+                at: dict | None) -> Iterator[tuple[Document, Any]]:
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        size = os.fstat(f.fileno()).st_size
+        offset, lineno = (int(at["byte"]), int(at["line"])) if at else (0, 0)
+        f.seek(offset)
+        for raw in f:
+            lineno += 1
+            offset += len(raw)
             if not raw.strip():
                 continue
             try:
@@ -262,41 +298,73 @@ def _read_jsonl(path: Path, source: str, text_field: str, skipped: Skipped) -> I
                 continue
             if not isinstance(text, str):
                 raise UserError(f"{path}:{lineno} field {text_field!r} is a {type(text).__name__}, not text")
-            yield Document(text, f"{source}:{lineno}")
+            yield Document(text, f"{source}:{lineno}"), (None if offset >= size else {"byte": offset, "line": lineno})
 
 
-def _read_parquet(path: Path, source: str, text_field: str, skipped: Skipped) -> Iterator[Document]:
+def _parquet_file(path: Path, text_field: str):
+    import pyarrow.parquet as pq  # a base dependency: Parquet is how large corpora come
+
     try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    try:
-        pf = pq.ParquetFile(path)
+        # A column chunk streamed through a small buffer (buffer_size, and no pre-buffering, which pyarrow turns on
+        # by default) instead of read whole: one 150 MB row group's chunk would otherwise sit in memory at once
+        # (arrow's peak 77 MB -> 16 MB on the file of docs/data.md).
+        pf = pq.ParquetFile(path, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
         raise UserError(f"{path} is not a readable Parquet file ({exc})") from None
     if text_field not in pf.schema_arrow.names:
         raise UserError(f"{path} has no column {text_field!r} (it has: {', '.join(pf.schema_arrow.names)}); "
                         f"choose one with --text-field")
-    row = 0
-    for group in range(pf.num_row_groups):  # one row group in memory at a time
-        for text in pf.read_row_group(group, columns=[text_field]).column(0).to_pylist():
+    return pf
+
+
+def parquet_batch_rows(pf, text_field: str) -> int:
+    """Rows per read so that one batch holds about `PARQUET_BATCH_BYTES` of text, from the footer's sizes."""
+    meta = pf.metadata
+    rows = max(meta.num_rows, 1)
+    column_bytes = _column_bytes(meta, text_field) or rows * 1024
+    return int(min(max(PARQUET_BATCH_BYTES * rows // column_bytes, 1), 65_536))
+
+
+def _read_parquet(path: Path, source: str, text_field: str, skipped: Skipped,
+                  at: dict | None) -> Iterator[tuple[Document, Any]]:
+    pf = _parquet_file(path, text_field)
+    meta = pf.metadata
+    start = int(at["row"]) if at else 0
+    group, row = 0, 0  # the row group holding `start`, and its first row
+    while group < meta.num_row_groups and row + meta.row_group(group).num_rows <= start:
+        row += meta.row_group(group).num_rows
+        group += 1
+    total = meta.num_rows
+    # Bounded batches whatever the row-group size: iter_batches decodes about 1 MB of text at a time (smaller
+    # batches measured faster too: 0.37 s for 156 MB at 1 MiB, 0.86 s at 8 MiB).
+    batches = pf.iter_batches(batch_size=parquet_batch_rows(pf, text_field), columns=[text_field],
+                              row_groups=list(range(group, meta.num_row_groups)), use_threads=False)
+    for batch in batches:
+        if row + batch.num_rows <= start:
+            row += batch.num_rows
+            continue
+        texts = batch.column(0).slice(max(start - row, 0)).to_pylist()
+        row = max(row, start)
+        for text in texts:
+            row += 1
             if text is None or not text or (isinstance(text, str) and text.isspace()):
                 skipped.empty += 1
             elif not isinstance(text, str):
                 raise UserError(f"{path} column {text_field!r} holds {type(text).__name__}, not text")
             else:
-                yield Document(text, f"{source}:{row}")
-            row += 1
+                yield Document(text, f"{source}:{row - 1}"), (None if row >= total else {"row": row})
 
 
-def _read_file(path: Path, source: str, text_field: str, skipped: Skipped) -> Iterator[Document]:
+def _read_file(path: Path, source: str, text_field: str, skipped: Skipped,
+               at: dict | None = None) -> Iterator[tuple[Document, Any]]:
+    """(document, where the file continues after it, or None once it is finished), from `at` on (None = start)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(path, source, text_field, skipped)
+        yield from _read_jsonl(path, source, text_field, skipped, at)
     elif suffix == ".parquet":
-        yield from _read_parquet(path, source, text_field, skipped)
+        yield from _read_parquet(path, source, text_field, skipped, at)
     else:
-        yield from _read_text_file(path, source, skipped)
+        yield from _read_text_file(path, source, skipped, at)
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -329,62 +397,82 @@ def _files(source: str) -> list[tuple[Path, str]] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hugging Face datasets (optional, online)
-
-
-def _hf(source: str, text_field: str, skipped: Skipped) -> Iterator[Document]:
-    """`hf:NAME[:CONFIG[:SPLIT]]`, streamed so nothing is downloaded up front; split defaults to train."""
-    name, config, split = (source[3:].split(":") + ["", ""])[:3]
-    if not name:
-        raise UserError("a Hugging Face source looks like hf:NAME[:CONFIG[:SPLIT]], e.g. hf:roneneldan/TinyStories")
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{source} needs the Hugging Face `datasets` package: pip install datasets") from None
-    try:
-        stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-        for i, record in enumerate(stream):
-            if text_field not in record:
-                raise UserError(f"{source} has no field {text_field!r} (it has: {', '.join(record)}); "
-                                f"choose one with --text-field")
-            text = record[text_field]
-            if not text or not str(text).strip():
-                skipped.empty += 1
-                continue
-            yield Document(str(text), f"{source}:{i}")
-    except UserError:
-        raise
-    except (ConnectionError, OSError, ValueError, FileNotFoundError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot stream {source} (offline, or no such dataset?): {first}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Public entry points
+
+
+class DocumentStream:
+    """The non-empty documents of one source, in order, resumable at any document.
+
+    `position()`, taken right after a document came out, is a small JSON-able dict; a stream built with
+    `start=` that dict continues with the document after it. What a position holds:
+    - bundled corpora: {"doc": documents read} (a resumed stream re-reads the few MB and skips them);
+    - files, folders and globs: {"file": index in the sorted file list, "at": where in that file} with "at" one of
+      {"byte", "line"} (JSON Lines), {"row"} (Parquet), {"byte"} (a large text file's next piece), or absent at
+      the start of a file. Files before "file" are never opened again;
+    - `hf:` sources: {"record": records read, "state": the `datasets` stream's state_dict} (see hub.py).
+    Inputs skipped after the position (empty, binary, not UTF-8) are counted again by the resumed stream, so a
+    `Skipped` restored together with the position comes out as an uninterrupted run's.
+    """
+
+    def __init__(self, source: str, text_field: str = "text", skipped: Skipped | None = None,
+                 start: dict[str, Any] | None = None, retry: Any = None) -> None:
+        self.source, self.text_field = source, text_field
+        self.skipped = Skipped() if skipped is None else skipped
+        self._cursor: dict[str, Any] = copy.deepcopy(start) if start else {}
+        self._retry = retry
+        self._hub = None
+
+    def position(self) -> dict[str, Any]:
+        return copy.deepcopy(self._cursor)
+
+    @property
+    def expected_records(self) -> int | None:
+        """For `hf:` sources whose dataset card states the split's size: its number of records."""
+        return self._hub.expected_records if self._hub is not None else None
+
+    def __iter__(self) -> Iterator[Document]:
+        if self.source in BUNDLED:
+            yield from self._bundled()
+        elif self.source.startswith("hf:"):
+            from minigpt.hub import HubStream
+
+            self._hub = HubStream(self.source, self.text_field, self.skipped, self._cursor, self._retry)
+            yield from self._hub
+        else:
+            yield from self._files()
+
+    def _bundled(self) -> Iterator[Document]:
+        start = self._cursor.get("doc", 0)
+        for n, doc in enumerate(_READERS[self.source]()):
+            if n < start:
+                continue
+            self._cursor["doc"] = n + 1
+            if doc.text and not doc.text.isspace():  # no strip(): that would copy every document
+                yield doc
+            else:
+                self.skipped.empty += 1
+
+    def _files(self) -> Iterator[Document]:
+        files = _files(self.source)
+        if files is None:
+            raise UserError(f"{self.source} does not exist (not a file, folder, glob or bundled corpus: "
+                            f"{', '.join(BUNDLED)})")
+        first, at = self._cursor.get("file", 0), self._cursor.get("at")
+        for index in range(first, len(files)):
+            path, source_id = files[index]
+            resume_at = at if index == first else None
+            for doc, after in _read_file(path, source_id, self.text_field, self.skipped, resume_at):
+                self._cursor = {"file": index, "at": after} if after is not None else {"file": index + 1}
+                yield doc
 
 
 def iter_documents(source: str, text_field: str = "text", skipped: Skipped | None = None) -> Iterator[Document]:
     """Stream the non-empty documents of one source: a bundled name, a file, a folder, a glob or `hf:NAME`.
 
-    Pass a `Skipped` to learn how many empty, binary and non-UTF-8 inputs were left out.
+    Pass a `Skipped` to learn how many empty, binary and non-UTF-8 inputs were left out. (`DocumentStream` is the
+    same stream, resumable.)
     """
-    skipped = Skipped() if skipped is None else skipped
-    if source in BUNDLED:
-        for doc in _READERS[source]():
-            if doc.text and not doc.text.isspace():  # no strip(): that would copy every document
-                yield doc
-            else:
-                skipped.empty += 1
-        return
-    if source.startswith("hf:"):
-        yield from _hf(source, text_field, skipped)
-        return
-    files = _files(source)
-    if files is None:
-        raise UserError(f"{source} does not exist (not a file, folder, glob or bundled corpus: "
-                        f"{', '.join(BUNDLED)})")
-    for path, source_id in files:
-        yield from _read_file(path, source_id, text_field, skipped)
+    yield from DocumentStream(source, text_field, skipped)
 
 
 def load_documents(source: str, text_field: str = "text") -> Iterator[str]:
@@ -398,11 +486,49 @@ def check_source(source: str) -> None:
     if source in BUNDLED:
         _package_dir(source)
     elif source.startswith("hf:"):
+        from minigpt import hub
+
+        hub.parse(source)
         if importlib.util.find_spec("datasets") is None:
-            raise UserError(f"{source} needs the Hugging Face `datasets` package: pip install datasets")
+            raise UserError(f"{source} needs the Hugging Face `datasets` package: {hub.INSTALL}")
     elif _files(source) is None:
         raise UserError(f"{source} does not exist (not a file, folder, glob or bundled corpus: "
                         f"{', '.join(BUNDLED)})")
+
+
+def fingerprint(source: str) -> str:
+    """A short digest that changes when the source's input changes: for files, each file's id, size and
+    modification time (a stat, nothing read); for bundled corpora, their package's version; for `hf:`, the name."""
+    h = hashlib.blake2b(source.encode(), digest_size=8)
+    if source in BUNDLED:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            h.update(importlib.metadata.version(BUNDLED[source].install.split("==")[0]).encode())
+    elif not source.startswith("hf:"):
+        for path, source_id in _files(source) or []:
+            st = path.stat()
+            h.update(f"\0{source_id}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def describe_position(source: str, position: dict[str, Any]) -> str:
+    """Where a position lies, in words: "file 3 of 14 (part-2.parquet), row 1,200", "record 5,000"."""
+    if "record" in position:
+        return f"record {position['record']:,}"
+    if "doc" in position:
+        return f"document {position['doc']:,}"
+    files = _files(source) or []
+    index = position.get("file", 0)
+    if index >= len(files):
+        return "the end"
+    where = f"file {index + 1} of {len(files)} ({files[index][1]})"
+    at = position.get("at") or {}
+    if "row" in at:
+        return f"{where}, row {at['row']:,}"
+    if "line" in at:
+        return f"{where}, line {at['line'] + 1:,}"
+    if "byte" in at:
+        return f"{where}, byte {at['byte']:,}"
+    return where
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +547,7 @@ def corpus_size(source: str, text_field: str = "text") -> CorpusSize:
     if source in BUNDLED:
         return CorpusSize(None, BUNDLED[source].documents, BUNDLED[source].text_bytes)
     if source.startswith("hf:"):
-        return CorpusSize(None, None, None)
+        return CorpusSize(None, None, None)  # the stream tells its record count once open (hub.py)
     files = _files(source) or []
     total = 0
     for path, _ in files:
@@ -439,13 +565,18 @@ def _parquet_column_bytes(path: Path, column: str) -> int:
         meta = pq.ParquetFile(path).metadata
     except Exception:
         return path.stat().st_size
+    return _column_bytes(meta, column) or path.stat().st_size
+
+
+def _column_bytes(meta, column: str) -> int:
+    """The uncompressed size of one column over all row groups, from a Parquet footer."""
     total = 0
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
         for c in range(group.num_columns):
             if group.column(c).path_in_schema == column:
                 total += group.column(c).total_uncompressed_size
-    return total or path.stat().st_size
+    return total
 
 
 def describe_bundled() -> list[str]:

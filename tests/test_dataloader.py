@@ -183,3 +183,17 @@ def test_on_prepared_shards_batches_decode_to_corpus_text(tmp_path):
     text = "".join(tok.decode(x.flatten().tolist()) for x, _ in val)
     assert "Story number 0:" in text  # the first document is always in validation
     assert 3.0 < val.bytes_per_token < 30.0
+
+
+def test_token_ids_beyond_the_vocabulary_name_the_shard_and_the_id(data):
+    # Token p sits at stream position p; shards hold 97 tokens each, so id 500 is token 15 of train_000005.bin.
+    loader = TokenLoader(data, "train", batch_size=4, seq_len=16, shuffle=False, vocab_size=500)
+    for step in range(7):  # windows 0-27 end at token 448: all below 500
+        loader.batch(step)
+    with pytest.raises(UserError, match=r"train_000005.bin holds token id 500 \(token 15 of the file\), beyond the "
+                                        r"model's vocabulary of 500"):
+        loader.batch(7)
+    unchecked = TokenLoader(data, "train", batch_size=4, seq_len=16, shuffle=False)
+    assert int(unchecked.batch(7)[0].max()) > 500  # without vocab_size nothing is checked
+    shuffled = TokenLoader(data, "train", batch_size=4, seq_len=16, vocab_size=1001)
+    assert all(shuffled.batch(step)[0].shape == (4, 16) for step in range(20))  # all ids < 1001: never raises

@@ -4,16 +4,22 @@ atomic output, tokenizer checks, the header format, the command line."""
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from minigpt import shards
+from minigpt import pipeline, shards
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
+from minigpt.corpus import Document
 from minigpt.shards import (
     HEADER_BYTES,
+    SPLITS,
     PrepareConfig,
     ShardWriter,
     check_tokenizer,
@@ -179,29 +185,40 @@ def test_failed_run_leaves_the_previous_output_intact(tmp_path, tok_path, corpus
     folder, _ = corpus_dir
     out = prepare(cfg_for(folder, tok_path, tmp_path / "out"))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    # A bad record halfway through a file, after several chunks were already written.
+    # A bad record halfway through a file, after several chunks were already written: an error in the input,
+    # which a rerun would meet again, so the work folder goes too.
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"text": t}) + "\n" for t in [f"line {i} " * 20 for i in range(50)]) + "{x\n")
     for workers in (1, 2):
         with pytest.raises(UserError, match="bad.jsonl:51 is not valid JSON"):
-            prepare(cfg_for(bad, tok_path, out, workers=workers, chunk_chars=200))
-    # An interruption (Ctrl-C) while documents stream in.
-    real = shards.corpus.iter_documents
-
-    def interrupted(*args, **kwargs):
-        for i, doc in enumerate(real(*args, **kwargs)):
-            if i == 60:
-                raise KeyboardInterrupt
-            yield doc
-
-    monkeypatch.setattr(shards.corpus, "iter_documents", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(cfg_for(folder, tok_path, out, chunk_chars=200))
+            prepare(cfg_for(bad, tok_path, out, workers=workers, chunk_chars=200, shard_tokens=100))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "corpus", "out"]  # no temporary left
+    # An interruption (Ctrl-C) while documents stream in: the previous output stays, the work is kept for the
+    # same command, which then finishes it. (Before resumable prepare the work folder was deleted.)
+    real, seen = shards.corpus._read_file, []
+
+    def interrupted(*args, **kwargs):
+        for item in real(*args, **kwargs):
+            seen.append(1)
+            if len(seen) == 60:
+                raise KeyboardInterrupt
+            yield item
+
+    cfg = cfg_for(folder, tok_path, out, chunk_chars=200, shard_tokens=300, seed=5)
+    with monkeypatch.context() as m:
+        m.setattr(shards.corpus, "_read_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(cfg)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert (tmp_path / ".out.partial" / "prepare-journal.json").is_file()
+    prepare(cfg)
+    fresh = prepare(cfg_for(folder, tok_path, tmp_path / "fresh", chunk_chars=200, shard_tokens=300, seed=5))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in fresh.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "corpus", "fresh", "out"]
 
 
-def test_refuses_to_replace_a_folder_that_is_not_shards(tmp_path, tok_path, corpus_dir):
+def test_refuses_to_replace_a_folder_holding_the_users_files(tmp_path, tok_path, corpus_dir, capsys):
     folder, _ = corpus_dir
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -209,6 +226,22 @@ def test_refuses_to_replace_a_folder_that_is_not_shards(tmp_path, tok_path, corp
     with pytest.raises(UserError, match="refusing to replace"):
         prepare(cfg_for(folder, tok_path, precious))
     assert (precious / "thesis.txt").read_text() == "years of work"
+    # The user's notes beside earlier shards: refused in one line, untouched; --force replaces the folder.
+    out = prepare(cfg_for(folder, tok_path, tmp_path / "out"))
+    (out / "NOTES.md").write_text("my notes")
+    (out / "extra").mkdir()
+    (out / "extra" / "keep.txt").write_text("keep me")
+    args = ["prepare", "--sources", str(folder), "--tokenizer", str(tok_path), "--out", str(out), "--workers", "1"]
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"minigpt prepare: error: refusing to replace {out}: it holds files minigpt prepare did not write "
+                   f"(NOTES.md, extra/); move them away, choose another --out, or pass --force to replace the folder "
+                   f"and them")
+    assert (out / "NOTES.md").read_text() == "my notes" and (out / "extra" / "keep.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out", "precious"]
+    assert cli_main([*args, "--force"]) == 0
+    assert not (out / "NOTES.md").exists() and read_meta(out)["splits"]["train"]["tokens"] > 0
 
 
 def test_clear_errors_for_missing_inputs(tmp_path, tok_path, corpus_dir):
@@ -271,3 +304,123 @@ def test_val_fraction_zero_makes_no_validation_split(tmp_path, tok_path, corpus_
     meta = read_meta(prepare(cfg_for(folder, tok_path, tmp_path / "out", val_fraction=0.0)))
     assert meta["splits"]["val"] == {"documents": 0, "tokens": 0, "text_bytes": 0, "shards": []}
     assert meta["splits"]["train"]["documents"] == len(texts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The split rule for large documents
+
+
+def paragraphs(n_chars: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    out, size = [], 0
+    while size < n_chars:
+        para = " ".join(rng.choice(WORDS, size=int(rng.integers(8, 60)))) + ".\n\n"
+        out.append(para)
+        size += len(para)
+    return "".join(out)
+
+
+def test_one_large_document_holds_out_about_val_fraction_in_sections(monkeypatch):
+    monkeypatch.setattr(pipeline, "LARGE_DOC_CHARS", 10_000)
+    monkeypatch.setattr(pipeline, "SECTION_CHARS", 400)
+    text = paragraphs(600_000)
+    splitter = pipeline.Splitter(seed=0, val_fraction=0.05)
+    pieces = splitter.split(Document(text, "big.txt"))
+    assert "".join(t for _, _, t in pieces) == text
+    assert all(len(t) <= 400 and t.endswith("\n\n") for _, _, t in pieces)
+    expect = [int(n == 0 or is_validation(f"big.txt#{n}", 0, 0.05)) for n in range(len(pieces))]
+    assert [split for split, _, _ in pieces] == expect  # section 0 by the first-section rule, then the hash
+    assert [starts for _, starts, _ in pieces] == [n == 0 or expect[n] != expect[n - 1] for n in range(len(pieces))]
+    held = sum(len(t) for split, _, t in pieces if split) / len(text)
+    assert 0.035 < held < 0.065  # about val_fraction, not the whole document
+    assert splitter.documents == [sum(starts for split, starts, _ in pieces if split == s) for s in (0, 1)]
+    # A tiny fraction still leaves a validation split: the first section.
+    tiny = pipeline.Splitter(seed=0, val_fraction=1e-9).split(Document(text, "big.txt"))
+    assert [n for n, (split, _, _) in enumerate(tiny) if split] == [0]
+    # Documents under the threshold keep the whole-document rule (and so do multi-document corpora).
+    small = pipeline.Splitter(seed=0, val_fraction=0.05)
+    assert [small.split(Document(f"doc {i}", f"d{i}"))[0][0] for i in range(200)] == \
+        [int(i == 0 or is_validation(f"d{i}", 0, 0.05)) for i in range(200)]
+
+
+def test_a_corpus_of_one_large_file_is_split_by_sections(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "LARGE_DOC_CHARS", 20_000)
+    monkeypatch.setattr(pipeline, "SECTION_CHARS", 2_000)
+    monkeypatch.setattr(shards.corpus, "PIECE_BYTES", 50_000)  # read in pieces too: sections go on across them
+    text = paragraphs(400_000, seed=3)
+    (tmp_path / "book.txt").write_text(text)
+    tok = Tokenizer.train([text[:50_000]], vocab_size=300, progress=False, workers=1)
+    tok.save(tmp_path / "tok.json")
+    out = prepare(cfg_for(tmp_path / "book.txt", tmp_path / "tok.json", tmp_path / "out", val_fraction=0.1,
+                          shard_tokens=5_000))
+    meta = read_meta(out)
+    val_share = meta["splits"]["val"]["text_bytes"] / len(text.encode())
+    assert 0.06 < val_share < 0.14  # before: 100 % (the first document always went to validation)
+    stretches = {split: decode_documents(split_tokens(out, split), tok) for split in SPLITS}
+    for split in SPLITS:
+        assert meta["splits"][split]["documents"] == len(stretches[split])  # one end-of-text per stretch
+        assert all(s in text for s in stretches[split])  # each stretch is a contiguous run of the book
+    assert sum(len(s) for split in SPLITS for s in stretches[split]) == len(text)
+    assert meta["split"]["section_chars"] == 2_000 and "sections of at most 2,000 characters" in meta["split"]["rule"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shard files: resuming a writer, random-access maps
+
+
+def test_shard_writer_resumes_byte_identical_from_its_state(tmp_path):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    ref = ShardWriter(whole, "train", np.dtype("<u2"), shard_tokens=10)
+    ref.write(np.arange(43))
+    ref.close()
+    part = tmp_path / "part"
+    part.mkdir()
+    first = ShardWriter(part, "train", np.dtype("<u2"), shard_tokens=10)
+    first.write(np.arange(25))
+    state = json.loads(json.dumps(first.state()))
+    assert state == {"finished": [{"file": "train_000000.bin", "tokens": 10}, {"file": "train_000001.bin",
+                                                                                 "tokens": 10}],
+                     "open": {"file": "train_000002.bin", "tokens": 5}}
+    first.write(np.arange(100, 118))  # written after the state was taken, then the run dies
+    first.abort()
+    assert sorted(p.name for p in part.iterdir())[-1] == "train_000004.bin"
+    again = ShardWriter(part, "train", np.dtype("<u2"), shard_tokens=10)
+    again.resume(state)
+    again.write(np.arange(25, 43))
+    assert again.close() == ref.shards
+    assert {p.name: p.read_bytes() for p in part.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
+    (part / "train_000001.bin").write_bytes((part / "train_000001.bin").read_bytes()[:-2])
+    with pytest.raises(ValueError, match="train_000001.bin is missing or has the wrong size"):
+        ShardWriter(part, "train", np.dtype("<u2"), 10).resume(state)
+
+
+def shard_file(tmp_path, n: int = 50_000):
+    writer = ShardWriter(tmp_path, "train", np.dtype("<u2"), shard_tokens=n)
+    writer.write(np.arange(n) % 50_000)
+    writer.close()
+    return tmp_path / "train_000000.bin"
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_shards_are_mapped_for_random_reads(tmp_path):
+    path = shard_file(tmp_path)
+    tokens = open_shard(path)
+    assert tokens[:3].tolist() == [0, 1, 2] and not tokens.flags.writeable
+    assert tokens.base.obj.advice == "madvise"
+    blocks = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text())
+    flags = [re.search(r"VmFlags:(.*)", b)[1].split() for b in blocks if b.split("\n")[0].endswith(str(path))]
+    assert flags and all("rr" in f for f in flags)  # the kernel's random-read mark: no read-ahead on faults
+
+
+def test_without_madvise_the_file_is_advised_instead(tmp_path, monkeypatch):
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    path = shard_file(tmp_path)
+    monkeypatch.delattr(mmap, "MADV_RANDOM")
+    calls, real = [], os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (calls.append(advice),
+                                                                               real(fd, offset, length, advice)))
+    tokens = open_shard(path)
+    assert calls == [os.POSIX_FADV_RANDOM] and tokens.base.obj.advice == "fadvise"
+    assert tokens[-3:].tolist() == [49_997, 49_998, 49_999]
