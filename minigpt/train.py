@@ -275,8 +275,11 @@ def pretraining_data(cfg: TrainConfig, rt: Runtime, seq_len: int, precision: str
             build_data(cfg)
         barrier(rt)
     tokenizer = shards_tokenizer(cfg.data)
-    train = TokenLoader(cfg.data, "train", cfg.batch_size, seq_len, cfg.seed, rt.rank, rt.world, True, rt.device)
-    val = TokenLoader(cfg.data, "val", cfg.batch_size, seq_len, cfg.seed, rt.rank, rt.world, False, rt.device)
+    # vocab_size: a token id the model has no embedding for is a one-line error, not an index error on the GPU
+    train = TokenLoader(cfg.data, "train", cfg.batch_size, seq_len, cfg.seed, rt.rank, rt.world, True, rt.device,
+                        vocab_size=tokenizer.n_vocab)
+    val = TokenLoader(cfg.data, "val", cfg.batch_size, seq_len, cfg.seed, rt.rank, rt.world, False, rt.device,
+                      vocab_size=tokenizer.n_vocab)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         with autocast_context(precision, rt.device):

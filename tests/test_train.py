@@ -230,3 +230,26 @@ def test_skipped_fp16_steps_do_not_advance_the_schedule(tmp_path, tiny_shards):
     assert records[-1]["loss_scale"] == 2.0**16 / 2 ** len(overflow_at)  # halved once per overflow, no growth yet
     state = torch.load(latest_checkpoint(run) / "trainer.pt", weights_only=True)
     assert state["skipped_steps"] == len(overflow_at) and state["step"] == 8
+
+
+def test_shard_token_beyond_the_vocabulary_is_one_line(tmp_path, tiny_shards, capsys):
+    """Shards whose ids the model has no embedding for (e.g. made with another tokenizer, then a meta.json copied
+    over): one line naming the shard, exit 2, before any step, instead of an index error deep in the model."""
+    import shutil
+
+    import numpy as np
+
+    from minigpt.shards import HEADER_BYTES
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards, data)
+    shard = data / "train_000000.bin"
+    tokens = np.memmap(shard, dtype="<u2", mode="r+", offset=HEADER_BYTES)
+    tokens[:] = 600  # the tokenizer has 512 ids
+    tokens.flush()
+    del tokens
+    assert cli_main(["train", *cli_args(tmp_path / "run", data, max_steps=2)]) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if "error:" in line]  # the rest is the progress bar
+    assert len(err) == 1 and "train_000000.bin" in err[0] and "600" in err[0] and "Traceback" not in stderr
+    assert latest_checkpoint(tmp_path / "run") is None
