@@ -177,6 +177,9 @@ def verify_checkpoint(ckpt: Path, need_trainer: bool = False) -> None:
     needed = ["model.json", "model.safetensors"] + (["trainer.pt"] if need_trainer else [])
     for name in needed:
         if not (ckpt / name).is_file():
+            if name == "trainer.pt":
+                raise CorruptCheckpoint(f"{ckpt} has no trainer state to resume from (weights only: start a new run "
+                                        "from it with --init-from)")
             raise CorruptCheckpoint(f"{ckpt} is incomplete: {name} is missing")
     # Structure first: it names the damage more precisely than a checksum can ("cut short").
     _check_safetensors(ckpt / "model.safetensors")
@@ -247,12 +250,16 @@ def model_config_dict(config: ModelConfig) -> dict[str, Any]:
 
 
 def latest_checkpoint(run: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest complete checkpoint of a run (LATEST, or the newest step_* folder if LATEST is lost), or None.
+
+    Not verified (see resolve_checkpoint): this answers "does the run hold checkpoints", cheaply.
+    """
     root = checkpoints_dir(run)
     name = _read_pointer(root / "LATEST")
     if name and (root / name / "model.safetensors").exists():
         return root / name
-    return None
+    steps = sorted(p for p in root.glob("step_*") if (p / "model.safetensors").exists()) if root.is_dir() else []
+    return steps[-1] if steps else None
 
 
 def check_new_run_dir(run: str | os.PathLike) -> bool:
