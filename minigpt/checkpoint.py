@@ -216,7 +216,9 @@ def _check_safetensors(path: Path) -> None:
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError):
             raise CorruptCheckpoint(f"{path} is corrupt: its header is garbled") from None
-    if not isinstance(end, int) or 8 + n + end != size:
+    if not isinstance(end, int):
+        raise CorruptCheckpoint(f"{path} is corrupt: its header is garbled")
+    if 8 + n + end != size:
         raise CorruptCheckpoint(f"{path} is corrupt: it holds {size:,} bytes where its header describes "
                                 f"{8 + n + end:,} (cut short or overwritten)")
 

@@ -507,10 +507,17 @@ def test_stopped_and_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path, 
     assert records(tmp_path / "stopped") == records(reference)
 
 
+KILL_CADENCES = dict(max_steps=60, log_every=5, checkpoint_every=7, eval_every=30)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_shards) -> Path:
+    return train(tiny_config(tmp_path_factory.mktemp("uninterrupted") / "run", tiny_shards, **KILL_CADENCES))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_then_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path, tiny_shards, sig):
-    cadences = dict(max_steps=60, log_every=5, checkpoint_every=7, eval_every=30)
-    reference = train(tiny_config(tmp_path / "reference", tiny_shards, **cadences))
+def test_killed_then_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path, tiny_shards, uninterrupted, sig):
+    cadences = KILL_CADENCES
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "minigpt", "train", *train_args(run, tiny_shards, **cadences)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -524,7 +531,7 @@ def test_killed_then_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path, 
     killed_at = int(latest_checkpoint(run).name.split("_")[1])
     assert 21 <= killed_at < 60
     assert cli_main(["train", *train_args(run, tiny_shards, **cadences), "--resume"]) == 0
-    assert records(run) == records(reference)
+    assert records(run) == records(uninterrupted)
 
 
 # ----------------------------------------------------------------------------------------------------------------
