@@ -13,27 +13,48 @@ A run folder:
           model.json           format version, ModelConfig, step, tokenizer hash, validation loss
           trainer.pt           optimizer, gradient scaler, RNG states, data position (tensors and plain values;
                                loaded with weights_only=True, so it cannot run code either)
+          SHA256SUMS           the sha256 of each file above (`sha256sum -c SHA256SUMS` checks them by hand)
         LATEST                 the name of the newest complete checkpoint
         BEST                   the name of the checkpoint with the lowest validation loss
 
 A checkpoint is written into a temporary folder that is renamed into place only when complete, and LATEST is
-replaced atomically afterwards: a crash at any moment leaves the previous checkpoint intact and pointed to.
+replaced atomically afterwards: a crash at any moment leaves the previous checkpoint intact and pointed to. A full
+disk stops the write with one line and removes the partial folder; the previous checkpoint stays as it was.
+
+Loading verifies before it reads: the checksums where SHA256SUMS exists (checkpoints written before it existed
+still load), and the structure always (a safetensors header that describes the file's real size, valid JSON, a
+readable trainer.pt). A run folder resolves to its newest intact checkpoint: when LATEST (or BEST) names a damaged
+one, `resolve_checkpoint` says so in one line and falls back to the next, so `train --resume`, `eval`, `chat`,
+`serve` and `export` all get the same fallback. A checkpoint folder named explicitly is used as it is or refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minigpt.common import UserError, atomic_path, read_json, write_json
+from minigpt.common import UserError, atomic_path, disk_full, print0, read_json, write_json
 from minigpt.model import GPT, ModelConfig
 
 FORMAT_VERSION = 1
+CHECKSUMS = "SHA256SUMS"
+# What `train` writes at the top of a run folder; a new run replaces them only if an earlier minigpt run wrote them.
+RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "tokenizer.json", "tokenizer.vocab")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files are missing, cut short, garbled or changed since they were written."""
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -53,7 +74,10 @@ def checkpoints_dir(run: str | os.PathLike) -> Path:
 
 def save_checkpoint(run: str | os.PathLike, model: torch.nn.Module, step: int, meta: dict[str, Any],
                     trainer_state: dict[str, Any] | None = None, keep_last: int = 3, is_best: bool = False) -> Path:
-    """Write checkpoint `step` atomically, point LATEST (and BEST) at it, prune all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically, point LATEST (and BEST) at it, prune all but the newest `keep_last`.
+
+    A full disk raises a UserError saying the previous checkpoint is intact (the partial folder is removed).
+    """
     model = unwrap(model)
     root = checkpoints_dir(run)
     root.mkdir(parents=True, exist_ok=True)
@@ -61,17 +85,28 @@ def save_checkpoint(run: str | os.PathLike, model: torch.nn.Module, step: int, m
     final = root / name
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # The head shares the embedding's storage; safetensors stores each tensor once, so it is left out and re-tied.
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "minigpt", "version": str(FORMAT_VERSION)})
-    write_json(tmp / "model.json", {"format": "minigpt-checkpoint", "version": FORMAT_VERSION, "step": step,
-                                    "model": model_config_dict(model.config), **meta})
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        tmp.mkdir()
+        # The head shares the embedding's storage; safetensors stores each tensor once, so it is left out and re-tied.
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "minigpt", "version": str(FORMAT_VERSION)})
+        write_json(tmp / "model.json", {"format": "minigpt-checkpoint", "version": FORMAT_VERSION, "step": step,
+                                        "model": model_config_dict(model.config), **meta})
+        if trainer_state is not None:
+            with open(tmp / "trainer.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
+                torch.save(trainer_state, f)
+        _write_checksums(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            previous = _read_pointer(root / "LATEST")
+            kept = f"the previous checkpoint {root / previous} is intact" if previous else "no checkpoint was kept"
+            raise UserError(f"disk full while writing checkpoint {name} in {root}: {kept}; free some space, then "
+                            "continue with --resume") from None
+        raise
     if final.exists():  # re-saving a step (e.g. after a resume): replace it as a whole
         old = root / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -80,11 +115,112 @@ def save_checkpoint(run: str | os.PathLike, model: torch.nn.Module, step: int, m
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+    _fsync_dir(root)  # the rename itself reaches the disk before LATEST names the new folder
     _write_pointer(root / "LATEST", name)
     if is_best:
         _write_pointer(root / "BEST", name)
     _prune(root, keep_last)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms (Windows): nothing to sync there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checksums and structure: what makes a checkpoint intact
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS)
+    (folder / CHECKSUMS).write_text("".join(f"{file_sha256(p)}  {p.name}\n" for p in files))
+
+
+def _read_checksums(ckpt: Path) -> dict[str, str] | None:
+    """name -> sha256 from SHA256SUMS (sha256sum's format), or None for a checkpoint written without one."""
+    path = ckpt / CHECKSUMS
+    if not path.exists():
+        return None
+    sums = {}
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except (UnicodeDecodeError, OSError):
+        raise CorruptCheckpoint(f"{path} is unreadable") from None
+    for lineno, line in enumerate(lines, 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise CorruptCheckpoint(f"{path} is damaged at line {lineno}")
+        sums[name] = digest
+    return sums
+
+
+def verify_checkpoint(ckpt: Path, need_trainer: bool = False) -> None:
+    """Raise CorruptCheckpoint (one line naming the file) unless the files a load needs are intact.
+
+    The structure is checked always (cheap: headers only); checksums too where SHA256SUMS exists.
+    `need_trainer`: trainer.pt too (resuming needs it, loading the model does not).
+    """
+    needed = ["model.json", "model.safetensors"] + (["trainer.pt"] if need_trainer else [])
+    for name in needed:
+        if not (ckpt / name).is_file():
+            if name == "trainer.pt":
+                raise CorruptCheckpoint(f"{ckpt} has no trainer state to resume from (weights only: start a new run "
+                                        "from it with --init-from)")
+            raise CorruptCheckpoint(f"{ckpt} is incomplete: {name} is missing")
+    # Structure first: it names the damage more precisely than a checksum can ("cut short").
+    _check_safetensors(ckpt / "model.safetensors")
+    try:
+        read_checkpoint_meta(ckpt)
+    except UserError as exc:
+        raise CorruptCheckpoint(str(exc)) from None
+    if need_trainer:
+        try:
+            zipfile.ZipFile(ckpt / "trainer.pt").close()  # torch.save writes a zip: a cut file has no directory
+        except (zipfile.BadZipFile, OSError):
+            raise CorruptCheckpoint(f"{ckpt / 'trainer.pt'} is corrupt: cut short or not written by torch.save") \
+                from None
+    sums = _read_checksums(ckpt)
+    if sums is not None:
+        for name in needed:
+            if name not in sums:
+                raise CorruptCheckpoint(f"{ckpt / CHECKSUMS} has no checksum for {name}")
+            if file_sha256(ckpt / name) != sums[name]:
+                raise CorruptCheckpoint(f"{ckpt / name} is corrupt: its sha256 differs from the one in {CHECKSUMS} "
+                                        "(the file changed after it was written)")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and describes exactly the bytes the file holds (a cut or padded file does not)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise CorruptCheckpoint(f"{path} is corrupt: its header is cut short or garbled ({size:,} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError):
+            raise CorruptCheckpoint(f"{path} is corrupt: its header is garbled") from None
+    if not isinstance(end, int):
+        raise CorruptCheckpoint(f"{path} is corrupt: its header is garbled")
+    if 8 + n + end != size:
+        raise CorruptCheckpoint(f"{path} is corrupt: it holds {size:,} bytes where its header describes "
+                                f"{8 + n + end:,} (cut short or overwritten)")
 
 
 def _write_pointer(path: Path, name: str) -> None:
@@ -93,7 +229,12 @@ def _write_pointer(path: Path, name: str) -> None:
 
 
 def _read_pointer(path: Path) -> str | None:
-    return path.read_text().strip() if path.exists() else None
+    """The checkpoint name in LATEST or BEST; None when absent or not a plain folder name (a damaged pointer)."""
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name and "/" not in name and "\\" not in name and not name.startswith(".") else None
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -111,38 +252,95 @@ def model_config_dict(config: ModelConfig) -> dict[str, Any]:
 
 
 def latest_checkpoint(run: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest complete checkpoint of a run (LATEST, or the newest step_* folder if LATEST is lost), or None.
+
+    Not verified (see resolve_checkpoint): this answers "does the run hold checkpoints", cheaply.
+    """
     root = checkpoints_dir(run)
     name = _read_pointer(root / "LATEST")
     if name and (root / name / "model.safetensors").exists():
         return root / name
-    return None
+    steps = sorted(p for p in root.glob("step_*") if (p / "model.safetensors").exists()) if root.is_dir() else []
+    return steps[-1] if steps else None
 
 
-def resolve_checkpoint(path: str | os.PathLike, which: str = "latest") -> Path:
-    """A run folder (its LATEST or BEST checkpoint) or a checkpoint folder -> the checkpoint folder."""
+def check_new_run_dir(run: str | os.PathLike) -> bool:
+    """Refuse (UserError) to start a run in a folder where it would replace files minigpt did not write.
+
+    True when the folder holds an earlier run that stopped before its first checkpoint (its config.json says it is
+    a minigpt run): those files are the run's own and are replaced. Files of other names are never touched.
+    """
+    run = Path(run)
+    if not run.exists():
+        return False
+    if not run.is_dir():
+        raise UserError(f"{run} exists and is not a folder: choose another --run-dir")
+    present = [name for name in RUN_FILES if (run / name).exists()]
+    if not present:
+        return False
+    try:
+        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        ours = isinstance(config, dict) and config.get("stage") in ("train", "sft") and "resolved" in config
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ours = False
+    if not ours:
+        raise UserError(f"{run} already holds {', '.join(present)}, not from a minigpt run: choose another --run-dir "
+                        "(nothing was changed)")
+    return True
+
+
+def resolve_checkpoint(path: str | os.PathLike, which: str = "latest", need_trainer: bool = False) -> Path:
+    """A run folder (its LATEST or BEST checkpoint) or a checkpoint folder -> the checkpoint folder, verified.
+
+    From a run folder, a damaged checkpoint is reported in one line and the newest intact one is used instead;
+    a checkpoint folder, or one named with `which` (step_N), that is damaged raises CorruptCheckpoint.
+    `need_trainer` also requires an intact trainer.pt (resuming).
+    """
     path = Path(path)
-    if (path / "model.safetensors").exists():
-        return path
+    if (path / "model.safetensors").exists() or (path / "model.json").exists():
+        return _verified(path, need_trainer)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a run folder or a checkpoint folder")
     root = checkpoints_dir(path)
     if which not in ("latest", "best"):
         named = root / which
-        if (named / "model.safetensors").exists():
-            return named
+        if (named / "model.safetensors").exists() or (named / "model.json").exists():
+            return _verified(named, need_trainer)
         raise UserError(f"{path} has no checkpoint {which!r}")
-    name = _read_pointer(root / which.upper())
-    if name is None and which == "best":
-        name = _read_pointer(root / "LATEST")
-    if name is None or not (root / name / "model.safetensors").exists():
-        raise UserError(f"{path} holds no checkpoint: train first (minigpt train --run-dir {path})")
-    return root / name
+    pointed = _read_pointer(root / which.upper())
+    if pointed is None and which == "best":
+        pointed = _read_pointer(root / "LATEST")
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    candidates = ([root / pointed] if pointed else []) + [p for p in steps if p.name != pointed]
+    problems = []
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt, need_trainer)
+        except CorruptCheckpoint as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            print0(f"warning: {problems[0]}{more}: using the newest intact checkpoint, {ckpt}", file=sys.stderr)
+        return ckpt
+    if problems:
+        raise CorruptCheckpoint(f"{path} holds no intact checkpoint: {'; '.join(problems)}")
+    raise UserError(f"{path} holds no checkpoint: train first (minigpt train --run-dir {path})")
+
+
+def _verified(ckpt: Path, need_trainer: bool) -> Path:
+    try:
+        verify_checkpoint(ckpt, need_trainer)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{exc}; name another checkpoint, or give the run folder to use its newest intact "
+                                "one") from None
+    return ckpt
 
 
 def read_checkpoint_meta(ckpt: Path) -> dict[str, Any]:
     meta = read_json(ckpt / "model.json")
-    if meta.get("format") != "minigpt-checkpoint" or meta.get("version", 0) > FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != "minigpt-checkpoint" \
+            or not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > FORMAT_VERSION:
         raise UserError(f"{ckpt} is not a minigpt checkpoint this version can read")
     return meta
 
@@ -157,9 +355,23 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", whic
     config = from_dict(ModelConfig, meta["model"])
     with torch.device("meta"):
         model = GPT(config)
-    weights = load_file(ckpt / "model.safetensors", device=str(device))
+    try:
+        weights = load_file(ckpt / "model.safetensors", device=str(device))
+    except SafetensorError as exc:
+        raise CorruptCheckpoint(f"{ckpt / 'model.safetensors'} is unreadable ({exc})") from None
+    # Without checksums (checkpoints from before them) garbage in the tensor data shows only as non-finite values.
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CorruptCheckpoint(f"{ckpt / 'model.safetensors'} is corrupt: {bad} holds NaN or infinite values")
+    if "wte.weight" not in weights:
+        raise CorruptCheckpoint(f"{ckpt / 'model.safetensors'} has no token embedding (wte.weight)")
     weights["lm_head.weight"] = weights["wte.weight"]
-    model.load_state_dict(weights, assign=True)
+    try:
+        model.load_state_dict(weights, assign=True)
+    except RuntimeError as exc:  # names or shapes that do not fit model.json's configuration
+        first = str(exc).strip().splitlines()
+        raise CorruptCheckpoint(f"{ckpt}: the weights do not fit the model in model.json "
+                                f"({first[1].strip() if len(first) > 1 else first[0]})") from None
     model.lm_head.weight = model.wte.weight  # assign=True replaced the parameter objects: tie them again
     if dtype is not None:
         model = model.to(dtype)
@@ -168,10 +380,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", whic
 
 
 def load_trainer_state(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Optimizer, scaler, RNG and data state, loaded with weights_only=True: tensors and plain values, never code."""
     path = ckpt / "trainer.pt"
     if not path.exists():
         raise UserError(f"{ckpt} has no trainer state to resume from (weights only)")
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, i.e. running whatever code the file holds: never.
+        raise UserError(f"{path} holds objects other than tensors and plain values: refused, since loading it "
+                        "could run code; resume from a checkpoint minigpt wrote") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptCheckpoint(f"{path} is corrupt ({first})") from None
 
 
 def run_tokenizer_path(run: str | os.PathLike) -> Path:

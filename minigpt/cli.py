@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
-from minigpt.common import UserError
+from minigpt.common import UserError, disk_full
 
 # (command, module, one line of help), in the order data flows through the project.
 STAGES: list[tuple[str, str, str]] = [
@@ -62,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except UserError as exc:
         print(f"minigpt {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        # A backstop: stages that write much (checkpoints) say more themselves. Files are replaced atomically, so
+        # what was there before the failed write is still there.
+        where = f" writing into {Path(full.filename).parent}" if isinstance(full, OSError) and full.filename else ""
+        print(f"minigpt {name}: error: disk full{where}: free some space, then run the command again",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"minigpt {name}: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ Kept deliberately small; anything stage-specific lives in that stage's module.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -134,9 +135,30 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise UserError(f"{path} does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a JSON file (not UTF-8 text)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a JSON file") from None
+
+
+def disk_full(exc: BaseException) -> BaseException | None:
+    """The error in `exc`'s chain that says the disk (or quota) is full, or None.
+
+    Python raises OSError(ENOSPC); torch.save wraps that OSError in a RuntimeError (kept as its context) and
+    safetensors reports it only in its message, so both the chain and the text are looked at.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        if any(text in str(exc) for text in ("No space left on device", "Disk quota exceeded")):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ without biases exports zero biases, which computes the same function. The tokeni
 hf_tokenizer.py, the two commands' flags in hf_export.py and hf_import.py; what each exported file holds, and the
 limits, are in docs/interop.md.
 
-Importing this module imports neither `transformers` nor `tokenizers`: tensors and JSON are plain data, and the
-tokenizer library is loaded only by an export.
+Importing this module imports neither `transformers` nor `tokenizers`, and an export needs neither: tensors and
+JSON are plain data (hf_tokenizer.py writes `tokenizer.json` itself).
 """
 
 from __future__ import annotations

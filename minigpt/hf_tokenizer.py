@@ -1,6 +1,7 @@
 """Our tokenizer <-> Hugging Face's tokenizer files, both ways, with nothing lost.
 
-Export (`to_hf_tokenizer`, `save_hf_tokenizer`) builds a `tokenizers.Tokenizer` from our vocabulary:
+Export (`tokenizer_json`, `save_hf_tokenizer`) writes the `tokenizer.json` that `tokenizers` reads, as plain JSON
+(no library needed: export works on a base install; a test checks it equals what `tokenizers` itself builds):
 
     our ranks ----derive_merges----> BPE vocab + merges (tokens spelt in GPT-2's byte-to-character alphabet)
     our regex ----------------------> pre-tokenizer: ByteLevel (GPT-2's pattern) or Split(regex) + ByteLevel
@@ -17,7 +18,7 @@ Import (`load_hf_tokenizer`) reads `tokenizer.json`, or GPT-2's `vocab.json` + `
 our format represents exactly: a byte-level BPE whose ids are its merge order, all 256 single bytes, a known
 pre-split pattern, special tokens after the ordinary ones, and merges equal to the ones derived from the ranks.
 
-`tokenizers` is imported inside the functions that need it; reading files for import needs no library at all.
+Neither direction needs `tokenizers`: only `to_hf_tokenizer`, which returns a live `tokenizers.Tokenizer`, imports it.
 """
 
 from __future__ import annotations
@@ -98,35 +99,47 @@ def _pattern_name(pattern: str) -> str | None:
 # Export
 
 
-def to_hf_tokenizer(tok: Tokenizer):
-    """A `tokenizers.Tokenizer` that encodes and decodes exactly as `tok` does (special tokens included)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
+def tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
+    """The content of `tokenizer.json`: a byte-level BPE that encodes and decodes exactly as `tok` does."""
     vocab = ordinary_tokens(tok)
     try:
         merges = derive_merges(vocab)
     except ValueError as exc:
         raise UserError(f"tokenizer {tok.name} cannot be written as Hugging Face BPE: {exc}") from None
     chars = [to_chars(t) for t in vocab]
-    # ignore_merges: a piece that is itself a token is that token, as in tiktoken (and Llama 3's tokenizer.json).
-    model = models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[(chars[a], chars[b]) for a, b in merges],
-                       ignore_merges=True)
-    hf = HFTokenizer(model)
-    if tok.pattern == PATTERNS["gpt2"]:
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's own regex
+    if tok.pattern == PATTERNS["gpt2"]:  # ByteLevel's own regex is GPT-2's
+        pre_tokenizer: dict[str, Any] = _byte_level(use_regex=True)
     else:
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(hf_pattern(tok.pattern)), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf.decoder = decoders.ByteLevel()
-    hf.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no tokens
-    specials = tok.special_tokens
-    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    got = {s: hf.token_to_id(s) for s in specials}
-    if got != specials:  # cannot happen unless `tokenizers` changes how added tokens are numbered
-        raise RuntimeError(f"special token ids moved when converting: {got} != {specials}")
-    return hf
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": hf_pattern(tok.pattern)}, "behavior": "Isolated",
+             "invert": False},
+            _byte_level(use_regex=False)]}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for s, i in tok.special_tokens.items()],
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        # offsets only; adds no tokens
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        # ignore_merges: a piece that is itself a token is that token, as in tiktoken (and Llama 3's tokenizer.json)
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {c: i for i, c in enumerate(chars)},
+                  "merges": [[chars[a], chars[b]] for a, b in merges]},
+    }
+
+
+def _byte_level(use_regex: bool) -> dict[str, Any]:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+def to_hf_tokenizer(tok: Tokenizer):
+    """A live `tokenizers.Tokenizer` (needs the library) built from `tokenizer_json`."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_str(json.dumps(tokenizer_json(tok)))
 
 
 def chat_template(tok: Tokenizer) -> str | None:
@@ -169,7 +182,7 @@ def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict[str, Any]:
 def save_hf_tokenizer(tok: Tokenizer, folder: str | Path, model_max_length: int) -> list[str]:
     """Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`; returns the names."""
     folder = Path(folder)
-    to_hf_tokenizer(tok).save(str(folder / "tokenizer.json"))
+    write_json(folder / "tokenizer.json", tokenizer_json(tok))
     write_json(folder / "tokenizer_config.json", tokenizer_config(tok, model_max_length))
     write_json(folder / "special_tokens_map.json", {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT,
                                                     "pad_token": ENDOFTEXT})

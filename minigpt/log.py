@@ -2,6 +2,10 @@
 
 Every stage logs through `MetricsLogger`; reports and plots read the JSONL file, never the stage's internals.
 Only rank 0 writes; other ranks get a logger that does nothing.
+
+A line is appended with one write and cut back off if that write fails (a full disk), so the file holds whole
+records only. A line torn anyway (the machine lost power mid-write, or an older version hit a full disk) is skipped
+by `read_metrics` and dropped, with one line saying so, when a run resumes.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,19 +44,35 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past `step`: a resumed run logs those steps again."""
+        """Drop records past `step` (a resumed run logs those steps again) and any torn line, saying so."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        records, torn = _parse(self.path.read_bytes())
+        kept = [line for line, record in records if record.get("step", 0) <= step]
+        if torn:
+            first = torn[0][1][:60]
+            print(f"{self.path}: dropped {len(torn)} unreadable line{'s' if len(torn) > 1 else ''} (line "
+                  f"{torn[0][0]}: {first!r}), left by a write that was cut short", file=sys.stderr, flush=True)
         with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {**record, "time": round(time.time(), 3)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+            except OSError:
+                os.ftruncate(fd, end)  # a full disk must not leave half a record behind
+                raise
+        finally:
+            os.close(fd)
         if self._tb is not None and "step" in record:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "time") and math.isfinite(value):
@@ -62,13 +83,31 @@ class MetricsLogger:
             self._tb.close()
 
 
+def _parse(raw: bytes) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[int, str]]]:
+    """(line, record) for each whole record; (line number, text) for each line that is not one."""
+    records, torn = [], []
+    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append((line, record))
+        else:
+            torn.append((lineno, line))
+    return records, torn
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or of the one in a run folder); torn lines are skipped."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _parse(path.read_bytes())[0]]
 
 
 def plot_loss_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> Path | None:

@@ -47,7 +47,7 @@ def _finished(run: Path, steps: int) -> bool:
 
 def quickstart(cfg: QuickstartConfig) -> Path:
     from minigpt.sft import SFTConfig, finetune
-    from minigpt.train import TrainConfig, train
+    from minigpt.train import TrainConfig, build_data, train
 
     root = Path(cfg.run_dir)
     base, chat = root / "base", root / "chat"
@@ -56,10 +56,14 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     if _finished(base, cfg.pretrain_steps):
         print0(f"pretraining already done ({cfg.pretrain_steps} steps): skipped")
     else:
-        train(TrainConfig(run_dir=str(base), data=str(root / "data"), model=ModelConfig.from_preset("tiny"),
-                          max_steps=cfg.pretrain_steps, warmup_steps=min(50, cfg.pretrain_steps // 10),
-                          eval_every=max(cfg.pretrain_steps // 5, 1), checkpoint_every=max(cfg.pretrain_steps // 5, 1),
-                          device=cfg.device, seed=cfg.seed, resume=True))
+        pretrain = TrainConfig(run_dir=str(base), data=str(root / "data"), model=ModelConfig.from_preset("tiny"),
+                               max_steps=cfg.pretrain_steps, warmup_steps=min(50, cfg.pretrain_steps // 10),
+                               eval_every=max(cfg.pretrain_steps // 5, 1),
+                               checkpoint_every=max(cfg.pretrain_steps // 5, 1), device=cfg.device, seed=cfg.seed,
+                               resume=True)
+        if not (root / "data" / "meta.json").exists():
+            build_data(pretrain)  # train builds only its default --data; this folder is the quickstart's own
+        train(pretrain)
 
     print0(f"== 3. fine-tuning into a chatbot -> {chat}")
     if _finished(chat, cfg.sft_steps):

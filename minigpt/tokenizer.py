@@ -32,7 +32,7 @@ import regex
 import tiktoken
 
 from minigpt import _bpe
-from minigpt.common import UserError, atomic_path, read_json, write_json
+from minigpt.common import UserError, atomic_path, read_json
 from minigpt.common import progress as progress_bar  # `progress` is also Tokenizer.train's flag
 
 # The pre-split patterns: GPT-2's (as tiktoken writes it for r50k/gpt2) and GPT-4's cl100k_base.
@@ -48,6 +48,10 @@ DEFAULT_SPECIALS = (ENDOFTEXT, *CHAT_TOKENS)
 FORMAT, VERSION = "minigpt-tokenizer", 1
 
 AllowedSpecial = AbstractSet[str] | Literal["all"]
+
+
+class NoText(UserError):
+    """Tokenizer training was given no document at all (empty, binary or non-UTF-8 inputs only)."""
 
 
 class Tokenizer:
@@ -112,6 +116,8 @@ class Tokenizer:
         with progress_bar(desc="reading text", unit="B", unit_scale=True, disable=quiet) as bar:
             chunks, n_docs, n_bytes = _bpe.count_chunks(texts, PATTERNS[pattern], workers=workers,
                                                         on_bytes=bar.update)
+        if n_docs == 0:  # 0 merges from nothing would make a byte-only vocabulary that looks like a success
+            raise NoText("no text to train on (0 documents)")
         words = [c.encode("utf-8") for c in chunks]
         freqs = list(chunks.values())
         del chunks
@@ -184,11 +190,16 @@ class Tokenizer:
                 "special_tokens": dict(self._special), "training": self._info, "vocab": self._vocab_b64()}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the JSON file atomically, and a readable dump beside it (same name, `.vocab`). Returns the path."""
+        """Write the JSON file and a readable dump beside it (same name, `.vocab`). Returns the path.
+
+        Both are written in full before either replaces anything: a failure (a full disk) leaves the old pair.
+        """
         path = Path(path)
-        write_json(path, self.to_dict())
-        with atomic_path(path.with_suffix(".vocab")) as tmp:
-            tmp.write_text(self._dump(), encoding="utf-8")
+        if path.suffix == ".vocab":
+            raise UserError(f"{path}: a tokenizer file may not end in .vocab (its readable dump takes that name)")
+        with atomic_path(path) as tmp_json, atomic_path(path.with_suffix(".vocab")) as tmp_vocab:
+            tmp_json.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+            tmp_vocab.write_text(self._dump(), encoding="utf-8")
         return path
 
     def _vocab_b64(self) -> list[str]:
@@ -409,14 +420,55 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return Tokenizer.load(spec)
 
 
-def _documents(sources: Sequence[str], text_field: str) -> Iterator[str]:
-    """The texts of every source, read by corpus.py: bundled names, files, folders, globs, .jsonl, .parquet."""
+def _documents(sources: Sequence[str], text_field: str, skipped=None) -> Iterator[str]:
+    """The texts of every source, read by corpus.py: bundled names, files, folders, globs, .jsonl, .parquet.
+
+    `skipped` (a corpus.Skipped) counts the empty, binary and non-UTF-8 inputs left out.
+    """
     from minigpt import corpus
 
     for source in sources:
         corpus.check_source(source)
     for source in sources:
-        yield from corpus.load_documents(source, text_field)
+        for doc in corpus.iter_documents(source, text_field, skipped):
+            yield doc.text
+
+
+def _skipped_note(skipped) -> str:
+    parts = [f"{n} {what}" for n, what in ((skipped.empty, "empty"), (skipped.binary, "binary"),
+                                           (skipped.non_utf8, "not UTF-8")) if n]
+    return f"{skipped.total()} input{'s' if skipped.total() > 1 else ''} skipped ({', '.join(parts)})" if parts else ""
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse, before any work, to replace a file that is not an earlier tokenizer (unless forced)."""
+    if out.suffix == ".vocab":
+        raise UserError(f"--out {out}: a tokenizer file may not end in .vocab (its readable dump takes that name)")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give the file to write, e.g. {out / 'tokenizer.json'}")
+    if force:
+        return
+    for path, ours in ((out, _is_tokenizer_file), (out.with_suffix(".vocab"), _is_vocab_dump)):
+        if path.exists() and not ours(path):
+            raise UserError(f"{path} exists and is not a minigpt tokenizer file: refusing to replace it (choose "
+                            "another --out, or pass --force)")
+
+
+def _is_tokenizer_file(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def _is_vocab_dump(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(4096).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first.startswith("# ") and "  hash " in first and "  n_vocab " in first
 
 
 def add_arguments(parser) -> None:
@@ -433,6 +485,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--out", default="runs/tokenizer/tokenizer.json", help="tokenizer file to write; a .vocab dump "
                    "goes beside it (default: runs/tokenizer/tokenizer.json)")
     p.add_argument("--name", help="name stored in the file (default: bpe-PATTERN-SIZE)")
+    p.add_argument("--force", action="store_true", help="replace --out (and its .vocab) even if they are not an "
+                   "earlier tokenizer's files")
     p.add_argument("--workers", type=int, default=2, help="processes splitting the text (default: 2)")
     p.add_argument("--engine", choices=["auto", "c", "python"], default="auto",
                    help="merge loop: compiled C when built (auto), or insist on one (default: auto)")
@@ -458,12 +512,22 @@ def main(args) -> None:
         sources = ([args.corpus] if args.corpus else []) + list(args.inputs)
         if not sources:
             raise UserError("give corpora, files, folders or globs to train on (for example: wiki)")
-        documents = lambda: _documents(sources, args.text_field)  # noqa: E731
+        from minigpt.corpus import Skipped
+
+        _check_out(Path(args.out), args.force)
         compiled = {"auto": None, "c": True, "python": False}[args.engine]
         if compiled and _bpe._bpe_c is None:
             raise UserError("--engine c: the compiled extension minigpt._bpe_c is not built (pip install -e .)")
-        tok = Tokenizer.train(documents(), args.vocab_size, pattern=args.pattern, name=args.name,
-                              workers=args.workers, compiled=compiled)
+        skipped = Skipped()
+        try:
+            tok = Tokenizer.train(_documents(sources, args.text_field, skipped), args.vocab_size,
+                                  pattern=args.pattern, name=args.name, workers=args.workers, compiled=compiled)
+        except NoText:
+            raise NoText(f"no text to train on in {', '.join(sources)}: "
+                         f"{_skipped_note(skipped) or 'no .txt, .md, .jsonl or .parquet files with text'}; "
+                         "tokenizer training reads UTF-8 text") from None
+        if skipped.total():
+            print(f"warning: {_skipped_note(skipped)}: tokenizer training reads UTF-8 text only", file=sys.stderr)
         out = tok.save(args.out)
         info = tok.info
         print(f"wrote {out} (+ {out.with_suffix('.vocab').name}): {tok.n_vocab} ids, hash {tok.hash}; "

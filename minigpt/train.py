@@ -30,11 +30,20 @@ import torch
 import torch.distributed as dist
 
 from minigpt import config as configlib
-from minigpt.checkpoint import latest_checkpoint, load_model, load_trainer_state, save_checkpoint
+from minigpt.checkpoint import (
+    check_new_run_dir,
+    latest_checkpoint,
+    load_model,
+    load_trainer_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from minigpt.common import UserError, pick_device, print0, progress, seed_everything, write_json
 from minigpt.config import opt
 from minigpt.log import MetricsLogger, plot_loss_curves
 from minigpt.model import GPT, ModelConfig, logit_chunk_rows
+
+DEFAULT_DATA = "data/wiki-bpe8k"
 
 
 @dataclasses.dataclass
@@ -42,8 +51,9 @@ class TrainConfig:
     """Settings of `minigpt train` (and the base of `minigpt sft`)."""
 
     run_dir: str = opt("runs/tiny", "folder for checkpoints, logs and plots")
-    data: str = opt("data/wiki-bpe8k", "token shards folder (minigpt prepare); built from --corpus if missing")
-    corpus: list[str] = opt(["wiki"], "corpora to prepare --data from when it does not exist yet")
+    data: str = opt(DEFAULT_DATA, "token shards folder (minigpt prepare); the default one is built from --corpus "
+                                  "on first use, any other must exist")
+    corpus: list[str] = opt(["wiki"], "corpora the default --data is built from on first use")
     vocab_size: int = opt(8192, "vocabulary of the BPE tokenizer trained for --corpus (0: GPT-2's own)")
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.from_preset("tiny"))
     init_from: str = opt("", "start from this run's or checkpoint's weights instead of random ones")
@@ -91,6 +101,10 @@ class TrainConfig:
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, not {value}")
         for name in ("batch_size", "max_steps", "log_every", "eval_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -269,8 +283,15 @@ def pretraining_data(cfg: TrainConfig, rt: Runtime, seq_len: int, precision: str
     from minigpt.shards import shards_tokenizer
 
     if not (Path(cfg.data) / "meta.json").exists():
-        if not cfg.corpus:
-            raise UserError(f"{cfg.data} holds no shards: run minigpt prepare, or give --corpus")
+        # Only the default folder is built implicitly: a --data of the user's own that holds no shards is a typo or
+        # a wrong folder, and building a corpus into it would hide that (and write where nobody asked).
+        if not cfg.corpus or cfg.data != DEFAULT_DATA:
+            if not Path(cfg.data).exists():
+                raise UserError(f"{cfg.data} holds no shards (it does not exist): make them with minigpt prepare "
+                                f"--sources ... --out {cfg.data}, or leave out --data to use the bundled corpus")
+            what = "a file" if Path(cfg.data).is_file() else "a folder without meta.json"
+            raise UserError(f"{cfg.data} holds no shards ({what}): to train on its text, make shards of it first "
+                            f"with minigpt prepare --sources {cfg.data} --out DIR, then pass --data DIR")
         if rt.rank == 0:
             build_data(cfg)
         barrier(rt)
@@ -315,8 +336,12 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     if resume_from is not None and not cfg.resume:
         raise UserError(f"{run} already holds checkpoints (latest: {resume_from.name}): pass --resume to continue "
                         "it, or choose another --run-dir")
-    if resume_from is None and cfg.resume:
-        print0(f"{run} has no checkpoint yet: starting a new run")
+    if resume_from is None:
+        restarted = check_new_run_dir(run)  # never replace files another program (or the user) wrote
+        if cfg.resume or restarted:
+            print0(f"{run} has no checkpoint yet: starting a new run")
+    else:  # the newest checkpoint that is intact, trainer state included (a damaged one is named and skipped)
+        resume_from = resolve_checkpoint(run, "latest", need_trainer=True)
 
     if cfg.eval_tasks:
         from minigpt.tasks import check_task_names
@@ -356,6 +381,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     start_step, best_val = 0, math.inf
     tokens_seen = 0
     skipped_steps = 0  # fp16 steps whose update the gradient scaler dropped (an overflow): not counted as progress
+    state: dict[str, Any] = {}
     if resume_from is not None:
         state = load_trainer_state(resume_from, rt.device)
         optimizer.load_state_dict(state["optimizer"])
@@ -398,7 +424,10 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
         if rt.rank == 0:
             trainer_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                              "data": data.train.state_dict(), "rng_cpu": torch.get_rng_state(), "step": step,
-                             "best_val": best_val, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps}
+                             "best_val": best_val, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
+                             # the training-loss window not yet logged: a resumed run logs the same averages
+                             "loss_window": loss_window.detach().cpu().clone(), "window_steps": window_steps,
+                             "window_tokens": window_tokens}
             if rt.device.type == "cuda":
                 trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
             meta = {"stage": stage, "tokenizer_hash": tokenizer.hash, "val_loss": val_loss,
@@ -435,6 +464,9 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     bar = progress(total=cfg.max_steps, desc=stage, unit="step", initial=start_step)
     loss_window = torch.zeros((), device=rt.device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    if "loss_window" in state:  # checkpoints from before this field start a fresh window
+        loss_window += state["loss_window"].to(rt.device)
+        window_steps, window_tokens = int(state["window_steps"]), int(state["window_tokens"])
     checkpoint_steps = cfg.checkpoint_every or max(cfg.max_steps // 10, 1)
     skipped_in_a_row = 0
     last_save = time.monotonic()
