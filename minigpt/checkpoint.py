@@ -36,6 +36,7 @@ import os
 import pickle
 import shutil
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -79,19 +80,26 @@ def save_checkpoint(run: str | os.PathLike, model: torch.nn.Module, step: int, m
     A full disk raises a UserError saying the previous checkpoint is intact (the partial folder is removed).
     """
     model = unwrap(model)
+    # The head shares the embedding's storage; safetensors stores each tensor once, so it is left out and re-tied.
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return _write_checkpoint(run, weights, model.config, step, meta, trainer_state, keep_last, is_best)
+
+
+def _write_checkpoint(run: str | os.PathLike, weights: dict[str, torch.Tensor], config: ModelConfig, step: int,
+                      meta: dict[str, Any], trainer_state: dict[str, Any] | None, keep_last: int,
+                      is_best: bool) -> Path:
     root = checkpoints_dir(run)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final = root / name
     tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".step_*.tmp"):  # one save at a time: any other is what a killed process left
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir()
-        # The head shares the embedding's storage; safetensors stores each tensor once, so it is left out and re-tied.
-        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         save_file(weights, tmp / "model.safetensors", metadata={"format": "minigpt", "version": str(FORMAT_VERSION)})
         write_json(tmp / "model.json", {"format": "minigpt-checkpoint", "version": FORMAT_VERSION, "step": step,
-                                        "model": model_config_dict(model.config), **meta})
+                                        "model": model_config_dict(config), **meta})
         if trainer_state is not None:
             with open(tmp / "trainer.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
                 torch.save(trainer_state, f)
@@ -121,6 +129,58 @@ def save_checkpoint(run: str | os.PathLike, model: torch.nn.Module, step: int, m
         _write_pointer(root / "BEST", name)
     _prune(root, keep_last)
     return final
+
+
+class BackgroundSaver:
+    """Checkpoints written on a thread, so a long run pays only for copying its state to host memory.
+
+    `save` copies the weights and the trainer state (optimizer moments included) to the CPU, then writes them
+    while training goes on: at GPT-2 124M that is 1.5 GB, several seconds of disk writes and hashing that a
+    synchronous save would add to every checkpoint step. One save runs at a time: the next waits for the one before.
+    An error in the writer (a full disk) is raised by the next `save` or by `wait`, which the loop calls at its end.
+    The files and their order of appearance are those of `save_checkpoint`: LATEST moves only after the folder is
+    complete, so a crash during a background write leaves the previous checkpoint in place.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, run: str | os.PathLike, model: torch.nn.Module, step: int, meta: dict[str, Any],
+             trainer_state: dict[str, Any] | None = None, keep_last: int = 3, is_best: bool = False) -> None:
+        self.wait()
+        model = unwrap(model)
+        weights = {k: _host_copy(v) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        state = _host_copy(trainer_state)
+        args = (run, weights, model.config, step, dict(meta), state, keep_last, is_best)
+        self._thread = threading.Thread(target=self._write, args=args, name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
+
+    def _write(self, *args: Any) -> None:
+        try:
+            _write_checkpoint(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the save in flight is on disk; raise its error, if it had one (and `raise_error`)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None and raise_error:
+            error, self._error = self._error, None
+            raise error
+
+
+def _host_copy(value: Any) -> Any:
+    """A deep copy of tensors (on the CPU) inside dicts, lists and tuples; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True).contiguous()
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return value
 
 
 def _fsync_dir(path: Path) -> None:

@@ -31,12 +31,12 @@ import torch.distributed as dist
 
 from minigpt import config as configlib
 from minigpt.checkpoint import (
+    BackgroundSaver,
     check_new_run_dir,
     latest_checkpoint,
     load_model,
     load_trainer_state,
     resolve_checkpoint,
-    save_checkpoint,
 )
 from minigpt.common import UserError, pick_device, print0, progress, seed_everything, write_json
 from minigpt.config import opt
@@ -416,6 +416,8 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
            f"{tokens_per_micro * accum:,} tokens per step ({accum} micro-batch{'es' if accum > 1 else ''} of "
            f"{cfg.batch_size} x {seq_len} per process); {data.describe}")
 
+    saver = BackgroundSaver()
+
     def checkpoint(step: int, val_loss: float | None) -> None:
         nonlocal best_val
         is_best = val_loss is not None and val_loss < best_val
@@ -432,8 +434,9 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                 trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
             meta = {"stage": stage, "tokenizer_hash": tokenizer.hash, "val_loss": val_loss,
                     "tokens_seen": tokens_seen}
-            save_checkpoint(run, raw_model, step, meta, trainer_state, cfg.keep_last, is_best)
-        barrier(rt)
+            # Copied to host memory here, written on a thread while training goes on; the other ranks never
+            # wait for rank 0's disk (they read nothing it writes until the run ends).
+            saver.save(run, raw_model, step, meta, trainer_state, cfg.keep_last, is_best)
 
     def evaluate_and_sample(step: int) -> dict[str, float]:
         model.eval()
@@ -557,12 +560,16 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
                 last_save = time.monotonic()
                 window_start = time.perf_counter()
     except TrainingDiverged as exc:
+        saver.wait(raise_error=False)
         kept = latest_checkpoint(run)
         raise TrainingDiverged(f"{exc}: stopped; the last good checkpoint is {kept or 'none (none was saved)'}. "
                                "Lower --lr, raise --warmup-steps or use --precision bf16") from None
     finally:
         bar.close()
         logger.close()
+        saver.wait(raise_error=False)  # a save in flight (Ctrl-C, SIGTERM, an error) still reaches the disk
+    saver.wait()  # its error, if it had one (a full disk): the run did not end with its checkpoint
+    barrier(rt)  # every rank returns once the last checkpoint is on disk
     if rt.rank == 0 and last_eval:
         print0(summary_line(run, step, last_eval))
     return run

@@ -489,15 +489,15 @@ def test_a_data_path_that_holds_no_shards_is_refused_at_once(tmp_path, tiny_shar
 def test_stopped_and_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path, tiny_shards, monkeypatch):
     cadences = dict(max_steps=14, log_every=3, checkpoint_every=4, eval_every=5)  # 4 is not a multiple of 3
     reference = train(tiny_config(tmp_path / "reference", tiny_shards, **cadences))
-    real_save = ckptlib.save_checkpoint
+    real_save = ckptlib.BackgroundSaver.save
 
-    def stop_after_step_8(run, model, step, *args, **kwargs):  # the run dies right after its step-8 checkpoint
-        path = real_save(run, model, step, *args, **kwargs)
+    def stop_after_step_8(self, run, model, step, *args, **kwargs):  # the run dies right after its step-8 checkpoint
+        real_save(self, run, model, step, *args, **kwargs)
         if step == 8:
+            self.wait()
             raise KeyboardInterrupt
-        return path
 
-    monkeypatch.setattr("minigpt.train.save_checkpoint", stop_after_step_8)
+    monkeypatch.setattr(ckptlib.BackgroundSaver, "save", stop_after_step_8)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(tmp_path / "stopped", tiny_shards, **cadences))
     monkeypatch.undo()

@@ -253,3 +253,48 @@ def test_shard_token_beyond_the_vocabulary_is_one_line(tmp_path, tiny_shards, ca
     err = [line for line in stderr.splitlines() if "error:" in line]  # the rest is the progress bar
     assert len(err) == 1 and "train_000000.bin" in err[0] and "600" in err[0] and "Traceback" not in stderr
     assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_background_checkpoint_holds_the_state_of_its_step(tmp_path, monkeypatch):
+    """The saver copies weights and optimizer state before training goes on: changing them in place while the
+    write is in flight (as the next optimizer step does) does not reach the files; a writer's error surfaces."""
+    import threading
+
+    from minigpt import checkpoint as ckptlib
+
+    model = GPT(ModelConfig(**SMALL, vocab_size=64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()
+    expected_w = model.h[0].mlp.c_fc.weight.detach().clone()
+    expected_m = optimizer.state[model.h[0].mlp.c_fc.weight]["exp_avg"].clone()
+    gate = threading.Event()
+    real_write = ckptlib._write_checkpoint
+
+    def slow_write(*args):
+        gate.wait(10)  # the write starts only after the state below has changed
+        return real_write(*args)
+
+    monkeypatch.setattr(ckptlib, "_write_checkpoint", slow_write)
+    saver = ckptlib.BackgroundSaver()
+    saver.save(tmp_path, model, 1, {"stage": "test"}, {"optimizer": optimizer.state_dict()})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for state in optimizer.state.values():
+        state["exp_avg"].add_(1.0)
+    gate.set()
+    saver.wait()
+    loaded, _ = load_model(tmp_path / "checkpoints" / "step_00000001")
+    torch.testing.assert_close(loaded.h[0].mlp.c_fc.weight, expected_w)
+    state = torch.load(tmp_path / "checkpoints" / "step_00000001" / "trainer.pt", weights_only=True)
+    index = [i for i, p in enumerate(model.parameters()) if p is model.h[0].mlp.c_fc.weight][0]
+    torch.testing.assert_close(state["optimizer"]["state"][index]["exp_avg"], expected_m)
+
+    def failing_write(*args):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(ckptlib, "_write_checkpoint", failing_write)
+    saver.save(tmp_path, model, 2, {"stage": "test"})
+    with pytest.raises(OSError, match="went away"):
+        saver.wait()
