@@ -167,9 +167,11 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
     P, g, wte = stored_params(cfg), 4 * block_params(cfg), 4 * Vp * C  # g, wte: a block's, the embedding's grads
     state = dict(weights=4 * P, optimizer=8 * P, batch=16 * tok * grad_accum)
     # autocast's copies of the matmul weights: cached until the forward pass leaves autocast, then kept by the
-    # matmuls that saved them for the backward pass (in a checkpointed block none: it remakes its own in turn)
-    copies = 0 if a == 4 else 2 * (12 * C * C * L + Vp * C)
-    copies_kept = 0 if a == 4 else 2 * (12 * C * C + Vp * C) if checkpointing else copies
+    # matmuls that saved them for the backward pass (in a checkpointed block none: it remakes its own in turn);
+    # the chunked loss casts a slice of the head for each chunk instead, a temporary
+    head_copy = 0 if loss_chunk_rows else Vp * C
+    copies = 0 if a == 4 else 2 * (12 * C * C * L + head_copy)
+    copies_kept = 0 if a == 4 else 2 * (12 * C * C + head_copy) if checkpointing else copies
     # per token a block keeps ln_1's and ln_2's inputs (fp32) with their means and 1/stds, c_attn's input, q k v
     # and the attention output, one log-sum-exp per head (fp32), c_fc's input, GELU's input and output
     block = tok * (2 * (4 * C + 8) + a * 14 * C + 4 * H)
@@ -177,15 +179,20 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
     if loss_chunk_rows:  # ln_f's input, and the gradients of the hidden states and of the head (made forward)
         held = 0
         head = tok * (4 * C + 8 + 4 * C) + wte
-        head_forward = tok * 4 * C + 3 * 4 * V * min(loss_chunk_rows, tok)  # the hidden states; a chunk's logits x3
+        # the hidden states, and a chunk's float32 logits with two temporaries of its log-sum-exp, or (autocast)
+        # with the half-precision cast of the head and of the chunk's gradient, if that is more
+        chunk = min(loss_chunk_rows, tok) * V
+        head_forward = tok * 4 * C + 4 * chunk + max(8 * chunk, 0 if a == 4 else 2 * chunk + 2 * V * C)
         head_backward = tok * 4 * C + wte  # both gradients scaled by the incoming one
         embedding_sum = 2 * wte  # the head's gradient and the lookup's, summed in place
     else:  # ln_f's input, the head's input, the log-probabilities, and the logits that train.py's loop holds
-        held = a * Vp * tok  # (in `_`) until the next micro-batch's forward pass
+        held = a * Vp * tok  # (in `_`) until the next micro-batch's forward pass has returned its own
         head = tok * (4 * C + 8 + a * C + 4 * V) + held
-        head_forward = 0 if a == 4 else tok * 4 * V  # the float32 copy of the logits the loss is computed on
+        # the float32 copy of the logits the loss is computed on (autocast), and the previous micro-batch's logits
+        head_forward = (0 if a == 4 else tok * 4 * V) + held
         head_backward = tok * 8 * V  # the loss's gradient and the log-softmax's, float32
-        embedding_sum = 3 * wte  # the head's gradient (transposed: not summed in place), the lookup's, their sum
+        # the head's gradient and the lookup's; in fp32 the head's is a transposed view, so their sum is a third
+        embedding_sum = (3 if a == 4 else 2) * wte
     block_backward = tok * (4 * C + 4 * C * a)  # the residual stream's gradient and one 4C-wide gradient
 
     def at(phase: str, copies: int, gradients: int, activations: int, temporaries: int) -> MemoryEstimate:
@@ -421,7 +428,9 @@ def plan(cfg: PlanConfig) -> Plan:
     compute = train_s * mfu * gpu.peak_flops * cfg.gpus if hours else None
     optimal = compute_optimal_params(compute) if compute else cfg.tokens / OPTIMAL_TOKENS_PER_PARAM
     if cfg.model is not None:
-        model = dataclasses.replace(cfg.model, vocab_size=cfg.vocab_size)
+        model = dataclasses.replace(cfg.model, vocab_size=cfg.vocab_size)  # train.py takes it from the tokenizer
+        if model.gradient_checkpointing and cfg.checkpointing == "auto":  # asked for with the model's own flag
+            cfg = dataclasses.replace(cfg, checkpointing="on")
         if cfg.seq_len > model.block_size:
             raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's context window {model.block_size}: "
                             "raise --model.block-size")
