@@ -19,6 +19,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("quickstart", "minigpt.quickstart", "the whole pipeline on a CPU in minutes: data, pretraining, chat tuning"),
     ("model", "minigpt.model", "show a model shape: parameters per component and FLOPs per token"),
     ("tokenizer", "minigpt.tokenizer", "train a byte-level BPE vocabulary; encode, decode, measure compression"),
+    ("plan", "minigpt.plan", "from a budget and a GPU to a training run: size, batch, memory, hours, cost, loss"),
     ("prepare", "minigpt.shards", "tokenize corpora into binary token shards for training"),
     ("train", "minigpt.train", "pretrain a GPT-2 on token shards (the tiny preset on bundled Wikipedia by default)"),
     ("eval", "minigpt.evaluate", "score a run: validation loss, perplexity, bits per byte, benchmarks, recall"),
