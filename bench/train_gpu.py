@@ -23,9 +23,9 @@ gradient clipping and number of steps, one after the other on one card. The firs
 allocator warm-up) are left out of tokens/s; both sides synchronise with the GPU once every --warmup steps
 to read their loss, as a logging loop does. Peak memory is torch.cuda.max_memory_allocated, reset before each row.
 MFU is training FLOPs (GPT.flops_per_token: 6N + 12 L C T) x tokens/s over the card's dense bf16 peak
-(minigpt.train.PEAK_FLOPS). "loss first" and "loss @N" are the mean training loss over the first --warmup steps
-and over the last logging window (up to step N); on --data random (uniform tokens) nothing can be learned, and both
-stay near ln(vocab).
+(minigpt.plan.GPUS, through minigpt.train.peak_flops). "loss first" and "loss @N" are the mean training loss
+over the first --warmup steps and over the last logging window (up to step N); on --data random (uniform
+tokens) nothing can be learned, and both stay near ln(vocab).
 
 The largest micro-batch is searched by doubling --batch until CUDA runs out of memory (or --search-s / --max-batch
 stop it), with two eager steps of the same model and fused AdamW each (fast: no compilation per batch size);

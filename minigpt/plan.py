@@ -177,7 +177,6 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
     block = tok * (2 * (4 * C + 8) + a * 14 * C + 4 * H)
     kept = 4 * C * tok if checkpointing else block  # a block not being worked on keeps its input, or everything
     if loss_chunk_rows:  # ln_f's input, and the gradients of the hidden states and of the head (made forward)
-        held = 0
         head = tok * (4 * C + 8 + 4 * C) + wte
         # the hidden states, and a chunk's float32 logits with two temporaries of its log-sum-exp, or (autocast)
         # with the half-precision cast of the head and of the chunk's gradient, if that is more
@@ -185,11 +184,10 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
         head_forward = tok * 4 * C + 4 * chunk + max(8 * chunk, 0 if a == 4 else 2 * chunk + 2 * V * C)
         head_backward = tok * 4 * C + wte  # both gradients scaled by the incoming one
         embedding_sum = 2 * wte  # the head's gradient and the lookup's, summed in place
-    else:  # ln_f's input, the head's input, the log-probabilities, and the logits that train.py's loop holds
-        held = a * Vp * tok  # (in `_`) until the next micro-batch's forward pass has returned its own
-        head = tok * (4 * C + 8 + a * C + 4 * V) + held
-        # the float32 copy of the logits the loss is computed on (autocast), and the previous micro-batch's logits
-        head_forward = (0 if a == 4 else tok * 4 * V) + held
+    else:  # ln_f's input, the head's input, the log-probabilities (train.py's loop keeps no logits)
+        head = tok * (4 * C + 8 + a * C + 4 * V)
+        # the logits, and their float32 copy the loss is computed on (autocast)
+        head_forward = a * Vp * tok + (0 if a == 4 else tok * 4 * V)
         head_backward = tok * 8 * V  # the loss's gradient and the log-softmax's, float32
         # the head's gradient and the lookup's; in fp32 the head's is a transposed view, so their sum is a third
         embedding_sum = (3 if a == 4 else 2) * wte
@@ -205,10 +203,10 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
         before, last_block, first_block, tied = 0, 4 * P - L * g, 4 * P - g, 4 * P - wte
     return max([at("end of the forward pass", copies, before, L * kept + head, head_forward),
                 at("backward pass at the loss", copies_kept, before, L * kept + head, head_backward),
-                at("backward pass, last block", copies_kept, last_block, (L - 1) * kept + block + held,
+                at("backward pass, last block", copies_kept, last_block, (L - 1) * kept + block,
                    block_backward),
-                at("backward pass, first block", copies_kept, first_block, block + held, block_backward),
-                at("end of the backward pass (tied embedding)", 0, tied, held, embedding_sum)],
+                at("backward pass, first block", copies_kept, first_block, block, block_backward),
+                at("end of the backward pass (tied embedding)", 0, tied, 0, embedding_sum)],
                key=lambda m: m.total)
 
 

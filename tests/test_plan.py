@@ -82,10 +82,10 @@ def measured_peak_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, grad_a
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = GPT(cfg).train()
         optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
-        for _step in range(2):  # the second step is the steady one: AdamW's moments exist, the last logits are held
+        for _step in range(2):  # the second step is the steady one: AdamW's moments exist
             for x, y in batches:
                 with autocast:
-                    _, loss_sum = model(x, y, reduction="sum", chunk_rows=chunk_rows)  # `_` holds the logits, as there
+                    loss_sum = model(x, y, reduction="sum", chunk_rows=chunk_rows)[1]  # the logits not kept, as there
                 (loss_sum / (y.numel() * grad_accum)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
