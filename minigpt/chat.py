@@ -29,6 +29,13 @@ ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
 END_OF_TURN = "<|end|>"
 
 
+# How a chatbot decodes by default: `minigpt chat`, its ChatSession, the web page's settings and the quickstart's
+# report. Greedy decoding makes small models loop ("a family of the family of the family of ..."); sampling at a
+# moderate temperature with a frequency penalty (subtracted from a token's logit once per earlier use in the reply)
+# does not. docs/quickstart.md measures the choice on held-out questions. --temperature 0 is greedy.
+CHAT_DECODING = {"temperature": 0.7, "top_k": 0, "top_p": 0.9, "frequency_penalty": 0.5, "presence_penalty": 0.0}
+
+
 @dataclasses.dataclass
 class Message:
     role: str  # system, user or assistant
@@ -118,13 +125,17 @@ def fit_to_window(tokenizer, messages: list[Message], window: int, reply_room: i
 class ChatSession:
     """A conversation with a model through the generation engine: history, system prompt, temperature."""
 
-    def __init__(self, model, tokenizer, system: str = "", temperature: float = 0.7, top_k: int = 50,
-                 top_p: float = 0.95, max_new_tokens: int = 200, seed: int | None = None):
+    def __init__(self, model, tokenizer, system: str = "", temperature: float = CHAT_DECODING["temperature"],
+                 top_k: int = CHAT_DECODING["top_k"], top_p: float = CHAT_DECODING["top_p"],
+                 max_new_tokens: int = 200, seed: int | None = None,
+                 frequency_penalty: float = CHAT_DECODING["frequency_penalty"],
+                 presence_penalty: float = CHAT_DECODING["presence_penalty"]):
         from minigpt.engine import Engine
 
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, max_batch=1, seed=seed)
         self.system, self.temperature, self.top_k, self.top_p = system, temperature, top_k, top_p
+        self.frequency_penalty, self.presence_penalty = frequency_penalty, presence_penalty
         self.max_new_tokens = min(max_new_tokens, model.config.block_size // 2)
         self.history: list[Message] = []
         chat_ids(tokenizer)
@@ -144,7 +155,8 @@ class ChatSession:
                                      self.max_new_tokens)
         self.history = [m for m in kept if m.role != "system"]
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                                top_p=self.top_p, stop_token_ids=stop_ids(self.tokenizer))
+                                top_p=self.top_p, stop_token_ids=stop_ids(self.tokenizer),
+                                frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
         decoder = TextDecoder(self.tokenizer.token_bytes, skip=special_ids(self.tokenizer))
         for events in self.engine.stream([prompt], params):
             for event in events:
@@ -225,9 +237,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("run", help="a fine-tuned run folder or checkpoint (minigpt sft)")
     parser.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     parser.add_argument("--system", default="", help="system prompt")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
-    parser.add_argument("--top-k", type=int, default=50, help="(default: 50)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="(default: 0.95)")
+    d = CHAT_DECODING
+    parser.add_argument("--temperature", type=float, default=d["temperature"],
+                        help=f"0 = greedy (default: {d['temperature']})")
+    parser.add_argument("--top-k", type=int, default=d["top_k"], help=f"0 = off (default: {d['top_k']})")
+    parser.add_argument("--top-p", type=float, default=d["top_p"], help=f"(default: {d['top_p']})")
+    parser.add_argument("--frequency-penalty", type=float, default=d["frequency_penalty"],
+                        help="subtracted from a token's logit once per earlier use in the reply, against loops "
+                             f"(default: {d['frequency_penalty']})")
+    parser.add_argument("--presence-penalty", type=float, default=d["presence_penalty"],
+                        help="subtracted once from every token already in the reply "
+                             f"(default: {d['presence_penalty']})")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="longest reply (default: 200)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--checkpoint", default="latest", help="latest, best or a step_N folder name")
@@ -243,7 +263,7 @@ def main(args) -> None:
     model, tokenizer, _ = load_run(args.run, pick_device(args.device), args.checkpoint)
     model.requires_grad_(False)  # generation only; a local switch, not torch's global grad mode
     session = ChatSession(model, tokenizer, args.system, args.temperature, args.top_k, args.top_p,
-                          args.max_new_tokens, args.seed)
+                          args.max_new_tokens, args.seed, args.frequency_penalty, args.presence_penalty)
     if args.prompt is not None:
         for piece in session.reply(args.prompt):
             print(piece, end="", flush=True)

@@ -1,43 +1,73 @@
 """`minigpt quickstart`: the whole pipeline on a CPU in minutes, in one folder, resumable.
 
-    minigpt quickstart                         # runs/quickstart/{data,base,chat,report.md}
+    minigpt quickstart                         # runs/quickstart/{data,base,chat,report.md}, about 9 minutes on 2 cores
+    minigpt quickstart --minutes 30            # the same pipeline sized to 30 minutes on this machine
 
-1. data   a BPE vocabulary (8,192 tokens, chat tokens included) trained on the bundled Wikipedia summaries,
-          then token shards with 2% of the articles held out                                  -> RUN/data
-2. base   pretraining of the tiny preset on those shards                                       -> RUN/base
+1. data   a BPE vocabulary (chat tokens included) trained on the bundled Wikipedia summaries, then token shards
+          with 2% of the articles held out                                                     -> RUN/data
+2. base   pretraining of a small GPT-2 on those shards                                         -> RUN/base
 3. chat   supervised fine-tuning on bundled conversations: chatterbot dialogues and questions about the
           Wikipedia articles                                                                   -> RUN/chat
-4. report held-out questions answered by the base model and the chatbot, prompted alike: how often the answer
-          ends properly (the chat format) and names the subject asked about                    -> RUN/report.md
+4. report both models on the held-out articles (bits per byte) and on held-out questions (answers decoded as
+          `minigpt chat` decodes them): how often an answer ends its turn, names the subject asked about, or
+          loops; a handful of real answers                                                      -> RUN/report.md
 
-A second call finds what is done and goes on from there (finished stages are skipped, an interrupted one
-resumes from its last checkpoint). Each stage is the same code as its own command: `minigpt train`, `minigpt sft`.
+The default design (vocabulary, shape, batch, learning rates, steps, the split of the time between pretraining and
+fine-tuning) is the best of a measured search at a fixed wall-clock budget on 2 CPU cores: docs/quickstart.md has
+every configuration tried and the command that reproduces the table. `--minutes M` measures this machine's speed
+with a short probe and scales the design to M minutes (docs/quickstart.md says how).
+
+A second call finds what is done and goes on from there (finished stages are skipped, an interrupted one resumes
+from its last checkpoint). Each stage is the same code as its own command: `minigpt train`, `minigpt sft`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from minigpt import config as configlib
 from minigpt.checkpoint import latest_checkpoint, load_run, read_checkpoint_meta
-from minigpt.common import print0, write_json
+from minigpt.common import UserError, print0, read_json, write_json
 from minigpt.config import opt
 from minigpt.model import ModelConfig
 
 
+def default_model() -> ModelConfig:
+    return ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=8192)
+
+
 @dataclasses.dataclass
 class QuickstartConfig:
-    """Settings of `minigpt quickstart`."""
+    """Settings of `minigpt quickstart`: where, how long, and the design (defaults: the search's best)."""
 
     run_dir: str = opt("runs/quickstart", "folder for everything the quickstart makes")
-    pretrain_steps: int = opt(500, "pretraining steps (16 x 256 tokens each)")
-    sft_steps: int = opt(300, "fine-tuning steps (8 rows of 256 tokens each, packed with conversations)")
+    minutes: float = opt(0.0, "size the pipeline to this many minutes on this machine: a short speed probe picks "
+                              "the model and the steps (0: the default design below, about 9 minutes on 2 cores)")
+    vocab_size: int = opt(8192, "BPE vocabulary trained on the bundled articles")
+    model: ModelConfig = dataclasses.field(default_factory=default_model)
+    batch_size: int = opt(16, "pretraining sequences per step")
+    lr: float = opt(3e-3, "pretraining peak learning rate")
+    pretrain_steps: int = opt(500, "pretraining steps")
+    sft_datasets: list[str] = opt(["chatterbot", "wiki-qa"], "conversations to fine-tune on (minigpt sft --list)")
+    sft_batch_size: int = opt(8, "fine-tuning rows per step (packed with conversations)")
+    sft_lr: float = opt(1e-3, "fine-tuning peak learning rate")
+    sft_steps: int = opt(300, "fine-tuning steps")
     questions: int = opt(100, "held-out questions for the report")
     device: str = opt("auto", "auto, cpu, cuda, mps")
     seed: int = opt(1337, "seed for everything")
+
+    def __post_init__(self) -> None:
+        if self.minutes < 0 or not math.isfinite(self.minutes):
+            raise ValueError("minutes must be 0 (the default design) or a positive number")
+        for name in ("vocab_size", "batch_size", "pretrain_steps", "sft_batch_size", "sft_steps", "questions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
 
 
 def _finished(run: Path, steps: int) -> bool:
@@ -45,36 +75,72 @@ def _finished(run: Path, steps: int) -> bool:
     return ckpt is not None and read_checkpoint_meta(ckpt)["step"] >= steps
 
 
-def quickstart(cfg: QuickstartConfig) -> Path:
-    from minigpt.sft import SFTConfig, finetune
-    from minigpt.train import TrainConfig, build_data, train
+# ----------------------------------------------------------------------------------------------------------------
+# The stages, each usable alone (bench/quickstart_search.py runs them one by one)
 
-    root = Path(cfg.run_dir)
-    base, chat = root / "base", root / "chat"
 
-    print0(f"== 1-2. data and pretraining -> {base}")
-    if _finished(base, cfg.pretrain_steps):
+def pretraining_config(cfg: QuickstartConfig, data: Path, run: Path):
+    from minigpt.train import TrainConfig
+
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.vocab_size)
+    return TrainConfig(run_dir=str(run), data=str(data), corpus=["wiki"], vocab_size=cfg.vocab_size, model=model,
+                       batch_size=cfg.batch_size, lr=cfg.lr, max_steps=cfg.pretrain_steps,
+                       warmup_steps=max(min(50, cfg.pretrain_steps // 10), 1),
+                       eval_every=max(cfg.pretrain_steps // 5, 1), checkpoint_every=max(cfg.pretrain_steps // 5, 1),
+                       device=cfg.device, seed=cfg.seed, resume=True)
+
+
+def build_pretraining_data(cfg: QuickstartConfig, data: Path) -> None:
+    """The tokenizer and shards of the bundled articles, once (a data folder of another vocabulary is refused)."""
+    from minigpt.shards import read_meta
+    from minigpt.train import build_data
+
+    if (data / "meta.json").exists():
+        built = read_meta(data)["tokenizer"]["n_vocab"]
+        if built != cfg.vocab_size:
+            raise UserError(f"{data} holds shards of a {built:,}-token vocabulary, not {cfg.vocab_size:,}: use "
+                            "another --run-dir for another design")
+        return
+    build_data(pretraining_config(cfg, data, data.parent / "base"))
+
+
+def pretrain(cfg: QuickstartConfig, data: Path, run: Path) -> None:
+    from minigpt.train import train
+
+    if _finished(run, cfg.pretrain_steps):
         print0(f"pretraining already done ({cfg.pretrain_steps} steps): skipped")
-    else:
-        pretrain = TrainConfig(run_dir=str(base), data=str(root / "data"), model=ModelConfig.from_preset("tiny"),
-                               max_steps=cfg.pretrain_steps, warmup_steps=min(50, cfg.pretrain_steps // 10),
-                               eval_every=max(cfg.pretrain_steps // 5, 1),
-                               checkpoint_every=max(cfg.pretrain_steps // 5, 1), device=cfg.device, seed=cfg.seed,
-                               resume=True)
-        if not (root / "data" / "meta.json").exists():
-            build_data(pretrain)  # train builds only its default --data; this folder is the quickstart's own
-        train(pretrain)
+        return
+    build_pretraining_data(cfg, data)
+    train(pretraining_config(cfg, data, run))
 
-    print0(f"== 3. fine-tuning into a chatbot -> {chat}")
-    if _finished(chat, cfg.sft_steps):
+
+def finetune_chat(cfg: QuickstartConfig, base: Path, run: Path) -> None:
+    from minigpt.sft import SFTConfig, finetune
+
+    if _finished(run, cfg.sft_steps):
         print0(f"fine-tuning already done ({cfg.sft_steps} steps): skipped")
-    else:
-        finetune(SFTConfig(base=str(base), run_dir=str(chat), max_steps=cfg.sft_steps,
-                           eval_every=max(cfg.sft_steps // 3, 1), checkpoint_every=max(cfg.sft_steps // 6, 1),
-                           device=cfg.device, seed=cfg.seed, resume=True))
+        return
+    finetune(SFTConfig(base=str(base), run_dir=str(run), datasets=list(cfg.sft_datasets),
+                       sft_cache=str(run.parent / "sft-data"), batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
+                       max_steps=cfg.sft_steps, warmup_steps=max(min(20, cfg.sft_steps // 10), 1),
+                       eval_every=max(cfg.sft_steps // 3, 1), checkpoint_every=max(cfg.sft_steps // 3, 1),
+                       device=cfg.device, seed=cfg.seed, resume=True))
 
-    print0("== 4. questions the chatbot never saw")
-    report = compare_on_held_out(base, chat, cfg.questions, cfg.seed)
+
+def quickstart(cfg: QuickstartConfig) -> Path:
+    root = Path(cfg.run_dir)
+    if cfg.minutes:
+        cfg = sized_for(cfg, root)
+    data, base, chat = root / "data", root / "base", root / "chat"
+    start = time.perf_counter()
+    print0(f"== 1-2. data and pretraining -> {base}")
+    pretrain(cfg, data, base)
+    print0(f"== 3. fine-tuning into a chatbot -> {chat}")
+    finetune_chat(cfg, base, chat)
+    print0("== 4. the report: held-out articles and questions")
+    report = compare_on_held_out(base, chat, data, cfg.questions, cfg.seed)
+    report["design"] = configlib.to_dict(cfg)
+    report["seconds"] = round(time.perf_counter() - start, 1)
     write_json(root / "report.json", report)
     (root / "report.md").write_text(report_markdown(report))
     print0(report_markdown(report, examples=6))
@@ -82,41 +148,98 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     return root
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# A time budget: the design scaled to what this machine does in M minutes
+
+
+def sized_for(cfg: QuickstartConfig, root: Path) -> QuickstartConfig:
+    """`cfg` with its model and steps chosen for `cfg.minutes` on this machine (kept in RUN/design.json, so a
+    resumed run keeps the design it started with)."""
+    saved = root / "design.json"
+    if saved.exists():
+        return configlib.from_dict(QuickstartConfig, read_json(saved))
+    from minigpt.quickstart_budget import design_for_minutes
+
+    sized = design_for_minutes(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(saved, configlib.to_dict(sized))
+    return sized
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def chat_sampling():
+    """How `minigpt chat` decodes (chat.CHAT_DECODING), as engine sampling parameters."""
+    from minigpt.chat import CHAT_DECODING
+    from minigpt.engine import SamplingParams
+
+    return SamplingParams(**CHAT_DECODING)
+
+
 @torch.no_grad()
-def compare_on_held_out(base: Path, chat: Path, n_questions: int, seed: int) -> dict:
-    """Ask the base model and the chatbot the same held-out questions, prompted the same way (the chat format)."""
-    from minigpt.sft import answer_quality, load_conversations, split_conversations
+def held_out_bits_per_byte(model, data: Path, batch_size: int = 16) -> float:
+    """Bits per byte on the held-out articles (the validation split): comparable across vocabularies."""
+    from minigpt.dataloader import TokenLoader
+    from minigpt.evaluate import language_model_metrics
+
+    loader = TokenLoader(data, "val", batch_size, model.config.block_size, shuffle=False)
+    return language_model_metrics(model, loader)["bpb"]
+
+
+@torch.no_grad()
+def compare_on_held_out(base: Path, chat: Path, data: Path, n_questions: int, seed: int) -> dict[str, Any]:
+    """Both models on the held-out articles (bits per byte) and on held-out questions, prompted the same way (the
+    chat format) and decoded as `minigpt chat` decodes; the chatbot also greedily, and on held-out small talk."""
+    from minigpt.sft import answer_quality, grow_vocabulary, load_conversations, split_conversations
 
     _, held = split_conversations(load_conversations(["wiki-qa"]), 0.05, seed)
     held = held[:n_questions]
     chat_model, tokenizer, chat_meta = load_run(chat)
     base_model, _, base_meta = load_run(base)
+    base_bpb, chat_bpb = held_out_bits_per_byte(base_model, data), held_out_bits_per_byte(chat_model, data)
     if base_model.config.vocab_size != tokenizer.n_vocab:  # GPT-2's vocabulary: the base lacks the chat tokens
-        from minigpt.sft import grow_vocabulary
-
         base_model = grow_vocabulary(base_model, tokenizer.n_vocab).eval()
-    chat_q = answer_quality(chat_model, tokenizer, held)
-    base_q = answer_quality(base_model, tokenizer, held)
-    small_talk = load_conversations(["chatterbot"])
-    _, small_held = split_conversations(small_talk, 0.05, seed)
-    talk = answer_quality(chat_model, tokenizer, small_held[:20])
-    return {"questions": len(held), "base": {k: v for k, v in base_q.items() if k != "answers"},
-            "chat": {k: v for k, v in chat_q.items() if k != "answers"},
-            "chat_small_talk": {k: v for k, v in talk.items() if k != "answers"},
-            "base_val_loss": base_meta.get("val_loss"), "chat_val_loss": chat_meta.get("val_loss"),
+    sampling = chat_sampling()
+    chat_q = answer_quality(chat_model, tokenizer, held, params=sampling)
+    base_q = answer_quality(base_model, tokenizer, held, params=sampling)
+    greedy_q = answer_quality(chat_model, tokenizer, held)
+    _, small_held = split_conversations(load_conversations(["chatterbot"]), 0.05, seed)
+    talk = answer_quality(chat_model, tokenizer, small_held[:20], params=sampling)
+    rates = lambda q: {k: v for k, v in q.items() if k != "answers"}  # noqa: E731
+    return {"questions": len(held), "decoding": dataclasses.asdict(sampling),
+            "base": {**rates(base_q), "bits_per_byte": base_bpb, "val_loss": base_meta.get("val_loss")},
+            "chat": {**rates(chat_q), "bits_per_byte": chat_bpb, "val_loss": chat_meta.get("val_loss")},
+            "chat_greedy": rates(greedy_q), "chat_small_talk": rates(talk),
             "examples": [{"question": c["question"], "chat": c["answer"], "base": b["answer"]}
                          for c, b in zip(chat_q["answers"], base_q["answers"], strict=True)],
             "small_talk_examples": talk["answers"]}
 
 
-def report_markdown(report: dict, examples: int = 10) -> str:
-    b, c, talk = report["base"], report["chat"], report["chat_small_talk"]
-    lines = [f"Held-out Wikipedia questions ({report['questions']}), greedy answers, same chat-format prompt:", "",
-             "| model | ends with <\\|end\\|> | names the subject |", "|---|---|---|",
-             f"| base (pretrained only) | {100 * b['ended_rate']:.0f}% | {100 * b['subject_rate']:.0f}% |",
-             f"| chat (fine-tuned) | {100 * c['ended_rate']:.0f}% | {100 * c['subject_rate']:.0f}% |", "",
-             f"Small talk (held-out chatterbot prompts): the chatbot ends properly {100 * talk['ended_rate']:.0f}%",
-             ""]
+def report_markdown(report: dict[str, Any], examples: int = 10) -> str:
+    b, c, g, talk = report["base"], report["chat"], report["chat_greedy"], report["chat_small_talk"]
+    d = report["decoding"]
+    decoding = (f"temperature {d['temperature']}, top-p {d['top_p']}, frequency penalty {d['frequency_penalty']}, "
+                f"presence penalty {d['presence_penalty']}")
+    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    lines = [f"Held-out articles: bits per byte, base {b['bits_per_byte']:.3f}, chat {c['bits_per_byte']:.3f} "
+             "(lower is better; comparable across vocabularies).", "",
+             f"{report['questions']} held-out questions about Wikipedia articles, same chat-format prompt, decoded as "
+             f"`minigpt chat` does ({decoding}):", "",
+             "| model | ends its turn | names the subject | repeats itself |", "|---|---:|---:|---:|",
+             f"| base (pretrained only) | {pct(b['ended_rate'])} | {pct(b['subject_rate'])} | "
+             f"{pct(b['repetition_rate'])} |",
+             f"| chat (fine-tuned) | {pct(c['ended_rate'])} | {pct(c['subject_rate'])} | "
+             f"{pct(c['repetition_rate'])} |",
+             f"| chat, greedy decoding | {pct(g['ended_rate'])} | {pct(g['subject_rate'])} | "
+             f"{pct(g['repetition_rate'])} |", "",
+             "Ends its turn: the answer closes with <|end|> within 64 tokens. Names the subject: the article's title "
+             "(without parentheses) appears in the answer. Repeats itself: some word 3-gram three times or more.",
+             "", f"Small talk (held-out chatterbot prompts): the chatbot ends its turn {pct(talk['ended_rate'])}, "
+             f"repeats itself {pct(talk['repetition_rate'])}.", ""]
+    if "seconds" in report:
+        lines += [f"The whole pipeline took {report['seconds'] / 60:.1f} minutes.", ""]
     for ex in report["examples"][:examples]:
         lines += [f"Q: {ex['question']}", f"  chat: {ex['chat']!r}", f"  base: {ex['base'][:120]!r}"]
     for ex in report["small_talk_examples"][: max(examples // 3, 1)]:
@@ -131,4 +254,3 @@ def add_arguments(parser) -> None:
 
 def main(args) -> None:
     quickstart(configlib.config_from_args(QuickstartConfig, args))
-

@@ -225,27 +225,46 @@ def _subject_key(title: str) -> str:
     return re.sub(r"\s*\(.*?\)\s*", " ", title).strip().lower()
 
 
+def repeats_itself(text: str, n: int = 3, times: int = 3) -> bool:
+    """Degenerate repetition: some word `n`-gram occurs `times` or more times ("of the family of the family of the
+    family" repeats "of the family" three times). Words are lower-cased runs of letters and digits."""
+    words = re.findall(r"\w+", text.lower())
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= times:
+            return True
+    return False
+
+
 @torch.no_grad()
 def answer_quality(model: GPT, tokenizer, convs: Sequence[Conversation], max_new_tokens: int = 64,
-                   batch: int = 16) -> dict[str, Any]:
-    """Greedy answers to each conversation's first user message.
+                   batch: int = 16, params: Any = None) -> dict[str, Any]:
+    """Answers to each conversation's first user message, greedy unless `params` (engine.SamplingParams) say how
+    to sample (their stop tokens are replaced by the chat's end of turn).
 
     `ended_rate`: answers that end with <|end|> within `max_new_tokens` (the chat format kept);
-    `subject_rate`: for questions about an article, answers that name its subject (title without parentheses).
+    `subject_rate`: for questions about an article, answers that name its subject (title without parentheses);
+    `repetition_rate`: answers with a word 3-gram three or more times (`repeats_itself`), the looping of greedy
+    decoding in small models.
     """
     from minigpt.engine import Engine, SamplingParams
 
     prompts = [render(tokenizer, c.messages[:1], add_generation_prompt=True)[0] for c in convs]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=stop_ids(tokenizer))
-    completions = Engine(model, max_batch=batch).generate(prompts, params)
+    base = params if params is not None else SamplingParams(temperature=0)
+    params = dataclasses.replace(base, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids(tokenizer))
+    completions = Engine(model, max_batch=batch, seed=0).generate(prompts, params)
     answers = [tokenizer.decode(c.tokens).strip() for c in completions]
     ended = [c.finish_reason == "stop" and bool(a) for c, a in zip(completions, answers, strict=True)]
     about = [(c.subject, a) for c, a in zip(convs, answers, strict=True) if c.subject]
     subject_hits = [_subject_key(s) in a.lower() for s, a in about]
-    return {"questions": len(convs), "ended_rate": sum(ended) / max(len(ended), 1),
+    repeated = [repeats_itself(a) for a in answers]
+    n = max(len(convs), 1)
+    return {"questions": len(convs), "ended_rate": sum(ended) / n, "repetition_rate": sum(repeated) / n,
             "subject_questions": len(about), "subject_rate": sum(subject_hits) / max(len(about), 1),
-            "answers": [{"question": c.messages[0].content, "answer": a, "ended": e}
-                        for c, a, e in zip(convs, answers, ended, strict=True)]}
+            "answers": [{"question": c.messages[0].content, "answer": a, "ended": e, "repeats": r}
+                        for c, a, e, r in zip(convs, answers, ended, repeated, strict=True)]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,6 +316,9 @@ def add_arguments(parser) -> None:
                                          "gpt2-124m-sft (flags override it)")
     configlib.add_arguments(parser, SFTConfig, skip=NOT_FOR_SFT)
     parser.add_argument("--list", action="store_true", help="list the bundled conversation sets and exit")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print what the run would do (conversations, rows, "
+                        "steps, epochs, checkpoints, memory, time) and exit without training")
 
 
 def main(args) -> None:
@@ -304,7 +326,17 @@ def main(args) -> None:
         for name, text in BUNDLED.items():
             print(f"{name:<12} {text}")
         return
+    if args.list_configs:
+        from minigpt.train import list_configs
+
+        print(list_configs("sft"), end="")
+        return
     cfg = configlib.config_from_args(SFTConfig, args)
+    if args.dry_run:
+        from minigpt.dry_run import sft_dry_run
+
+        print(sft_dry_run(cfg), end="")
+        return
     try:
         finetune(cfg)
     finally:

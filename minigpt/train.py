@@ -627,12 +627,32 @@ def sample_text(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int, se
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override it)")
+    recipes = ", ".join(name for name, _, _ in configlib.list_recipes("train"))
+    parser.add_argument("--config", help=f"TOML, YAML or JSON file of settings, or a shipped recipe ({recipes}); "
+                                         "flags override it")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print what the run would do (data, tokens, epochs, "
+                        "steps, checkpoints, memory, time) and exit without training")
     configlib.add_arguments(parser, TrainConfig)
 
 
+def list_configs(stage: str) -> str:
+    """The shipped recipes of a stage, one per line: name and what it is."""
+    rows = configlib.list_recipes(stage)
+    width = max((len(name) for name, _, _ in rows), default=0)
+    return "\n".join(f"{name:<{width}}  {text}" for name, _, text in rows) + "\n"
+
+
 def main(args) -> None:
+    if args.list_configs:
+        print(list_configs("train"), end="")
+        return
     cfg = configlib.config_from_args(TrainConfig, args)
+    if args.dry_run:
+        from minigpt.dry_run import train_dry_run
+
+        print(train_dry_run(cfg), end="")
+        return
     try:
         train(cfg)
     finally:
