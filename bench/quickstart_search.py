@@ -144,7 +144,8 @@ def relative_costs(names: list[str], rounds: int = 7) -> dict[str, float]:
     import torch
 
     from minigpt.model import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.train import TrainConfig, make_optimizer
+    from minigpt.optim import make_optimizer
+    from minigpt.train import TrainConfig
 
     shape = lambda name: tuple(DESIGNS[name][k] for k in SHAPE_KEYS)  # noqa: E731 - designs of one shape, one cost
     by_shape = {shape(name): name for name in reversed(["T0", *names])}

@@ -23,7 +23,7 @@ gradient clipping and number of steps, one after the other on one card. The firs
 allocator warm-up) are left out of tokens/s; both sides synchronise with the GPU once every --warmup steps
 to read their loss, as a logging loop does. Peak memory is torch.cuda.max_memory_allocated, reset before each row.
 MFU is training FLOPs (GPT.flops_per_token: 6N + 12 L C T) x tokens/s over the card's dense bf16 peak
-(minigpt.plan.GPUS, through minigpt.train.peak_flops). "loss first" and "loss @N" are the mean training loss
+(minigpt.plan.GPUS, through minigpt.runtime.peak_flops). "loss first" and "loss @N" are the mean training loss
 over the first --warmup steps and over the last logging window (up to step N); on --data random (uniform
 tokens) nothing can be learned, and both stay near ln(vocab).
 
@@ -61,6 +61,8 @@ from minigpt.common import seed_everything, write_json
 from minigpt.dataloader import TokenLoader
 from minigpt.log import read_metrics
 from minigpt.model import GPT, ModelConfig
+from minigpt.optim import learning_rate, make_optimizer
+from minigpt.runtime import peak_flops
 from minigpt.tokenizer import ENDOFTEXT, PATTERNS, Tokenizer
 
 ROW_ORDER = ["eager", "compile", "fused", "ckpt", "fp16", "ref", "max", "max-ckpt"]  # as the table shows them
@@ -240,7 +242,7 @@ def plain_loop(row: Row, args: argparse.Namespace, model_cfg: ModelConfig, devic
     start = time.perf_counter()
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = trainlib.learning_rate(step, sched)
+            group["lr"] = learning_rate(step, sched)
         with amp:
             loss = step_fn(x, y)
         x, y = get_batch(step + 1)  # while the GPU works through the forward
@@ -309,7 +311,7 @@ def fits(model_cfg: ModelConfig, batch: int, seq_len: int, device: torch.device)
     try:
         with device:  # initialised in place: no CPU copy of the weights per trial
             model = GPT(model_cfg).train()
-        optimizer = trainlib.make_optimizer(model, trainlib.TrainConfig(), device)
+        optimizer = make_optimizer(model, trainlib.TrainConfig(), device)
         x = torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), device=device)
         for _ in range(2):
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -516,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.device("meta"):
             shape = GPT(model_cfg)
         args.n_params, args.flops_per_token = shape.num_params(), shape.flops_per_token(args.seq_len)
-        args.peak = trainlib.peak_flops(device)
+        args.peak = peak_flops(device)
         args.batch_desc = f"micro-batch {args.batch} x {args.seq_len}"
         print(f"train_gpu: {args.device_name}, torch {torch.__version__}, {args.preset}, vocab {args.n_vocab}, "
               f"rows {', '.join(wanted)}", flush=True)

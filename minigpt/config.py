@@ -170,6 +170,13 @@ def list_recipes(stage: str | None = None) -> list[tuple[str, str, str]]:
     return out
 
 
+def format_recipes(stage: str) -> str:
+    """`--list-configs`: the shipped recipes of a stage, one per line, name and what it is."""
+    rows = list_recipes(stage)
+    width = max((len(name) for name, _, _ in rows), default=0)
+    return "".join(f"{name:<{width}}  {text}\n" for name, _, text in rows)
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read settings from a .toml, .yaml/.yml or .json file, or a shipped recipe named without its suffix."""
     path = Path(path)

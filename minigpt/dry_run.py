@@ -136,8 +136,9 @@ def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tup
 def train_dry_run(cfg) -> str:
     """The plan of `minigpt train` with settings `cfg` (a TrainConfig), as text."""
     from minigpt.common import pick_device
+    from minigpt.runtime import loss_chunk_rows, resolve_precision
     from minigpt.shards import read_meta
-    from minigpt.train import DEFAULT_DATA, loss_chunk_rows, resolve_precision
+    from minigpt.train import DEFAULT_DATA
 
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -183,9 +184,9 @@ def sft_dry_run(cfg) -> str:
     from minigpt.checkpoint import read_checkpoint_meta, resolve_checkpoint, run_tokenizer_path
     from minigpt.common import pick_device
     from minigpt.config import from_dict
+    from minigpt.runtime import loss_chunk_rows, resolve_precision
     from minigpt.sft import dataset_facts
     from minigpt.tokenizer import Tokenizer
-    from minigpt.train import loss_chunk_rows, resolve_precision
 
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)

@@ -19,7 +19,8 @@ def seconds_per_step(vocab_size: int, n_layer: int, n_head: int, n_embd: int, bl
     """Median seconds of one pretraining step of this shape on this machine's CPU (random tokens, no data); with
     `documents_per_row`, rows packed with that many conversations, as fine-tuning computes them."""
     from minigpt.model import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.train import TrainConfig, make_optimizer
+    from minigpt.optim import make_optimizer
+    from minigpt.train import TrainConfig
 
     cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
     generator = torch.Generator().manual_seed(0)

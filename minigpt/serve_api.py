@@ -1,11 +1,12 @@
 """The HTTP layer of `minigpt serve`: OpenAI-shaped requests in, engine jobs out, answers and SSE streams back.
 
-Built by `build_app` (serve.py calls it). Request bodies are pydantic models that accept unknown fields and
-explicit nulls, as OpenAI's API does; every error, our own or FastAPI's, leaves in OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad input. Generation runs on the
-scheduler's engine thread (scheduler.py); each request coroutine receives its tokens through an asyncio queue
-that the engine thread fills with `call_soon_threadsafe`. A client that goes away has its job cancelled: a stream
-when Starlette stops the response generator, a plain request when its disconnect watcher sees the disconnect.
+Built by `build_app` (serve.py calls it; the pieces without FastAPI are in serve_protocol.py). Request bodies
+are pydantic models that accept unknown fields and explicit nulls, as OpenAI's API does; every error, our own or
+FastAPI's, leaves in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad
+input. Generation runs on the scheduler's engine thread (scheduler.py); each request coroutine receives its tokens
+through an asyncio queue that the engine thread fills with `call_soon_threadsafe`. A client that goes away has its
+job cancelled: a stream when Starlette stops the response generator, a plain request when its disconnect watcher
+sees the disconnect.
 """
 
 from __future__ import annotations
@@ -24,88 +25,29 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minigpt.chat import ROLE_TOKENS, Message, end_of_turn_ids, render, special_ids, stop_ids
 from minigpt.engine import SamplingParams
 from minigpt.scheduler import Choice, Done, Job, JobTimeout, PromptScores, QueueFull, Scheduler, Update
-from minigpt.serve import APIError, Gate, Metrics, chat_page, validation_error
+from minigpt.serve_protocol import (
+    MAX_CHOICES,
+    MAX_STOP,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Gate,
+    Metrics,
+    SamplingRequest,
+    TokenizeRequest,
+    chat_page,
+    validation_error,
+)
 
 log = logging.getLogger("minigpt.serve")
 
-MAX_N = 16  # choices per prompt
-MAX_CHOICES = 256  # choices per request (prompts x n)
-MAX_STOP = 16  # stop strings per request
-MAX_LOGPROBS = 20
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Request bodies: unknown fields pass, explicit nulls mean "the default"
-
-
-class _Body(BaseModel):
-    # strict: "2" is not a number and "false" not a boolean, as the OpenAI API answers (ints still pass as floats)
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class StreamOptions(_Body):
-    include_usage: bool | None = None
-
-
-class ContentPart(_Body):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(_Body):
-    role: str
-    content: str | list[ContentPart] | None = None
-
-
-class _Sampling(_Body):
-    model: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0: off
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    skip_special_tokens: bool | None = None  # vLLM's extension: false shows special tokens in the text
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-class CompletionRequest(_Sampling):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]  # no true -> 1
-    echo: bool | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-class TokenizeRequest(_Body):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_generation_prompt: bool | None = None
-    add_special_tokens: bool | None = None  # accepted for vLLM's clients; our tokenizer adds none
-    return_token_strs: bool | None = None
-
-
-class DetokenizeRequest(_Body):
-    model: str | None = None
-    tokens: list[StrictInt]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +119,7 @@ class Server:
 
     # -- sampling settings shared by both endpoints --
 
-    def sampling(self, body: _Sampling, max_tokens: int, stop_tokens: list[int], top_logprobs: int
+    def sampling(self, body: SamplingRequest, max_tokens: int, stop_tokens: list[int], top_logprobs: int
                  ) -> list[SamplingParams]:
         """One SamplingParams per choice of a prompt: the n choices get seeds seed, seed+1, ... when seeded."""
         bias = {}
@@ -201,7 +143,7 @@ class Server:
                                skip_token_ids=() if body.skip_special_tokens is False else self.special)
                 for i in range(body.n or 1)]
 
-    def max_tokens(self, body: _Sampling, prompt_tokens: int, default: int, least: int) -> int:
+    def max_tokens(self, body: SamplingRequest, prompt_tokens: int, default: int, least: int) -> int:
         """The tokens to generate: as asked, if the longest prompt plus that many fit the window (else a 400, as
         OpenAI and vLLM answer), or by default `default` cut to the room the window leaves."""
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -219,7 +161,7 @@ class Server:
         return value
 
     @staticmethod
-    def stop_strings(body: _Sampling) -> list[str]:
+    def stop_strings(body: SamplingRequest) -> list[str]:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP:
             raise APIError(400, f"At most {MAX_STOP} stop strings are allowed.", param="stop", code="invalid_value")

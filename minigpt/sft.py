@@ -43,18 +43,10 @@ from minigpt.conversations import (  # noqa: F401  (the names scripts and the qu
     wiki_qa_conversations,
 )
 from minigpt.model import GPT, logit_chunk_rows
+from minigpt.runtime import Runtime, autocast_context, barrier, resolve_precision, setup_runtime
 from minigpt.sft_batches import ConversationBatches, ConversationSet, Part, evaluation_rows, held_out_loss, plan_epoch
 from minigpt.sft_data import PreparedSource, PrepareSettings, open_prepared, prepare_source, prepared_folder
-from minigpt.train import (
-    Runtime,
-    TrainConfig,
-    TrainData,
-    autocast_context,
-    barrier,
-    resolve_precision,
-    setup_runtime,
-    train,
-)
+from minigpt.train import TrainConfig, TrainData, train
 
 
 @dataclasses.dataclass
@@ -327,9 +319,7 @@ def main(args) -> None:
             print(f"{name:<12} {text}")
         return
     if args.list_configs:
-        from minigpt.train import list_configs
-
-        print(list_configs("sft"), end="")
+        print(configlib.format_recipes("sft"), end="")
         return
     cfg = configlib.config_from_args(SFTConfig, args)
     if args.dry_run:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,10 +37,20 @@ from minigpt.checkpoint import (
     load_trainer_state,
     resolve_checkpoint,
 )
-from minigpt.common import UserError, pick_device, print0, progress, seed_everything, write_json
+from minigpt.common import UserError, print0, progress, seed_everything, write_json
 from minigpt.config import opt
 from minigpt.log import MetricsLogger, plot_loss_curves
-from minigpt.model import GPT, ModelConfig, logit_chunk_rows
+from minigpt.model import GPT, ModelConfig
+from minigpt.optim import learning_rate, make_optimizer
+from minigpt.runtime import (
+    Runtime,
+    autocast_context,
+    barrier,
+    loss_chunk_rows,
+    peak_flops,
+    resolve_precision,
+    setup_runtime,
+)
 
 DEFAULT_DATA = "data/wiki-bpe8k"
 
@@ -140,122 +149,6 @@ class TrainData:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed set-up
-
-
-@dataclasses.dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def setup_runtime(device_name: str) -> Runtime:
-    """One process, or one of torchrun's: NCCL between GPUs, gloo between CPU processes."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Runtime(pick_device(device_name))
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, local_rank, world)
-
-
-def barrier(rt: Runtime) -> None:
-    if rt.distributed:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Precision, optimizer, schedule
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the GPU computes bf16 in hardware: compute capability 8.0 and up (A100, H100, L4, RTX 30xx/40xx).
-
-    `torch.cuda.is_bf16_supported()` also says yes on a V100 or T4, where bf16 is emulated and several times slower
-    than fp16, so it cannot decide this.
-    """
-    from minigpt.plan import precision_for_capability
-
-    return device.type == "cuda" and precision_for_capability(torch.cuda.get_device_capability(device)) == "bf16"
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto`: bf16 where the GPU has it natively, fp16 with loss scaling on older GPUs, fp32 on CPUs and MPS."""
-    if name == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if native_bf16(device) else "fp16"
-    if name == "bf16" and device.type == "cuda" and not native_bf16(device):
-        print0(f"warning: {torch.cuda.get_device_name(device)} has no native bf16 (compute capability "
-               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}): it is emulated and slow; "
-               "--precision fp16 (with loss scaling) is the fast choice on this card")
-    return name
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weight matrices (and embeddings if asked), never on biases or LayerNorms."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_embedding = name.startswith(("wte", "wpe"))
-        if p.dim() >= 2 and (cfg.decay_embeddings or not is_embedding):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused: one kernel over all parameters, on GPUs and (since PyTorch 2.4) CPUs; on this project's 2-core CPU it
-    # steps the tiny model in 5 ms where the default per-parameter loop takes 42 ms (bench/train_cpu.py).
-    fused = cfg.fused_adamw and device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused,
-                             foreach=None if fused else True)
-
-
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to `lr`, then a cosine down to `lr * min_lr_ratio` at `max_steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress_ = min((step - cfg.warmup_steps) / span, 1.0)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress_))
-
-
-def loss_chunk_rows(setting: str, device: torch.device, vocab_rows: int) -> int:
-    """Positions per chunk of the chunked loss (0: the plain path). Chunks of ~2M logits stay in a CPU's cache."""
-    if setting == "off" or (setting == "auto" and device.type != "cpu"):
-        return 0
-    return logit_chunk_rows(device, vocab_rows)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The card's dense bf16 peak (FLOP/s) from plan.py's table, for MFU; None for a CPU or a card it lacks."""
-    from minigpt.plan import gpu_for_device
-
-    if device.type != "cuda":
-        return None
-    spec = gpu_for_device(torch.cuda.get_device_name(device))
-    return spec.peak_flops if spec is not None else None
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Pretraining data: shards, built from the bundled corpus on first use
 
 
@@ -313,7 +206,61 @@ def pretraining_data(cfg: TrainConfig, rt: Runtime, seq_len: int, precision: str
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# One optimizer step
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: torch.Tensor  # mean loss per counted target over the step's micro-batches and every rank (on the device)
+    grad_norm: torch.Tensor  # before clipping; not finite when an fp16 step overflowed
+    tokens: int  # positions computed, every rank
+    applied: bool  # False when the fp16 loss scaler skipped the update (an overflow)
+
+
+def train_step(model: torch.nn.Module, micro_batches: list[tuple], optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, *, precision: str, device: torch.device, grad_clip: float,
+               chunk_rows: int = 0, world: int = 1) -> StepResult:
+    """Micro-batches -> loss, backward, clipping, one optimizer step; the gradients are zero again after it.
+
+    Each micro-batch is (x, y) or (x, y, extra forward kwargs), x and y (B, T). The summed loss is divided by the
+    targets counted over the whole step and every rank, so accumulation and data parallelism are exact: two
+    micro-batches of B rows give the update of one of 2B rows. Under DistributedDataParallel (`world` > 1) the
+    gradients are all-reduced once, at the last micro-batch.
+    """
+    raw = model.module if world > 1 else model
+    counted = sum((b[1] != -100).sum() for b in micro_batches).to(device, torch.float32)
+    if world > 1:
+        dist.all_reduce(counted)
+    loss_sum = torch.zeros((), device=device)
+    for i, (x, y, *extra) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
+        with sync, autocast_context(precision, device):
+            # [1]: the logits (B, T, vocab) are not kept past this line (at GPT-2 124M, 32 x 1024 rows in bf16:
+            # 3.3 GB that `_, loss = ...` would hold into the next micro-batch's forward pass)
+            loss = model(x, y, reduction="sum", chunk_rows=chunk_rows, **(extra[0] if extra else {}))[1]
+        # DistributedDataParallel averages gradients over ranks: scale by world to get the global mean.
+        scaler.scale(loss * (world / counted)).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0 or scaler.is_enabled():
+        scaler.unscale_(optimizer)
+        # max_norm inf: the norm alone, which tells a skipped fp16 step below
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or math.inf)
+    else:
+        grad_norm = torch.zeros(())
+    scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed (the scale then halves)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    # The scaler skips a step on every rank alike (it reduces the overflow flag over the gradients, which
+    # DistributedDataParallel already averaged). Reading the flag is a host sync, paid in fp16 only.
+    applied = not scaler.is_enabled() or bool(torch.isfinite(grad_norm).item())
+    return StepResult(loss_sum / counted, grad_norm, sum(b[0].numel() for b in micro_batches) * world, applied)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop: set-up, then steps with logging, evaluation and checkpoints around them
 
 
 class TrainingDiverged(UserError):
@@ -323,258 +270,272 @@ class TrainingDiverged(UserError):
 MAX_SKIPPED_IN_A_ROW = 40  # consecutive fp16 overflows before a run is called diverged
 
 
-def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = None, stage: str = "train") -> Path:
-    """Train by `cfg`; returns the run folder. `data` and `model` let fine-tuning supply its own."""
-    rt = setup_runtime(cfg.device)
-    run = Path(cfg.run_dir)
-    precision = resolve_precision(cfg.precision, rt.device)
-    if rt.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere and newer
-        torch.backends.cudnn.allow_tf32 = True
+@dataclasses.dataclass
+class Progress:
+    """What a checkpoint must carry besides weights and optimizer for a resumed run to go on (and log) exactly."""
 
-    resume_from = latest_checkpoint(run)
-    if resume_from is not None and not cfg.resume:
-        raise UserError(f"{run} already holds checkpoints (latest: {resume_from.name}): pass --resume to continue "
-                        "it, or choose another --run-dir")
-    if resume_from is None:
-        restarted = check_new_run_dir(run)  # never replace files another program (or the user) wrote
-        if cfg.resume or restarted:
-            print0(f"{run} has no checkpoint yet: starting a new run")
-    else:  # the newest checkpoint that is intact, trainer state included (a damaged one is named and skipped)
-        resume_from = resolve_checkpoint(run, "latest", need_trainer=True)
+    step: int = 0  # optimizer steps applied
+    best_val: float = math.inf
+    tokens_seen: int = 0  # positions computed (skipped fp16 steps included: the data moved on)
+    skipped_steps: int = 0  # fp16 steps whose update the scaler dropped: not counted as steps
+    window_loss: float = 0.0  # the training loss of the steps not yet logged, summed
+    window_steps: int = 0
+    window_tokens: int = 0
 
-    if cfg.eval_tasks:
-        from minigpt.tasks import check_task_names
 
-        check_task_names(cfg.eval_tasks)
-    seed_everything(cfg.seed)  # same initial weights on every rank
-    meta: dict[str, Any] = {}
-    if resume_from is not None:
-        model, meta = load_model(resume_from, rt.device)
-    elif model is None and cfg.init_from:
-        model, meta = load_model(cfg.init_from, rt.device)
-    seq_len = cfg.seq_len or (model.config.block_size if model is not None else cfg.model.block_size)
-    if data is None:
-        data = pretraining_data(cfg, rt, seq_len, precision)
-    tokenizer = data.tokenizer
-    if meta:
-        _check_tokenizer(meta, tokenizer)
-    if model is None:
-        model = GPT(dataclasses.replace(cfg.model, vocab_size=tokenizer.n_vocab))
-    if model.config.vocab_size != tokenizer.n_vocab:
-        raise UserError(f"the model has {model.config.vocab_size} tokens but the tokenizer {tokenizer.n_vocab}")
-    if seq_len > model.config.block_size:
-        raise UserError(f"seq_len {seq_len} exceeds the model's context window {model.config.block_size}")
-    model = model.to(rt.device).train()
-    raw_model = model
+class Trainer:
+    """One run of `train`: `__init__` sets it up (resuming if asked), `run()` loops until max_steps."""
 
-    tokens_per_micro = cfg.batch_size * seq_len * rt.world
-    accum = 1
-    if cfg.batch_tokens:
+    def __init__(self, cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = None,
+                 stage: str = "train") -> None:
+        self.cfg, self.stage = cfg, stage
+        self.rt = rt = setup_runtime(cfg.device)
+        self.run_dir = run = Path(cfg.run_dir)
+        self.precision = resolve_precision(cfg.precision, rt.device)
+        if rt.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere and newer
+            torch.backends.cudnn.allow_tf32 = True
+        resume_from = self._resume_point()
+        if cfg.eval_tasks:
+            from minigpt.tasks import check_task_names
+
+            check_task_names(cfg.eval_tasks)
+        seed_everything(cfg.seed)  # same initial weights on every rank
+        meta: dict[str, Any] = {}
+        if resume_from is not None:
+            model, meta = load_model(resume_from, rt.device)
+        elif model is None and cfg.init_from:
+            model, meta = load_model(cfg.init_from, rt.device)
+        self.seq_len = cfg.seq_len or (model.config.block_size if model is not None else cfg.model.block_size)
+        self.data = data = data if data is not None else pretraining_data(cfg, rt, self.seq_len, self.precision)
+        self.tokenizer = data.tokenizer
+        if meta:
+            _check_tokenizer(meta, self.tokenizer)
+        if model is None:
+            model = GPT(dataclasses.replace(cfg.model, vocab_size=self.tokenizer.n_vocab))
+        if model.config.vocab_size != self.tokenizer.n_vocab:
+            raise UserError(f"the model has {model.config.vocab_size} tokens but the tokenizer "
+                            f"{self.tokenizer.n_vocab}")
+        if self.seq_len > model.config.block_size:
+            raise UserError(f"seq_len {self.seq_len} exceeds the model's context window {model.config.block_size}")
+        self.raw_model = model = model.to(rt.device).train()
+        tokens_per_micro = cfg.batch_size * self.seq_len * rt.world
         if cfg.batch_tokens % tokens_per_micro:
             raise UserError(f"batch_tokens {cfg.batch_tokens} is not a multiple of batch_size x seq_len x processes "
                             f"= {tokens_per_micro}")
-        accum = cfg.batch_tokens // tokens_per_micro
+        self.accum = max(cfg.batch_tokens // tokens_per_micro, 1)
+        self.optimizer = make_optimizer(model, cfg, rt.device)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=self.precision == "fp16")
+        self.progress = Progress()
+        if resume_from is not None:
+            self._load_state(resume_from, tokens_per_micro * self.accum)
+        self.model = torch.compile(model) if cfg.compile else model
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel
 
-    optimizer = make_optimizer(raw_model, cfg, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16")
-    start_step, best_val = 0, math.inf
-    tokens_seen = 0
-    skipped_steps = 0  # fp16 steps whose update the gradient scaler dropped (an overflow): not counted as progress
-    state: dict[str, Any] = {}
-    if resume_from is not None:
-        state = load_trainer_state(resume_from, rt.device)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        data.train.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if rt.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
-        start_step, best_val = int(state["step"]), float(state["best_val"])
-        skipped_steps = int(state.get("skipped_steps", 0))
-        tokens_seen = int(state.get("tokens_seen", start_step * tokens_per_micro * accum))
-        print0(f"resuming {run} at step {start_step} from {resume_from}")
-
-    if cfg.compile:
-        model = torch.compile(model)
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-
-    logger = MetricsLogger(run, cfg.tensorboard, resume_step=start_step if resume_from else None)
-    if rt.rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        write_json(run / "config.json", {"stage": stage, **configlib.to_dict(cfg), "resolved": {
-            "precision": precision, "seq_len": seq_len, "grad_accum": accum, "world_size": rt.world,
-            "tokens_per_step": tokens_per_micro * accum, "model": configlib.to_dict(raw_model.config)}})
-        tokenizer.save(run / "tokenizer.json")
-    chunk_rows = loss_chunk_rows(cfg.chunked_loss, rt.device, raw_model.config.padded_vocab_size)
-    flops_per_token = raw_model.flops_per_token(seq_len)
-    peak = peak_flops(rt.device)
-    print0(f"{stage}: {raw_model.num_params():,} parameters, {precision}, {rt.device.type} x {rt.world}, "
-           f"{tokens_per_micro * accum:,} tokens per step ({accum} micro-batch{'es' if accum > 1 else ''} of "
-           f"{cfg.batch_size} x {seq_len} per process); {data.describe}")
-
-    saver = BackgroundSaver()
-
-    def checkpoint(step: int, val_loss: float | None) -> None:
-        nonlocal best_val
-        is_best = val_loss is not None and val_loss < best_val
-        if is_best:
-            best_val = val_loss
+            self.model = DistributedDataParallel(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda"
+                                                 else None)
+        self.logger = MetricsLogger(run, cfg.tensorboard, resume_step=self.progress.step if resume_from else None)
         if rt.rank == 0:
-            trainer_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                             "data": data.train.state_dict(), "rng_cpu": torch.get_rng_state(), "step": step,
-                             "best_val": best_val, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
-                             # the training-loss window not yet logged: a resumed run logs the same averages
-                             "loss_window": loss_window.detach().cpu().clone(), "window_steps": window_steps,
-                             "window_tokens": window_tokens}
-            if rt.device.type == "cuda":
-                trainer_state["rng_cuda"] = torch.cuda.get_rng_state()
-            meta = {"stage": stage, "tokenizer_hash": tokenizer.hash, "val_loss": val_loss,
-                    "tokens_seen": tokens_seen}
-            # Copied to host memory here, written on a thread while training goes on; the other ranks never
-            # wait for rank 0's disk (they read nothing it writes until the run ends).
-            saver.save(run, raw_model, step, meta, trainer_state, cfg.keep_last, is_best)
+            run.mkdir(parents=True, exist_ok=True)
+            write_json(run / "config.json", {"stage": stage, **configlib.to_dict(cfg), "resolved": {
+                "precision": self.precision, "seq_len": self.seq_len, "grad_accum": self.accum,
+                "world_size": rt.world, "tokens_per_step": tokens_per_micro * self.accum,
+                "model": configlib.to_dict(model.config)}})
+            self.tokenizer.save(run / "tokenizer.json")
+        self.chunk_rows = loss_chunk_rows(cfg.chunked_loss, rt.device, model.config.padded_vocab_size)
+        self.saver = BackgroundSaver()
+        print0(f"{stage}: {model.num_params():,} parameters, {self.precision}, {rt.device.type} x {rt.world}, "
+               f"{tokens_per_micro * self.accum:,} tokens per step ({self.accum} micro-batch"
+               f"{'es' if self.accum > 1 else ''} of {cfg.batch_size} x {self.seq_len} per process); {data.describe}")
 
-    def evaluate_and_sample(step: int) -> dict[str, float]:
-        model.eval()
-        metrics = data.evaluate(raw_model)
-        model.train()
+    def _resume_point(self) -> Path | None:
+        run, cfg = self.run_dir, self.cfg
+        latest = latest_checkpoint(run)
+        if latest is not None and not cfg.resume:
+            raise UserError(f"{run} already holds checkpoints (latest: {latest.name}): pass --resume to continue "
+                            "it, or choose another --run-dir")
+        if latest is None:
+            restarted = check_new_run_dir(run)  # never replace files another program (or the user) wrote
+            if cfg.resume or restarted:
+                print0(f"{run} has no checkpoint yet: starting a new run")
+            return None
+        # the newest checkpoint that is intact, trainer state included (a damaged one is named and skipped)
+        return resolve_checkpoint(run, "latest", need_trainer=True)
+
+    def _load_state(self, ckpt: Path, tokens_per_step: int) -> None:
+        state = load_trainer_state(ckpt, self.rt.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.data.train.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if self.rt.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+        step = int(state["step"])
+        self.progress = Progress(step, float(state["best_val"]), int(state.get("tokens_seen", step * tokens_per_step)),
+                                 int(state.get("skipped_steps", 0)))
+        if "loss_window" in state:  # checkpoints from before these fields start a fresh window
+            self.progress.window_loss = float(state["loss_window"])
+            self.progress.window_steps, self.progress.window_tokens = (int(state["window_steps"]),
+                                                                       int(state["window_tokens"]))
+        print0(f"resuming {self.run_dir} at step {step} from {ckpt}")
+
+    # -- around the steps ----------------------------------------------------------------------------------------
+
+    def save(self, val_loss: float | None) -> None:
+        """A checkpoint of the current step: copied to host memory here, written on a thread while training goes
+        on. The other ranks never wait for rank 0's disk (they read nothing it writes until the run ends)."""
+        p = self.progress
+        is_best = val_loss is not None and val_loss < p.best_val
+        if is_best:
+            p.best_val = val_loss
+        if self.rt.rank != 0:
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "data": self.data.train.state_dict(), "rng_cpu": torch.get_rng_state(), "step": p.step,
+                 "best_val": p.best_val, "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps,
+                 # the training-loss window not yet logged: a resumed run logs the same averages
+                 "loss_window": torch.tensor(p.window_loss), "window_steps": p.window_steps,
+                 "window_tokens": p.window_tokens}
+        if self.rt.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        meta = {"stage": self.stage, "tokenizer_hash": self.tokenizer.hash, "val_loss": val_loss,
+                "tokens_seen": p.tokens_seen}
+        self.saver.save(self.run_dir, self.raw_model, p.step, meta, state, self.cfg.keep_last, is_best)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Validation metrics, benchmark scores and a sample at the current step, logged and plotted."""
+        cfg, rt, step = self.cfg, self.rt, self.progress.step
+        self.model.eval()
+        metrics = self.data.evaluate(self.raw_model)
+        self.model.train()
         if not math.isfinite(metrics["val_loss"]):
             raise TrainingDiverged(f"validation loss became {metrics['val_loss']} at step {step}")
-        record = {"step": step, **metrics}
+        record: dict[str, Any] = {"step": step, **metrics}
         if cfg.eval_tasks and rt.rank == 0:
             from minigpt.evaluate import benchmark_scores
 
             # Flat names ("hellaswag/acc_norm"): `minigpt eval` plots them across training from metrics.jsonl.
-            with autocast_context(precision, rt.device):
-                record.update(benchmark_scores(raw_model, tokenizer, cfg.eval_tasks, cfg.eval_tasks_limit,
-                                               shards=cfg.data if stage == "train" else None))
+            with autocast_context(self.precision, rt.device):
+                record.update(benchmark_scores(self.raw_model, self.tokenizer, cfg.eval_tasks, cfg.eval_tasks_limit,
+                                               shards=cfg.data if self.stage == "train" else None))
         if cfg.sample_prompt and rt.rank == 0:
-            if data.sample is not None:
-                record["sample"] = data.sample(raw_model)
+            if self.data.sample is not None:
+                record["sample"] = self.data.sample(self.raw_model)
             else:
-                record["sample"] = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
-            raw_model.train()
-        logger.log(record)
+                record["sample"] = sample_text(self.raw_model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                                               cfg.seed)
+            self.raw_model.train()
+        self.logger.log(record)
         if rt.rank == 0:
-            plot_loss_curves(run / "metrics.jsonl", run / "loss.png", title=f"{run.name}: loss")
+            plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
+                             title=f"{self.run_dir.name}: loss")
         return record
 
-    step = start_step
-    bar = progress(total=cfg.max_steps, desc=stage, unit="step", initial=start_step)
-    loss_window = torch.zeros((), device=rt.device)
-    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-    if "loss_window" in state:  # checkpoints from before this field start a fresh window
-        loss_window += state["loss_window"].to(rt.device)
-        window_steps, window_tokens = int(state["window_steps"]), int(state["window_tokens"])
-    checkpoint_steps = cfg.checkpoint_every or max(cfg.max_steps // 10, 1)
-    skipped_in_a_row = 0
-    last_save = time.monotonic()
-    last_eval: dict[str, float] = {}
-    try:
-        while step < cfg.max_steps:
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [data.train.batch(data.train.step + i) for i in range(accum)]
-            data.train.step += accum
-            counted = sum((b[1] != -100).sum() for b in micro).to(rt.device, torch.float32)
-            if rt.distributed:
-                dist.all_reduce(counted)
-            step_tokens = sum(b[0].numel() for b in micro) * rt.world
-            step_loss = torch.zeros((), device=rt.device)
-            for i, (x, y, *extra) in enumerate(micro):
-                last = i == accum - 1
-                sync = model.no_sync() if rt.distributed and not last else contextlib.nullcontext()
-                with sync, autocast_context(precision, rt.device):
-                    # [1]: the logits (B, T, vocab) are not kept past this line (at GPT-2 124M, 32 x 1024 rows in
-                    # bf16: 3.3 GB that `_, loss = ...` would hold into the next micro-batch's forward pass)
-                    loss_sum = model(x, y, reduction="sum", chunk_rows=chunk_rows, **(extra[0] if extra else {}))[1]
-                # DistributedDataParallel averages gradients over ranks: scale by world to get the global mean.
-                scaler.scale(loss_sum * (rt.world / counted)).backward()
-                step_loss += loss_sum.detach()
-            if cfg.grad_clip > 0 or scaler.is_enabled():
-                scaler.unscale_(optimizer)
-                # max_norm inf: the norm alone, which tells a skipped fp16 step below
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-            else:
-                grad_norm = torch.zeros(())
-            scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed (the scale then halves)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if rt.distributed:
-                dist.all_reduce(step_loss)
-            window_tokens += step_tokens
-            tokens_seen += step_tokens
-            # The scaler skips a step on every rank alike (it reduces the overflow flag over the gradients, which
-            # DistributedDataParallel already averaged). Reading the flag is a host sync, paid in fp16 only.
-            if scaler.is_enabled() and not torch.isfinite(grad_norm).item():
-                skipped_steps += 1  # the data moved on; the step count, the schedule and the loss window did not
-                skipped_in_a_row += 1
-                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:  # the scale fell by 2^40: the loss itself is not finite
-                    raise TrainingDiverged(f"{skipped_in_a_row} fp16 steps in a row overflowed at step {step}")
-                continue
-            skipped_in_a_row = 0
-            step += 1
-            loss_window += step_loss / counted
-            window_steps += 1
+    def log(self, lr: float, grad_norm: torch.Tensor, seconds: float) -> dict[str, Any]:
+        """The logged line of the steps since the last one (their mean loss); empties the window."""
+        p, rt = self.progress, self.rt
+        loss = p.window_loss / p.window_steps
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training loss became {loss} at step {p.step}")
+        tokens_per_s = p.window_tokens / seconds
+        record = {"step": p.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens_per_s, "tokens": p.tokens_seen,
+                  **(self.data.train_metrics() if self.data.train_metrics else {})}
+        if self.scaler.is_enabled():
+            record.update(loss_scale=self.scaler.get_scale(), skipped_steps=p.skipped_steps)
+        peak = peak_flops(rt.device)
+        if peak:
+            record["mfu"] = self.raw_model.flops_per_token(self.seq_len) * tokens_per_s / rt.world / peak
+        self.logger.log(record)
+        p.window_loss, p.window_steps, p.window_tokens = 0.0, 0, 0
+        return record
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                loss = loss_window.item() / window_steps  # the only host synchronisation of a normal step
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"training loss became {loss} at step {step}")
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / elapsed
-                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens_per_s": tokens_per_s, "tokens": tokens_seen,
-                          **(data.train_metrics() if data.train_metrics else {})}
-                if scaler.is_enabled():
-                    record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped_steps)
-                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
-                if peak:
-                    record["mfu"] = flops_per_token * tokens_per_s / rt.world / peak
-                    postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
-                logger.log(record)
-                bar.set_postfix(postfix, refresh=False)
-                loss_window.zero_()
-                window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-            bar.update(1)
+    # -- the loop ------------------------------------------------------------------------------------------------
 
-            at_end = step == cfg.max_steps
-            val_loss = None
-            if step % cfg.eval_every == 0 or at_end:
-                last_eval = evaluate_and_sample(step)
-                val_loss = last_eval["val_loss"]
-                scores = [f"{k} {v:.4f}" for k, v in last_eval.items() if "/" in k and not k.endswith("/n")]
-                bar.write(f"step {step}: validation loss {val_loss:.4f}"
-                          + (f", bits per byte {last_eval['val_bpb']:.4f}" if "val_bpb" in last_eval else "")
-                          + (f"\n  benchmarks: {', '.join(scores)}" if scores else "")
-                          + (f"\n  sample: {last_eval['sample']!r}" if last_eval.get("sample") else ""))
-                window_start = time.perf_counter()  # evaluation time is not training throughput
-            if step % checkpoint_steps == 0 or at_end or _minutes_passed(last_save, cfg.checkpoint_minutes, step,
-                                                                          cfg.log_every, rt):
-                if window_steps and not math.isfinite(loss_window.item()):  # never save weights past a divergence
-                    raise TrainingDiverged(f"training loss became {loss_window.item()} by step {step}")
-                checkpoint(step, val_loss)
-                last_save = time.monotonic()
-                window_start = time.perf_counter()
-    except TrainingDiverged as exc:
-        saver.wait(raise_error=False)
-        kept = latest_checkpoint(run)
-        raise TrainingDiverged(f"{exc}: stopped; the last good checkpoint is {kept or 'none (none was saved)'}. "
-                               "Lower --lr, raise --warmup-steps or use --precision bf16") from None
-    finally:
-        bar.close()
-        logger.close()
-        saver.wait(raise_error=False)  # a save in flight (Ctrl-C, SIGTERM, an error) still reaches the disk
-    saver.wait()  # its error, if it had one (a full disk): the run did not end with its checkpoint
-    barrier(rt)  # every rank returns once the last checkpoint is on disk
-    if rt.rank == 0 and last_eval:
-        print0(summary_line(run, step, last_eval))
-    return run
+    def run(self) -> Path:
+        cfg, p, rt = self.cfg, self.progress, self.rt
+        data = self.data.train
+        bar = progress(total=cfg.max_steps, desc=self.stage, unit="step", initial=p.step)
+        checkpoint_steps = cfg.checkpoint_every or max(cfg.max_steps // 10, 1)
+        window_start, last_save, skipped_in_a_row = time.perf_counter(), time.monotonic(), 0
+        # The window's loss is summed on the device, step after step, and read once per logged line; a checkpoint
+        # carries its value, so a resumed run adds the same numbers in the same order and logs the same losses.
+        window_loss = torch.tensor(p.window_loss, device=rt.device)
+        last_eval: dict[str, Any] = {}
+        try:
+            while p.step < cfg.max_steps:
+                lr = learning_rate(p.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                micro = [data.batch(data.step + i) for i in range(self.accum)]
+                data.step += self.accum
+                result = train_step(self.model, micro, self.optimizer, self.scaler, precision=self.precision,
+                                    device=rt.device, grad_clip=cfg.grad_clip, chunk_rows=self.chunk_rows,
+                                    world=rt.world)
+                p.tokens_seen += result.tokens
+                p.window_tokens += result.tokens
+                if not result.applied:  # the data moved on; the step count, the schedule and the loss did not
+                    p.skipped_steps += 1
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:  # the scale fell by 2^40: the loss is not finite
+                        raise TrainingDiverged(f"{skipped_in_a_row} fp16 steps in a row overflowed at step {p.step}")
+                    continue
+                skipped_in_a_row = 0
+                p.step += 1
+                p.window_steps += 1
+                window_loss += result.loss
+                at_end = p.step == cfg.max_steps
+                if p.step % cfg.log_every == 0 or at_end:
+                    p.window_loss = window_loss.item()  # the only host synchronisation of a normal step
+                    window_loss.zero_()
+                    record = self.log(lr, result.grad_norm, time.perf_counter() - window_start)
+                    bar.set_postfix({"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}",
+                                     **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {})},
+                                    refresh=False)
+                    window_start = time.perf_counter()
+                bar.update(1)
+                val_loss = None
+                if p.step % cfg.eval_every == 0 or at_end:
+                    last_eval = self.evaluate()
+                    val_loss = last_eval["val_loss"]
+                    bar.write(evaluation_line(last_eval))
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                if (p.step % checkpoint_steps == 0 or at_end
+                        or _minutes_passed(last_save, cfg.checkpoint_minutes, p.step, cfg.log_every, rt)):
+                    p.window_loss = window_loss.item()  # the loss not yet logged goes into the checkpoint
+                    if p.window_steps and not math.isfinite(p.window_loss):  # never save weights past a divergence
+                        raise TrainingDiverged(f"training loss became {p.window_loss} by step {p.step}")
+                    self.save(val_loss)
+                    last_save = time.monotonic()
+                    window_start = time.perf_counter()
+        except TrainingDiverged as exc:
+            self.saver.wait(raise_error=False)
+            kept = latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(f"{exc}: stopped; the last good checkpoint is {kept or 'none (none was saved)'}. "
+                                   "Lower --lr, raise --warmup-steps or use --precision bf16") from None
+        finally:
+            bar.close()
+            self.logger.close()
+            self.saver.wait(raise_error=False)  # a save in flight (Ctrl-C, SIGTERM, an error) still reaches the disk
+        self.saver.wait()  # its error, if it had one (a full disk): the run did not end with its checkpoint
+        barrier(rt)  # every rank returns once the last checkpoint is on disk
+        if rt.rank == 0 and last_eval:
+            print0(summary_line(self.run_dir, p.step, last_eval))
+        return self.run_dir
+
+
+def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = None, stage: str = "train") -> Path:
+    """Train by `cfg`; returns the run folder. `data` and `model` let fine-tuning supply its own."""
+    return Trainer(cfg, data, model, stage).run()
+
+
+def evaluation_line(record: dict[str, Any]) -> str:
+    scores = [f"{k} {v:.4f}" for k, v in record.items() if "/" in k and not k.endswith("/n")]
+    return (f"step {record['step']}: validation loss {record['val_loss']:.4f}"
+            + (f", bits per byte {record['val_bpb']:.4f}" if "val_bpb" in record else "")
+            + (f"\n  benchmarks: {', '.join(scores)}" if scores else "")
+            + (f"\n  sample: {record['sample']!r}" if record.get("sample") else ""))
 
 
 def _minutes_passed(since: float, minutes: float, step: int, log_every: int, rt: Runtime) -> bool:
@@ -636,16 +597,9 @@ def add_arguments(parser) -> None:
     configlib.add_arguments(parser, TrainConfig)
 
 
-def list_configs(stage: str) -> str:
-    """The shipped recipes of a stage, one per line: name and what it is."""
-    rows = configlib.list_recipes(stage)
-    width = max((len(name) for name, _, _ in rows), default=0)
-    return "\n".join(f"{name:<{width}}  {text}" for name, _, text in rows) + "\n"
-
-
 def main(args) -> None:
     if args.list_configs:
-        print(list_configs("train"), end="")
+        print(configlib.format_recipes("train"), end="")
         return
     cfg = configlib.config_from_args(TrainConfig, args)
     if args.dry_run:

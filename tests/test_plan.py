@@ -20,7 +20,9 @@ from minigpt.checkpoint import save_checkpoint
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
 from minigpt.model import GPT, PRESETS, ModelConfig
-from minigpt.train import TrainConfig, loss_chunk_rows, make_optimizer
+from minigpt.optim import make_optimizer
+from minigpt.runtime import loss_chunk_rows
+from minigpt.train import TrainConfig
 
 GPT2_PARAMS = 124_439_808  # GPT-2 124M by GPT-2's count (docs/walkthrough.md)
 GPT2_FLOPS = 741_920_256 + 113_246_208  # 6N + 12 L C T at T = 1024 (docs/walkthrough.md)

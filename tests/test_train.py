@@ -20,7 +20,8 @@ from minigpt.cli import main as cli_main
 from minigpt.common import UserError
 from minigpt.log import read_metrics
 from minigpt.model import GPT, ModelConfig
-from minigpt.train import TrainConfig, learning_rate, train
+from minigpt.optim import learning_rate
+from minigpt.train import TrainConfig, train
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
@@ -178,7 +179,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_shards, capsys):
 @pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
                                                   ((9, 0), "bf16")])
 def test_auto_precision_is_bf16_only_where_the_card_has_it(monkeypatch, capability, expected):
-    from minigpt.train import resolve_precision
+    from minigpt.runtime import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts: must not decide
@@ -187,7 +188,7 @@ def test_auto_precision_is_bf16_only_where_the_card_has_it(monkeypatch, capabili
 
 
 def test_explicit_bf16_on_a_pre_ampere_card_warns(monkeypatch, capsys):
-    from minigpt.train import resolve_precision
+    from minigpt.runtime import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
@@ -298,3 +299,29 @@ def test_background_checkpoint_holds_the_state_of_its_step(tmp_path, monkeypatch
     saver.save(tmp_path, model, 2, {"stage": "test"})
     with pytest.raises(OSError, match="went away"):
         saver.wait()
+
+
+def test_two_micro_batches_of_b_rows_step_like_one_of_2b_rows():
+    """The step normalises by the targets of the whole step: accumulation is exact, masked targets included."""
+    from minigpt.train import train_step
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 64, (4, 16))
+    y = torch.randint(0, 64, (4, 16))
+    y[0, :5] = -100  # masked targets count nowhere, whichever micro-batch holds them
+    updated = []
+    for micro in ([(x, y)], [(x[:2], y[:2]), (x[2:], y[2:])]):
+        torch.manual_seed(1)
+        model = GPT(ModelConfig(**SMALL, vocab_size=64))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        result = train_step(model, micro, optimizer, scaler, precision="fp32", device=torch.device("cpu"),
+                            grad_clip=1.0)
+        assert result.applied and result.tokens == 64
+        updated.append((result.loss, result.grad_norm, [p.detach().clone() for p in model.parameters()]))
+        assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+    (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = updated
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(norm_a, norm_b)
+    for a, b in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
