@@ -23,7 +23,7 @@ gradient clipping and number of steps, one after the other on one card. The firs
 allocator warm-up) are left out of tokens/s; both sides synchronise with the GPU once every --warmup steps
 to read their loss, as a logging loop does. Peak memory is torch.cuda.max_memory_allocated, reset before each row.
 MFU is training FLOPs (GPT.flops_per_token: 6N + 12 L C T) x tokens/s over the card's dense bf16 peak
-(minigpt.plan.GPUS, through minigpt.runtime.peak_flops). "loss first" and "loss @N" are the mean training loss
+(minigpt.estimate.GPUS, through minigpt.runtime.peak_flops). "loss first" and "loss @N" are the mean training loss
 over the first --warmup steps and over the last logging window (up to step N); on --data random (uniform
 tokens) nothing can be learned, and both stay near ln(vocab).
 

@@ -1,4 +1,5 @@
-"""The chat format, and `minigpt chat`: talk to a fine-tuned model in the terminal.
+"""The chat format, `minigpt chat` (talk to a fine-tuned model in the terminal) and `minigpt sample` (continue a
+prompt with any run); both decode through the one generation engine (engine.py).
 
 A conversation is rendered as one token sequence, starting like every pretraining document with end-of-text:
 
@@ -14,6 +15,7 @@ exported generation_config.json stop; special tokens are never shown as text unl
 
     minigpt chat runs/quickstart/chat                       # interactive; /help lists the commands
     minigpt chat runs/quickstart/chat --prompt "What is Paris?"   # one answer, for scripts
+    minigpt sample runs/quickstart/base --prompt "The" --num-samples 3
 """
 
 from __future__ import annotations
@@ -270,3 +272,72 @@ def main(args) -> None:
         print()
         return
     interactive(session)
+
+
+def continue_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
+    """A short seeded continuation of `prompt` (the samples a training run shows at each evaluation)."""
+    from minigpt.engine import Engine, SamplingParams
+
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
+                            stop_token_ids=[tokenizer.eot_id])
+    # no oneDNN copies of the weights (engine.py): for one short sample, reordering them costs more than it saves,
+    # and model.train() below drops them anyway
+    engine = Engine(model, max_batch=1, prepack=False)
+    (completion,) = engine.generate([ids[-(model.config.block_size - 1):]], params)
+    model.train()
+    return prompt + tokenizer.decode(completion.tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: `minigpt sample`
+
+
+def add_sample_arguments(parser) -> None:
+    parser.add_argument("run", help="a run folder or checkpoint (pretrained or fine-tuned)")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument("--num-samples", type=int, default=1, help="continuations, decoded as one batch (default: 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="(default: 100)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="0 = off (default: 50)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    parser.add_argument("--checkpoint", default="latest", help="latest, best or a step_N folder name")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
+
+
+def sample_main(args) -> None:
+    """Stream one sample to the terminal as it is made; several are printed one after another."""
+    from minigpt.checkpoint import load_run
+    from minigpt.common import pick_device
+    from minigpt.engine import Engine, SamplingParams, TextDecoder
+
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise UserError("--num-samples and --max-new-tokens must be at least 1")
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    model, tokenizer, _ = load_run(args.run, pick_device(args.device), args.checkpoint)
+    prompt = [tokenizer.eot_id] + tokenizer.encode_ordinary(args.prompt)  # a document starts after end-of-text
+    prompt = prompt[-(model.config.block_size - 1):]
+    params.stop_token_ids = end_of_turn_ids(tokenizer)
+    engine = Engine(model, max_batch=args.num_samples, seed=args.seed)
+    decoders = [TextDecoder(tokenizer.token_bytes, skip=special_ids(tokenizer)) for _ in range(args.num_samples)]
+    if args.num_samples == 1:  # stream it
+        sys.stdout.write(args.prompt)
+        for events in engine.stream([prompt], params):
+            for e in events:
+                if e.finish_reason != "stop":
+                    sys.stdout.write(decoders[0].push(e.token))
+                    sys.stdout.flush()
+        print(decoders[0].finish())
+        return
+    prompts = [prompt] * args.num_samples
+    if args.seed is not None:  # one seed per sample, or every sample would be the same
+        params = [dataclasses.replace(params, seed=args.seed + i) for i in range(args.num_samples)]
+    for i, completion in enumerate(engine.generate(prompts, params)):
+        decoder = decoders[i]
+        text = "".join(decoder.push(t) for t in completion.tokens) + decoder.finish()
+        print(f"--- sample {i + 1}\n{args.prompt}{text}")

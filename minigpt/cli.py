@@ -1,7 +1,9 @@
 """The `minigpt` command: parses the stage name and hands the rest of the command line to that stage.
 
-Each stage lives in its own module, which provides `add_arguments(parser)` and `main(args) -> int | None`. Modules
-are imported only when their stage runs, so `minigpt --help` is instant and one stage's extra dependencies (FastAPI,
+Each stage lives in its own module, which provides `add_arguments(parser)` and `main(args) -> int | None` (or,
+for a module serving two stages, `add_NAME_arguments` and `NAME_main`: chat.py's chat and sample, hf.py's
+export and import). Modules are
+imported only when their stage runs, so `minigpt --help` is instant and one stage's extra dependencies (FastAPI,
 transformers) never burden another.
 """
 
@@ -26,10 +28,10 @@ STAGES: list[tuple[str, str, str]] = [
     ("sft", "minigpt.sft", "fine-tune a pretrained run into a chatbot on conversations"),
     ("chat", "minigpt.chat", "talk to a fine-tuned model in the terminal"),
     ("serve", "minigpt.serve", "an OpenAI-compatible HTTP server and web chat for a run (needs minigpt[serve])"),
-    ("sample", "minigpt.engine", "continue a prompt with any run, pretrained or fine-tuned"),
+    ("sample", "minigpt.chat", "continue a prompt with any run, pretrained or fine-tuned"),
     ("inspect", "minigpt.inspect_model", "look inside a model: attention maps, per-token surprise, the logit lens"),
-    ("export", "minigpt.hf_export", "a checkpoint as a Hugging Face GPT-2 folder: weights, tokenizer, chat template"),
-    ("import", "minigpt.hf_import", "make a run from a local Hugging Face GPT-2 folder, e.g. OpenAI's GPT-2 124M"),
+    ("export", "minigpt.hf", "a checkpoint as a Hugging Face GPT-2 folder: weights, tokenizer, chat template"),
+    ("import", "minigpt.hf", "make a run from a local Hugging Face GPT-2 folder, e.g. OpenAI's GPT-2 124M"),
 ]
 
 
@@ -58,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"minigpt {name}", description=help_,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(parser)
+    add_arguments = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
+    run = getattr(module, f"{name}_main", None) or module.main
+    add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:
-        return int(module.main(args) or 0)
+        return int(run(args) or 0)
     except UserError as exc:
         print(f"minigpt {name}: error: {exc}", file=sys.stderr)
         return 2

@@ -437,7 +437,8 @@ class DocumentStream:
             from minigpt.hub import HubStream
 
             self._hub = HubStream(self.source, self.text_field, self.skipped, self._cursor, self._retry)
-            yield from self._hub
+            for text, source_id in self._hub:
+                yield Document(text, source_id)
         else:
             yield from self._files()
 

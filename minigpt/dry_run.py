@@ -7,7 +7,7 @@ Prints the resolved settings, the data the run would read (tokens, documents or 
 steps, total tokens, how many epochs of its data that is, checkpoint size, count and disk use, memory per GPU and an
 estimate of the time on the device it sees; warns in plain words when the run would repeat its data more than a
 few times or would not fit. Trains nothing and writes nothing (sft prepares its conversations if they are not
-prepared yet, as the run would). The numbers come from plan.py's `estimate_run`, so `minigpt plan` and the dry run
+prepared yet, as the run would). The numbers come from estimate.py's `estimate_run`, so `minigpt plan` and the dry run
 never disagree; on a CPU the time comes from one timed forward and backward pass instead.
 """
 
@@ -78,14 +78,14 @@ def cpu_tokens_per_second(model_cfg: ModelConfig, seq_len: int) -> tuple[float, 
 
 def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tuple[list[str], list[str]]:
     """The lines shared by both stages, and the warnings: length, epochs, checkpoints, memory, time."""
-    from minigpt import plan
+    from minigpt import estimate
 
     gpu = None
     if shape.device.type == "cuda":
-        gpu = plan.gpu_for_device(torch.cuda.get_device_name(shape.device))
+        gpu = estimate.gpu_for_device(torch.cuda.get_device_name(shape.device))
         if gpu is not None:  # the card's real memory (an 80 GB A100 and a 40 GB one share a name pattern)
             gpu = dataclasses.replace(gpu, memory_bytes=torch.cuda.get_device_properties(shape.device).total_memory)
-    est = plan.estimate_run(shape.model, seq_len=shape.seq_len, micro_batch=shape.micro_batch,
+    est = estimate.estimate_run(shape.model, seq_len=shape.seq_len, micro_batch=shape.micro_batch,
                             grad_accum=shape.grad_accum, world=shape.world, steps=shape.steps,
                             precision=shape.precision, gpu=gpu, mfu=None,
                             checkpointing=shape.model.gradient_checkpointing, keep_checkpoints=shape.keep_last,
@@ -133,12 +133,12 @@ def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tup
     return lines, warnings
 
 
-def train_dry_run(cfg) -> str:
-    """The plan of `minigpt train` with settings `cfg` (a TrainConfig), as text."""
+def train_dry_run(cfg, builds_default_data: bool = False) -> str:
+    """The plan of `minigpt train` with settings `cfg` (a TrainConfig), as text; `builds_default_data`: train
+    would build cfg.data from the bundled corpus on first use."""
     from minigpt.common import pick_device
     from minigpt.runtime import loss_chunk_rows, resolve_precision
     from minigpt.shards import read_meta
-    from minigpt.train import DEFAULT_DATA
 
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -153,7 +153,7 @@ def train_dry_run(cfg) -> str:
         lines.append(f"data:        {data}: {split['tokens']:,} training tokens in {split['documents']:,} "
                      f"documents ({split['text_bytes'] / 1e6:,.1f} MB of text), {meta['splits']['val']['tokens']:,} "
                      "validation tokens")
-    elif str(cfg.data) == DEFAULT_DATA and cfg.corpus:
+    elif builds_default_data:
         lines.append(f"data:        {data} is built from {', '.join(cfg.corpus)} on first use (a BPE vocabulary of "
                      f"{cfg.vocab_size:,} tokens, then shards): its size is known once built")
     else:
@@ -179,13 +179,13 @@ def train_dry_run(cfg) -> str:
     return "\n".join(lines + more + [f"warning: {w}" for w in warnings]) + "\n"
 
 
-def sft_dry_run(cfg) -> str:
-    """The plan of `minigpt sft` with settings `cfg` (an SFTConfig), as text (conversations prepared if needed)."""
+def sft_dry_run(cfg, facts: dict) -> str:
+    """The plan of `minigpt sft` with settings `cfg` (an SFTConfig) on its data, `facts` (sft.dataset_facts), as
+    text."""
     from minigpt.checkpoint import read_checkpoint_meta, resolve_checkpoint, run_tokenizer_path
     from minigpt.common import pick_device
     from minigpt.config import from_dict
     from minigpt.runtime import loss_chunk_rows, resolve_precision
-    from minigpt.sft import dataset_facts
     from minigpt.tokenizer import Tokenizer
 
     device = pick_device(cfg.device)
@@ -195,7 +195,6 @@ def sft_dry_run(cfg) -> str:
     tokenizer = Tokenizer.load(run_tokenizer_path(ckpt)).with_chat_tokens()  # GPT-2's gains four chat tokens
     model = dataclasses.replace(from_dict(ModelConfig, read_checkpoint_meta(ckpt)["model"]),
                                 vocab_size=tokenizer.n_vocab)
-    facts = dataset_facts(cfg)
     window, train = facts["window"], facts["train"]
     accum = max(cfg.batch_tokens // (cfg.batch_size * window * world), 1)
     rows_per_step = cfg.batch_size * world * accum

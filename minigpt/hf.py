@@ -7,7 +7,7 @@ Our parameter names are OpenAI's, so conversion is one rule: Hugging Face's GPT-
 weights as `Conv1D`, shape (in, out), where we use `nn.Linear`, shape (out, in); those four are transposed. The
 token embedding loses (export) or gains (import) the rows that pad our vocabulary to a multiple of 64. A model
 without biases exports zero biases, which computes the same function. The tokenizer's conversion lives in
-hf_tokenizer.py, the two commands' flags in hf_export.py and hf_import.py; what each exported file holds, and the
+hf_tokenizer.py; the two commands' flags are at the end of this file; what each exported file holds, and the
 limits, are in docs/interop.md.
 
 Importing this module imports neither `transformers` nor `tokenizers`, and an export needs neither: tensors and
@@ -371,3 +371,39 @@ def _fit_vocabulary(config: ModelConfig, n_vocab: int, weights: dict[str, torch.
         raise UserError("the output head is not tied to the token embedding: minigpt's GPT-2 ties them")
     weights[wte_key] = wte[:n_vocab]
     return dataclasses.replace(config, vocab_size=n_vocab)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: `minigpt export` and `minigpt import`
+
+FORMATS = ("hf",)
+
+
+def add_export_arguments(parser) -> None:
+    parser.add_argument("run", metavar="RUN", help="a run folder or a checkpoint folder")
+    parser.add_argument("out", metavar="OUT",
+                        help="the folder to write (new, empty, or an earlier export, which is replaced)")
+    parser.add_argument("--format", choices=FORMATS, default="hf",
+                        help="hf: config.json, model.safetensors, generation_config.json, tokenizer files, README.md "
+                             "(default: hf)")
+    parser.add_argument("--checkpoint", default="latest", help="latest, best or step_N (default: latest)")
+
+
+def export_main(args) -> None:
+    out = export_hf(args.run, args.out, args.checkpoint)
+    print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+def add_import_arguments(parser) -> None:
+    parser.add_argument("source", metavar="HF_DIR", help="folder with config.json (model_type gpt2), "
+                        "model.safetensors and tokenizer.json or vocab.json + merges.txt")
+    parser.add_argument("run", metavar="RUN", help="the run folder to create (must not exist, or be empty)")
+
+
+def import_main(args) -> None:
+    from minigpt.checkpoint import load_run
+
+    run = import_hf(args.source, args.run)
+    model, tokenizer, _ = load_run(run)  # read back what was written, as every later stage will
+    print(f"wrote {run}: {model.num_params():,} parameters, tokenizer {tokenizer.name} ({tokenizer.n_vocab} ids, "
+          f"hash {tokenizer.hash}); checkpoint step_00000000")

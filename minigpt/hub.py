@@ -112,7 +112,8 @@ def _expected_records(ds, split: str) -> int | None:
 
 
 class HubStream:
-    """The non-empty records of one `hf:` source as documents, resumable from `cursor`, retrying the network."""
+    """The non-empty records of one `hf:` source as (text, source id) pairs, resumable from `cursor`, retrying the
+    network (corpus.py makes them documents)."""
 
     def __init__(self, source: str, text_field: str, skipped, cursor: dict[str, Any],
                  retry: RetryPolicy | None = None, sleep=time.sleep) -> None:
@@ -124,9 +125,7 @@ class HubStream:
         self.retries = 0  # retries done, for reports
         self._sleep = sleep
 
-    def __iter__(self) -> Iterator:
-        from minigpt.corpus import Document
-
+    def __iter__(self) -> Iterator[tuple[str, str]]:
         datasets = require_datasets(self.source)
         failures = 0
         while True:
@@ -144,7 +143,7 @@ class HubStream:
                     if text is None:
                         self.skipped.empty += 1
                         continue
-                    yield Document(text, f"{self.source}:{index}")
+                    yield text, f"{self.source}:{index}"
                 return
             except UserError:
                 raise

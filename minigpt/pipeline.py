@@ -185,7 +185,7 @@ def _init_worker(spec: str, dtype: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # An exception escaping a Pool initializer makes the pool restart the worker forever; keep it for the task.
     try:
-        from minigpt.shards import load_tokenizer
+        from minigpt.tokenizer import load_tokenizer  # (the main process checked the spec before starting us)
 
         _worker["tokenizer"] = load_tokenizer(spec)
     except BaseException as exc:  # noqa: BLE001 - re-raised by the first task

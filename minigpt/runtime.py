@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,17 @@ def barrier(rt: Runtime) -> None:
         dist.barrier()
 
 
+def minutes_passed(since: float, minutes: float, rt: Runtime) -> bool:
+    """Whether `minutes` of wall time (time.monotonic) have passed since `since`. Under torchrun rank 0's clock
+    decides for every rank (one broadcast of one number), so all ranks act on it at the same step."""
+    due = time.monotonic() - since >= 60 * minutes
+    if rt.distributed:
+        flag = torch.tensor([float(due)], device=rt.device)
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Precision and the kernels it selects
 
@@ -64,7 +76,7 @@ def native_bf16(device: torch.device) -> bool:
     `torch.cuda.is_bf16_supported()` also says yes on a V100 or T4, where bf16 is emulated and several times slower
     than fp16, so it cannot decide this.
     """
-    from minigpt.plan import precision_for_capability
+    from minigpt.estimate import precision_for_capability
 
     return device.type == "cuda" and precision_for_capability(torch.cuda.get_device_capability(device)) == "bf16"
 
@@ -97,8 +109,8 @@ def loss_chunk_rows(setting: str, device: torch.device, vocab_rows: int) -> int:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """The card's dense bf16 peak (FLOP/s) from plan.py's table, for MFU; None for a CPU or a card it lacks."""
-    from minigpt.plan import gpu_for_device
+    """The card's dense bf16 peak (FLOP/s) from estimate.py's table, for MFU; None for a CPU or a card it lacks."""
+    from minigpt.estimate import gpu_for_device
 
     if device.type != "cuda":
         return None

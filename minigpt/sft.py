@@ -325,7 +325,7 @@ def main(args) -> None:
     if args.dry_run:
         from minigpt.dry_run import sft_dry_run
 
-        print(sft_dry_run(cfg), end="")
+        print(sft_dry_run(cfg, dataset_facts(cfg)), end="")
         return
     try:
         finetune(cfg)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from minigpt import config as configlib
+from minigpt.chat import continue_text
 from minigpt.checkpoint import (
     BackgroundSaver,
     check_new_run_dir,
@@ -47,6 +48,7 @@ from minigpt.runtime import (
     autocast_context,
     barrier,
     loss_chunk_rows,
+    minutes_passed,
     peak_flops,
     resolve_precision,
     setup_runtime,
@@ -423,8 +425,8 @@ class Trainer:
             if self.data.sample is not None:
                 record["sample"] = self.data.sample(self.raw_model)
             else:
-                record["sample"] = sample_text(self.raw_model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
-                                               cfg.seed)
+                record["sample"] = continue_text(self.raw_model, self.tokenizer, cfg.sample_prompt,
+                                                 cfg.sample_tokens, cfg.seed)
             self.raw_model.train()
         self.logger.log(record)
         if rt.rank == 0:
@@ -501,8 +503,9 @@ class Trainer:
                     val_loss = last_eval["val_loss"]
                     bar.write(evaluation_line(last_eval))
                     window_start = time.perf_counter()  # evaluation time is not training throughput
-                if (p.step % checkpoint_steps == 0 or at_end
-                        or _minutes_passed(last_save, cfg.checkpoint_minutes, p.step, cfg.log_every, rt)):
+                timed = cfg.checkpoint_minutes and p.step % cfg.log_every == 0  # the clock is asked when logging
+                if p.step % checkpoint_steps == 0 or at_end or (timed and minutes_passed(last_save,
+                                                                                         cfg.checkpoint_minutes, rt)):
                     p.window_loss = window_loss.item()  # the loss not yet logged goes into the checkpoint
                     if p.window_steps and not math.isfinite(p.window_loss):  # never save weights past a divergence
                         raise TrainingDiverged(f"training loss became {p.window_loss} by step {p.step}")
@@ -538,19 +541,6 @@ def evaluation_line(record: dict[str, Any]) -> str:
             + (f"\n  sample: {record['sample']!r}" if record.get("sample") else ""))
 
 
-def _minutes_passed(since: float, minutes: float, step: int, log_every: int, rt: Runtime) -> bool:
-    """Whether `minutes` of wall time have passed since the last save, asked at logging steps only; under torchrun
-    rank 0's clock decides for every rank (one broadcast of one number), so all ranks save at the same step."""
-    if not minutes or step % log_every:
-        return False
-    due = time.monotonic() - since >= 60 * minutes
-    if rt.distributed:
-        flag = torch.tensor([float(due)], device=rt.device)
-        dist.broadcast(flag, src=0)
-        due = bool(flag.item())
-    return due
-
-
 def summary_line(run: Path, step: int, metrics: dict[str, float]) -> str:
     parts = [f"{run}: step {step}", f"validation loss {metrics['val_loss']:.4f}"]
     if "val_bpb" in metrics:
@@ -566,21 +556,6 @@ def _check_tokenizer(meta: dict[str, Any], tokenizer: Any) -> None:
     if expected and expected != tokenizer.hash:
         raise UserError(f"the checkpoint was trained with tokenizer {expected}, but the data uses {tokenizer.hash}: "
                         "prepare the data with the checkpoint's tokenizer")
-
-
-def sample_text(model: GPT, tokenizer: Any, prompt: str, max_new_tokens: int, seed: int) -> str:
-    """A short seeded sample from the generation engine (the same one `chat` and `serve` use)."""
-    from minigpt.engine import Engine, SamplingParams
-
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
-                            stop_token_ids=[tokenizer.eot_id])
-    # no oneDNN copies of the weights (engine.py): for one short sample, reordering them costs more than it saves,
-    # and model.train() below drops them anyway
-    engine = Engine(model, max_batch=1, prepack=False)
-    (completion,) = engine.generate([ids[-(model.config.block_size - 1):]], params)
-    model.train()
-    return prompt + tokenizer.decode(completion.tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -605,7 +580,7 @@ def main(args) -> None:
     if args.dry_run:
         from minigpt.dry_run import train_dry_run
 
-        print(train_dry_run(cfg), end="")
+        print(train_dry_run(cfg, builds_default_data=cfg.data == DEFAULT_DATA and bool(cfg.corpus)), end="")
         return
     try:
         train(cfg)

@@ -370,8 +370,8 @@ def test_hub_retries_back_off_with_jitter_reset_on_progress_and_give_up(monkeypa
     got = []
     with pytest.raises(hub.StreamFailed, match=r"gave up on hf:fake/x after 4 failed attempts in a row "
                                                r"\(ConnectionError: lost at 5\)"):
-        for doc in stream:
-            got.append(doc.text)
+        for text, _source in stream:
+            got.append(text)
     assert got == [f"record {i}" for i in range(5)]  # nothing lost or repeated across the two retries at 3
     assert stream.cursor["record"] == 5
     assert len(waits) == 2 + 3  # the count started again after record 3 came through
@@ -379,4 +379,4 @@ def test_hub_retries_back_off_with_jitter_reset_on_progress_and_give_up(monkeypa
         assert 0.5 * base <= wait < 1.5 * base
     plan["fail_at"] = {}
     rest = hub.HubStream("hf:fake/x", "text", Skipped(), stream.cursor, sleep=waits.append)
-    assert [d.source for d in rest] == ["hf:fake/x:5", "hf:fake/x:6", "hf:fake/x:7"]
+    assert [source for _text, source in rest] == ["hf:fake/x:5", "hf:fake/x:6", "hf:fake/x:7"]

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from minigpt import config as configlib
-from minigpt import plan as planlib
+from minigpt import estimate
 from minigpt.dry_run import sft_dry_run, train_dry_run
 from minigpt.model import ModelConfig
-from minigpt.sft import SFTConfig
+from minigpt.sft import SFTConfig, dataset_facts
 from minigpt.shards import read_meta
 from minigpt.train import TrainConfig
 
@@ -76,8 +76,8 @@ def test_on_a_gpu_the_time_and_memory_are_plans(monkeypatch, tiny_shards):
     cfg = configlib.resolve(TrainConfig, "gpt2-124m", {"data": str(tiny_shards), "max_steps": 8717})
     text = train_dry_run(cfg)
     model = ModelConfig.from_preset("gpt2", vocab_size=read_meta(tiny_shards)["tokenizer"]["n_vocab"])
-    est = planlib.estimate_run(model, seq_len=1024, micro_batch=32, grad_accum=16, world=1, steps=8717,
-                               precision="bf16", gpu=planlib.GPUS["A100-40GB"], mfu=None, checkpointing=False,
+    est = estimate.estimate_run(model, seq_len=1024, micro_batch=32, grad_accum=16, world=1, steps=8717,
+                               precision="bf16", gpu=estimate.GPUS["A100-40GB"], mfu=None, checkpointing=False,
                                keep_checkpoints=2)
     assert f"about {est.hours:,.1f} hours on 1 x NVIDIA A100 40GB at {est.tokens_per_s:,.0f} tokens/s" in text
     assert f"{est.memory.total / 2**30:.1f} GiB at the peak per GPU" in text and "will not fit" not in text
@@ -88,7 +88,7 @@ def test_on_a_gpu_the_time_and_memory_are_plans(monkeypatch, tiny_shards):
 def test_sft_dry_run_counts_conversations_and_steps(base_run, greetings_file, tmp_path):
     cfg = SFTConfig(base=str(base_run), run_dir=str(tmp_path / "chat"), datasets=[str(greetings_file)],
                     held_out=0.2, batch_size=4, epochs=3, device="cpu", sft_cache=str(tmp_path / "cache"))
-    text = sft_dry_run(cfg)
+    text = sft_dry_run(cfg, dataset_facts(cfg))
     conversations = int(number(text, r"x1: ([\d,]+) conversations"))
     held = int(number(text, r"conversations \(([\d,]+) held out\)"))
     assert conversations + held == 60

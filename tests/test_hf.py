@@ -392,7 +392,7 @@ def test_cli_user_errors_exit_2(case, gpt2_files, tmp_path, capsys):
 
 
 def test_importing_minigpt_hf_loads_no_hf_library():
-    code = ("import sys, minigpt.hf, minigpt.hf_tokenizer, minigpt.hf_export, minigpt.hf_import; "
+    code = ("import sys, minigpt.hf, minigpt.hf_tokenizer; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'tokenizers')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"

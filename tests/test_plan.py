@@ -15,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from minigpt import config as configlib
+from minigpt import estimate as estlib
 from minigpt import plan as planlib
 from minigpt.checkpoint import save_checkpoint
 from minigpt.cli import main as cli_main
@@ -48,18 +49,18 @@ def test_params_and_flops_equal_the_models_own(name):
     with torch.device("meta"):  # shapes only: gpt2-xl allocates nothing
         model = GPT(cfg)
     for seq in (cfg.block_size, 128):
-        assert planlib.flops_per_token(cfg, seq) == model.flops_per_token(seq)
-    assert planlib.num_params(cfg) == model.num_params()
-    assert planlib.stored_params(cfg) == sum(p.numel() for p in model.parameters())
+        assert estlib.flops_per_token(cfg, seq) == model.flops_per_token(seq)
+    assert estlib.num_params(cfg) == model.num_params()
+    assert estlib.stored_params(cfg) == sum(p.numel() for p in model.parameters())
 
 
 def test_params_without_biases_and_with_vocabulary_padding():
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=64, block_size=32, vocab_size=1000, bias=False)  # pads to 1024
     with torch.device("meta"):
         model = GPT(cfg)
-    assert planlib.stored_params(cfg) == sum(p.numel() for p in model.parameters())
-    assert planlib.num_params(cfg) == model.num_params()
-    assert planlib.flops_per_token(cfg, 32) == model.flops_per_token(32)
+    assert estlib.stored_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert estlib.num_params(cfg) == model.num_params()
+    assert estlib.flops_per_token(cfg, 32) == model.flops_per_token(32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,25 +125,25 @@ def test_memory_model_within_15_percent_of_measured_peak(shape, micro_batch, seq
     cfg = ModelConfig(**settings, gradient_checkpointing=checkpointing)
     chunk = loss_chunk_rows("on" if loss == "chunked" else "off", torch.device("cpu"), cfg.padded_vocab_size)
     measured = measured_peak_bytes(cfg, micro_batch, seq_len, grad_accum, precision, chunk, tmp_path / "trace.json")
-    estimate = planlib.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
-                                       checkpointing=checkpointing, grad_accum=grad_accum, loss_chunk_rows=chunk)
+    estimated = estlib.training_memory(cfg, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
+                                        checkpointing=checkpointing, grad_accum=grad_accum, loss_chunk_rows=chunk)
     print(f"\n{shape} {micro_batch}x{seq_len} accum {grad_accum} {precision} {loss} checkpointing {checkpointing}: "
-          f"measured {measured / 2**20:.2f} MiB, model {estimate.total / 2**20:.2f} MiB "
-          f"({100 * (estimate.total / measured - 1):+.1f}%), {estimate.phase}")  # for docs/plan.md (pytest -s)
-    assert estimate.total == pytest.approx(measured, rel=0.15)
+          f"measured {measured / 2**20:.2f} MiB, model {estimated.total / 2**20:.2f} MiB "
+          f"({100 * (estimated.total / measured - 1):+.1f}%), {estimated.phase}")  # for docs/plan.md (pytest -s)
+    assert estimated.total == pytest.approx(measured, rel=0.15)
     # and the part that depends on the batch, the model's real subject, on its own
-    state = estimate.weights + estimate.optimizer
-    assert estimate.total - state == pytest.approx(measured - state, rel=0.15)
+    state = estimated.weights + estimated.optimizer
+    assert estimated.total - state == pytest.approx(measured - state, rel=0.15)
 
 
 def test_checkpointing_and_smaller_micro_batches_need_less():
     cfg = ModelConfig.from_preset("gpt2")
     kw = dict(seq_len=1024, precision="bf16", grad_accum=16)
-    plain = planlib.training_memory(cfg, micro_batch=32, checkpointing=False, **kw)
-    assert planlib.training_memory(cfg, micro_batch=32, checkpointing=True, **kw).total < plain.total
-    assert planlib.training_memory(cfg, micro_batch=16, checkpointing=False, **kw).total < plain.total
+    plain = estlib.training_memory(cfg, micro_batch=32, checkpointing=False, **kw)
+    assert estlib.training_memory(cfg, micro_batch=32, checkpointing=True, **kw).total < plain.total
+    assert estlib.training_memory(cfg, micro_batch=16, checkpointing=False, **kw).total < plain.total
     # the fixed part alone is 16 bytes per stored parameter: weights, gradients, AdamW's two moments
-    assert plain.weights + plain.gradients + plain.optimizer == 16 * planlib.stored_params(cfg)
+    assert plain.weights + plain.gradients + plain.optimizer == 16 * estlib.stored_params(cfg)
 
 
 def test_checkpointing_only_where_nothing_fits_without_it():
@@ -150,7 +151,7 @@ def test_checkpointing_only_where_nothing_fits_without_it():
     p = make_plan(gpu="V100-32GB", tokens=1e9, model=xl)  # 16 bytes x 1.56B parameters leave little room
     c = only(p)
     assert c.micro_batch_plain is None and c.micro_batch_checkpointing is not None
-    assert c.run.checkpointing and c.run.memory.total <= planlib.GPUS["V100-32GB"].usable_bytes
+    assert c.run.checkpointing and c.run.memory.total <= estlib.GPUS["V100-32GB"].usable_bytes
     assert p.commands[-1].endswith("--model.gradient-checkpointing")
     medium = only(make_plan(gpu="V100-32GB", tokens=1e9, model=ModelConfig.from_preset("gpt2-medium")))
     assert medium.micro_batch_plain is not None and not medium.run.checkpointing
@@ -162,14 +163,14 @@ def test_checkpointing_only_where_nothing_fits_without_it():
 
 def test_largest_micro_batch_is_the_largest_divisor_that_fits():
     cfg = ModelConfig.from_preset("gpt2")
-    card = dataclasses.replace(planlib.GPUS["A100-40GB"], memory_bytes=12 * 2**30)
+    card = dataclasses.replace(estlib.GPUS["A100-40GB"], memory_bytes=12 * 2**30)
     kw = dict(seq_len=1024, precision="bf16", checkpointing=False)
-    micro = planlib.largest_micro_batch(cfg, tokens_per_step=2**19, world=2, gpu=card, **kw)
+    micro = estlib.largest_micro_batch(cfg, tokens_per_step=2**19, world=2, gpu=card, **kw)
     assert micro is not None and 256 % micro == 0  # 2^19 / (1024 x 2 GPUs) = 256 sequences per GPU
-    assert planlib.training_memory(cfg, micro_batch=micro, grad_accum=256 // micro, **kw).total <= card.usable_bytes
-    assert planlib.training_memory(cfg, micro_batch=2 * micro, grad_accum=128 // micro, **kw).total > card.usable_bytes
+    assert estlib.training_memory(cfg, micro_batch=micro, grad_accum=256 // micro, **kw).total <= card.usable_bytes
+    assert estlib.training_memory(cfg, micro_batch=2 * micro, grad_accum=128 // micro, **kw).total > card.usable_bytes
     tiny_card = dataclasses.replace(card, memory_bytes=2 * 2**30)  # not even the weights and AdamW fit
-    assert planlib.largest_micro_batch(cfg, tokens_per_step=2**19, world=1, gpu=tiny_card, **kw) is None
+    assert estlib.largest_micro_batch(cfg, tokens_per_step=2**19, world=1, gpu=tiny_card, **kw) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_checkpoint_size_matches_a_saved_checkpoint(tmp_path):
              "rng_cpu": torch.get_rng_state(), "step": 1, "best_val": 5.0}  # what train.py saves
     ckpt = save_checkpoint(tmp_path, model, 1, {"val_loss": 5.0}, state)
     on_disk = sum(f.stat().st_size for f in ckpt.iterdir())
-    run = planlib.estimate_run(cfg, seq_len=256, micro_batch=1, grad_accum=1, world=1, steps=1, precision="fp32",
+    run = estlib.estimate_run(cfg, seq_len=256, micro_batch=1, grad_accum=1, world=1, steps=1, precision="fp32",
                                gpu=None, mfu=None, checkpointing=False, keep_checkpoints=2)
     assert run.checkpoint_bytes == pytest.approx(on_disk, rel=0.01)
     assert run.checkpoint_disk_bytes == 4 * run.checkpoint_bytes  # 2 kept + the best + the one being written
@@ -242,9 +243,9 @@ def test_a_token_budget_on_a_t4_by_hand():
 def test_checkpointing_costs_its_recomputation_in_time():
     cfg = ModelConfig.from_preset("gpt2")
     kw = dict(seq_len=1024, micro_batch=16, grad_accum=32, world=1, steps=1000, precision="bf16",
-              gpu=planlib.GPUS["H100-SXM"], mfu=0.4, keep_checkpoints=2)
-    plain = planlib.estimate_run(cfg, checkpointing=False, **kw)
-    ckpt = planlib.estimate_run(cfg, checkpointing=True, **kw)
+              gpu=estlib.GPUS["H100-SXM"], mfu=0.4, keep_checkpoints=2)
+    plain = estlib.estimate_run(cfg, checkpointing=False, **kw)
+    ckpt = estlib.estimate_run(cfg, checkpointing=True, **kw)
     recompute = 2 * 12 * 768**2 * 12 + 4 * 12 * 768 * 1024  # one more forward pass of the blocks
     assert ckpt.hours / plain.hours == pytest.approx((GPT2_FLOPS + recompute) / GPT2_FLOPS)
 
@@ -262,8 +263,8 @@ def test_pre_ampere_cards_train_in_fp16(gpu, precision):
 
 
 def test_precision_rule_and_bf16_refused_below_ampere():
-    assert planlib.precision_for_capability((7, 0)) == planlib.precision_for_capability((7, 5)) == "fp16"
-    assert planlib.precision_for_capability((8, 0)) == planlib.precision_for_capability((9, 0)) == "bf16"
+    assert estlib.precision_for_capability((7, 0)) == estlib.precision_for_capability((7, 5)) == "fp16"
+    assert estlib.precision_for_capability((8, 0)) == estlib.precision_for_capability((9, 0)) == "bf16"
     with pytest.raises(UserError, match="no native bf16"):
         make_plan(gpu="T4", tokens=1e9, precision="bf16")
 
@@ -277,22 +278,22 @@ def test_precision_rule_and_bf16_refused_below_ampere():
     ("Tesla V100-PCIE-32GB", "V100-32GB"), ("NVIDIA L40S", None), ("NVIDIA A10", None), ("AMD Instinct MI300X", None),
 ])
 def test_gpu_for_device_names(device_name, key):
-    spec = planlib.gpu_for_device(device_name)
+    spec = estlib.gpu_for_device(device_name)
     assert (spec.key if spec else None) == key
 
 
 def test_compute_optimal_size_follows_the_law():
     p = make_plan(gpu="A100-40GB", usd=15, usd_per_hour=1.29)
-    flops = 15 / 1.29 * 3600 * 0.95 * 312e12 * planlib.ASSUMED_MFU
+    flops = 15 / 1.29 * 3600 * 0.95 * 312e12 * estlib.ASSUMED_MFU
     assert p.compute_flops == pytest.approx(flops)
     n = p.optimal_params
     assert n == pytest.approx(math.sqrt(flops / 120)) and 6 * n * (20 * n) == pytest.approx(flops)
     proposed = next(c for c in p.candidates if c.name not in PRESETS)
     depth = proposed.model.n_layer
     assert (proposed.model.n_head, proposed.model.n_embd) == (depth, 64 * depth)
-    error = abs(math.log(planlib.num_params(proposed.model) / n))
+    error = abs(math.log(estlib.num_params(proposed.model) / n))
     for other in (depth - 1, depth + 1):  # the neighbours of the family are further from N
-        assert abs(math.log(planlib.num_params(planlib.depth_shape(other, 1024, 50257)) / n)) > error
+        assert abs(math.log(estlib.num_params(estlib.depth_shape(other, 1024, 50257)) / n)) > error
     assert [c.name for c in p.candidates[:4]] == ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 
 
@@ -301,19 +302,19 @@ def test_a_budget_whose_optimum_is_gpt2_does_not_repeat_it():
     hours = flops / (312e12 * 0.315 * 0.95 * 3600)
     p = make_plan(gpu="A100-40GB", hours=hours)
     assert [c.name for c in p.candidates] == ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
-    assert planlib.depth_shape(12, 1024, 50257) == ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
+    assert estlib.depth_shape(12, 1024, 50257) == ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
                                                                vocab_size=50257)
 
 
 def test_expected_loss_is_anchored_and_falls_with_size_and_tokens():
-    anchor = planlib.ANCHOR
-    assert planlib.expected_loss(anchor["params"], anchor["tokens"]) == pytest.approx(3.2847)
-    c = planlib.CHINCHILLA
+    anchor = estlib.ANCHOR
+    assert estlib.expected_loss(anchor["params"], anchor["tokens"]) == pytest.approx(3.2847)
+    c = estlib.CHINCHILLA
     shift = 3.2847 - (c["E"] + c["A"] / anchor["params"] ** c["alpha"] + c["B"] / anchor["tokens"] ** c["beta"])
-    assert planlib.expected_loss(350e6, 30e9) == pytest.approx(
+    assert estlib.expected_loss(350e6, 30e9) == pytest.approx(
         1.69 + 406.4 / 350e6**0.34 + 410.7 / 30e9**0.28 + shift)
-    assert planlib.expected_loss(350e6, 10e9) < planlib.expected_loss(124e6, 10e9)
-    assert planlib.expected_loss(124e6, 20e9) < planlib.expected_loss(124e6, 10e9)
+    assert estlib.expected_loss(350e6, 10e9) < estlib.expected_loss(124e6, 10e9)
+    assert estlib.expected_loss(124e6, 20e9) < estlib.expected_loss(124e6, 10e9)
 
 
 # ----------------------------------------------------------------------------------------------------------------
