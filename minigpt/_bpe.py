@@ -159,7 +159,7 @@ def merge_loop(words: list[bytes], freqs: list[int], n_merges: int,
     return _merge_loop_py(words, freqs, n_merges, on_merge)
 
 
-def _merge_loop_py(words_in: list[bytes], freqs: list[int], n_merges: int,
+def _merge_loop_py(words_in: list[bytes], freqs: list[int], n_merges: int,  # noqa: C901 (docs/code.md)
                    on_merge: Callable[[int], None] | None) -> list[Merge]:
     words = [list(w) for w in words_in]
     token_bytes = [bytes([i]) for i in range(256)]

@@ -56,7 +56,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, where: str) -> Any:  # noqa: C901 (docs/code.md)
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
