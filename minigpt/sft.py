@@ -316,7 +316,7 @@ def add_arguments(parser) -> None:
 def main(args) -> None:
     if args.list:
         for name, text in BUNDLED.items():
-            print(f"{name:<12} {text}")
+            print(f"{name:<14} {text}")
         return
     if args.list_configs:
         print(configlib.format_recipes("sft"), end="")
