@@ -25,7 +25,8 @@ The invariants (no other module needs to know them):
 3. Weights made under inference_mode carry no version counter to tell a change by: they are left alone.
 4. Scopes may overlap (two engines on one model): a layer's replacement counts the scopes using it, the first one
    packs, a later one re-packs a dropped copy, the last one out restores the layer, in any order.
-5. A model copied or pickled inside the `with` carries no packed weights: its layers compute with their own.
+5. A model copied or pickled inside the `with` carries no packed weights: its layers compute with their own
+   (through replacements holding nothing, which a `prepacked` scope of the copy takes over and then removes).
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ class _PackedLinear(_Swap):
         """Whether the packed copy may stand in for the weight on input x (invariants 1 and 2)."""
         if self.onednn is None:
             return False
-        if torch.is_grad_enabled() or not self._fresh():
+        weight = self.module._parameters["weight"]  # (written out, not _fresh(): this runs ~50 times per token)
+        if (torch.is_grad_enabled() or weight is not self.weight or weight._version != self.version
+                or weight.data_ptr() != self.storage):
             self.onednn = None  # dropped for this scope; a later scope packs again
             return False
         return not self.module.training and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
@@ -175,8 +178,9 @@ class _FusedGeluMLP(_Swap):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.module
-        fc = mlp.c_fc.__dict__.get("forward")
+        c_fc = mlp._modules["c_fc"]  # (not mlp.c_fc: nn.Module's __getattr__ is slow, and this runs for every token)
+        fc = c_fc.__dict__.get("forward")
         if isinstance(fc, _PackedLinear) and not mlp.training and fc.usable(x):
-            h = fc.op(x, fc.onednn, mlp.c_fc._parameters["bias"], "gelu", [], "tanh")
-            return mlp.c_proj(h)  # then dropout, the identity in eval mode
+            h = fc.op(x, fc.onednn, c_fc._parameters["bias"], "gelu", [], "tanh")
+            return mlp._modules["c_proj"](h)  # then dropout, the identity in eval mode
         return self.original(x)
