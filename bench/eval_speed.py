@@ -4,7 +4,7 @@
     python bench/eval_speed.py --run runs/tiny --task arc_easy --limit 500
 
 Ways to score the same (context, continuation) pairs with the same weights:
-  naive      one forward pass per pair, logits at every position (score_pairs_naive), PyTorch's default kernels
+  naive      one forward pass per pair, logits at every position (reference.score_pairs), PyTorch's default kernels
   batch 1    score_pairs one question at a time: its context once (a KV cache its choices extend), only the
              continuations' positions through the output head
   batch N    score_pairs: questions sorted by length, about N pairs per pass (the default path of `minigpt eval`)
@@ -43,6 +43,7 @@ def main() -> int:
     from minigpt import evaluate, tasks
     from minigpt.checkpoint import load_run
     from minigpt.model import GPT, ModelConfig
+    from minigpt.reference import score_pairs as score_one_at_a_time
     from minigpt.tokenizer import Tokenizer
 
     if args.run:
@@ -59,7 +60,7 @@ def main() -> int:
     print(f"{what}; {args.task}: {len(task.examples)} examples, {len(pairs)} pairs, {tokens:,} tokens; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average before: {load_average()}")
 
-    runs = {"naive (one pair per pass, full logits)": lambda: evaluate.score_pairs_naive(model, pairs),
+    runs = {"naive (one pair per pass, full logits)": lambda: score_one_at_a_time(model, pairs),
             "batch 1 (shared context, continuation positions only)": lambda: evaluate.score_pairs(model, pairs, 1),
             f"batch {args.batch_size}": lambda: evaluate.score_pairs(model, pairs, args.batch_size),
             f"batch {args.batch_size}, default kernels":

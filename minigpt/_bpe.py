@@ -14,7 +14,8 @@ no knowledge of how a hash table iterates.
 
 `merge_loop` runs compiled C (minigpt/_bpe_c.c) when the extension was built and pure Python otherwise; both
 give the same merges (tests/test_tokenizer.py checks it). `reference_encode_chunk` is the slow, readable
-rank-based encoder the tests hold tiktoken to.
+rank-based encoder of one chunk: the vocabulary dump uses it, and reference.encode, which the tests hold tiktoken
+to, is built on it.
 """
 
 from __future__ import annotations

@@ -281,8 +281,7 @@ def continue_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int)
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                             stop_token_ids=[tokenizer.eot_id])
-    # no oneDNN copies of the weights (engine.py): for one short sample, reordering them costs more than it saves,
-    # and model.train() below drops them anyway
+    # prepack=False: for one short sample, packing the weights for oneDNN (cpu_inference.py) costs more than it saves
     engine = Engine(model, max_batch=1, prepack=False)
     (completion,) = engine.generate([ids[-(model.config.block_size - 1):]], params)
     model.train()

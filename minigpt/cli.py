@@ -19,7 +19,7 @@ from minigpt.common import UserError, disk_full
 # (command, module, one line of help), in the order data flows through the project.
 STAGES: list[tuple[str, str, str]] = [
     ("quickstart", "minigpt.quickstart", "the whole pipeline on a CPU in minutes: data, pretraining, chat tuning"),
-    ("model", "minigpt.model", "show a model shape: parameters per component and FLOPs per token"),
+    ("model", "minigpt.model_shape", "show a model shape: parameters per component and FLOPs per token"),
     ("tokenizer", "minigpt.tokenizer", "train a byte-level BPE vocabulary; encode, decode, measure compression"),
     ("plan", "minigpt.plan", "from a budget and a GPU to a training run: size, batch, memory, hours, cost, loss"),
     ("prepare", "minigpt.shards", "tokenize corpora into binary token shards for training"),

@@ -11,9 +11,9 @@ Sampling is per sequence: greedy (temperature 0) or temperature with top-k and t
 stop tokens, and each sequence's own random generator, so a seeded request gives the same tokens whatever else
 shares its batch.
 
-    engine = Engine(model)
-    for events in engine.stream([prompt_ids], SamplingParams(max_new_tokens=50, temperature=0.8, top_k=50)):
-        for event in events: print(event.token)
+    with Engine(model) as engine:
+        for events in engine.stream([prompt_ids], SamplingParams(max_new_tokens=50, temperature=0.8, top_k=50)):
+            for event in events: print(event.token)
 
 `TextDecoder` turns a token stream into text: UTF-8 sequences split across tokens are held back until complete,
 stop strings end the text without ever showing a part of them, and special tokens can be left out (`skip`).
@@ -22,13 +22,16 @@ stop strings end the text without ever showing a part of them, and special token
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import itertools
+import weakref
 from collections import deque
 from collections.abc import Collection, Iterable, Iterator, Sequence
 
 import torch
 
+from minigpt.cpu_inference import prepacked
 from minigpt.model import GPT, KVCache
 
 
@@ -105,10 +108,10 @@ class Completion:
 class Engine:
     """KV-cached, continuously batched decoding for one model.
 
-    With `prepack` (the default) on a CPU, the model's large linear weights get oneDNN copies (model.Linear) that
-    stay with the model, as much memory again as those weights, until `model.train()` drops them. A caller that
-    samples once between training steps passes prepack=False, or wraps the engine's use in
-    `model.prepacked_for_cpu()`.
+    With `prepack` (the default) on a CPU, the engine multiplies by oneDNN-packed copies of the model's large
+    weights (cpu_inference.prepacked: 1.3-4x faster decoding on x86 CPUs, as much memory again as those weights)
+    for as long as it lives: until `close()`, the end of a `with Engine(...)` block, or its garbage collection. The
+    model is then exactly as before. Close an engine before training its model further.
     """
 
     def __init__(self, model: GPT, max_batch: int = 16, max_len: int | None = None, seed: int | None = None,
@@ -118,16 +121,26 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(model.config, max_batch, max_len, device=self.device, dtype=self.dtype)
-        # Decoding multiplies a few rows by each weight; on x86 CPUs oneDNN does that 1.3-4x faster than the default
-        # kernels once the weights are reordered for it (model.Linear). The copies double the weights' memory.
+        packing = contextlib.ExitStack()
         if prepack and self.device.type == "cpu":
-            model.prepack_for_cpu()
+            packing.enter_context(prepacked(model))
+        self._finalizer = weakref.finalize(self, packing.close)  # holds the stack, not the engine
         self.max_len = self.cache.max_len
         self.live: list[Generation] = []  # live[i] occupies cache row i
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
         if seed is None:
             self._seeds.seed()
+
+    def close(self) -> None:
+        """Give the model back as it was (no packed weights). The engine may still decode, with the default kernels."""
+        self._finalizer()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- admitting and releasing sequences ---------------------------------------------------------------------
 
@@ -347,24 +360,6 @@ def sample(logits: torch.Tensor, seqs: Sequence[Generation]) -> tuple[list[int],
             k = seq.params.top_logprobs
             tops[i] = list(zip(ids[i, :k].tolist(), values[i, :k].tolist(), strict=True))
     return tokens, picked, tops
-
-
-@torch.inference_mode()
-def generate_without_cache(model: GPT, prompt: Sequence[int], params: SamplingParams,
-                           generator: torch.Generator | None = None) -> list[int]:
-    """The slow reference: re-run the whole sequence for every new token. Tests compare the engine with it."""
-    device = next(model.parameters()).device
-    seq = Generation(0, list(prompt), params, min(params.max_new_tokens, model.config.block_size - len(prompt)),
-                    generator or torch.Generator(device=device).manual_seed(params.seed or 0))
-    tokens = list(prompt)
-    while len(seq.output) < seq.max_new_tokens:
-        logits, _ = model(torch.tensor([tokens], device=device))
-        (token,), _, _ = sample(logits[:, -1].float(), [seq])
-        if token in params.stop_token_ids:
-            break
-        seq.output.append(token)
-        tokens.append(token)
-    return seq.output
 
 
 class TextDecoder:

@@ -43,6 +43,7 @@ from minigpt import tasks as tasklib
 from minigpt.checkpoint import unwrap
 from minigpt.common import UserError, pick_device, progress, read_json, write_json
 from minigpt.config import opt
+from minigpt.cpu_inference import prepacked
 from minigpt.model import GPT, KVCache, logit_chunk_rows
 
 REPORT_FORMAT, REPORT_VERSION = "minigpt-eval", 1
@@ -170,7 +171,7 @@ class Score:
     greedy: bool  # each continuation token is the model's most likely next token
 
 
-def _sequence(context: list[int], continuation: list[int], window: int) -> tuple[list[int], int]:
+def scored_sequence(context: list[int], continuation: list[int], window: int) -> tuple[list[int], int]:
     """The tokens one pair is scored on (input = all but the last, left-truncated to the window) and how many of
     the last are scored: the whole continuation, or its last `window` tokens if it is longer than the window."""
     if not continuation:
@@ -185,16 +186,17 @@ def score_pairs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]]
                 owners: list[int] | None = None, bar=None, prepack: bool = True) -> list[Score]:
     """Score token pairs (context ids, continuation ids), each context run once however many pairs share it.
 
+    With `prepack` the products go through oneDNN-packed weights on x86 CPUs (same scores, faster).
     Pairs are grouped by the tokens before their first scored position (the choices of one multiple-choice
     question share them), and groups go in batches of about `batch_size` pairs, longest first. `owners[i]` names
     the example pair i belongs to: `bar` then advances by one as each example completes.
     """
     model = unwrap(model)
-    # On x86 CPUs oneDNN runs these products faster from prepacked weights (model.Linear); the copies live only as
-    # long as this call, since a training run's evaluation is followed by weight updates.
-    if not prepack or not isinstance(model, GPT) or torch.is_autocast_enabled("cpu"):  # (autocast: unused)
+    # On x86 CPUs oneDNN multiplies faster by packed weights (cpu_inference), here for the length of this call;
+    # with many rows per product every layer gains, the smallest too (min_weight=0). Autocast would not use them.
+    if not prepack or torch.is_autocast_enabled("cpu"):
         return _score_pairs(model, pairs, batch_size, owners, bar)
-    with model.prepacked_for_cpu(min_weight=0):  # many rows per product: every layer gains, the smallest too
+    with prepacked(model, min_weight=0):
         return _score_pairs(model, pairs, batch_size, owners, bar)
 
 
@@ -203,7 +205,7 @@ def _score_pairs(model: GPT, pairs: list[tuple[list[int], list[int]]], batch_siz
     window = model.config.block_size
     seqs, scored = [], []
     for context, continuation in pairs:
-        seq, k = _sequence(context, continuation, window)
+        seq, k = scored_sequence(context, continuation, window)
         seqs.append(seq)
         scored.append(k)
     by_prefix: dict[tuple[int, ...], list[int]] = {}
@@ -299,7 +301,7 @@ def _score_shared_prefixes(model: GPT, prefixes: list[tuple[int, ...]], sizes: l
     2. Each group's cache row is copied to one row per sequence, and the rest of each sequence (its scored tokens
        but the last) runs on top of it: each of those positions predicts the next scored token.
     Only the scored positions go through the output head. This computes what a plain forward pass over each
-    sequence would (tests/test_evaluate.py checks against score_pairs_naive), with each shared prefix computed once.
+    sequence would (tests/test_evaluate.py checks against reference.score_pairs), with each shared prefix computed once.
     """
     device = next(model.parameters()).device
     # under autocast the keys and values are made in the autocast dtype: store them so, at half the memory
@@ -363,21 +365,6 @@ def _log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     return (logits.gather(1, targets[:, None]).squeeze(1) - log_norm).double(), best
 
 
-@torch.inference_mode()
-def score_pairs_naive(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
-    """The slow reference: one forward pass per pair, full logits. Tests and bench/eval_speed.py compare."""
-    model = unwrap(model)
-    device = next(model.parameters()).device
-    out = []
-    for context, continuation in pairs:
-        seq, k = _sequence(context, continuation, model.config.block_size)
-        logits, _ = model(torch.tensor([seq[:-1]], device=device))  # (1, T, V)
-        logp = logits[0, -k:].double().log_softmax(-1)  # (k, V), all in float64
-        target = torch.tensor(seq[-k:], device=device)
-        out.append(Score(float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Generation and exact match
 
@@ -407,8 +394,8 @@ def generate_answers(model: torch.nn.Module, tokenizer, prompts: list[str], batc
     special = set(tokenizer.special_tokens.values())
     params = SamplingParams(max_new_tokens=budget, temperature=0.0, stop_token_ids=stop_token_ids(tokenizer))
     outputs: list[list[int]] = [[] for _ in prompts]
-    with model.prepacked_for_cpu():  # for this call only: a training run's evaluation is followed by updates
-        for events in Engine(model, max_batch=batch_size, prepack=False).stream(ids, params):
+    with Engine(model, max_batch=batch_size) as engine:  # closed at once: a training run may update the weights next
+        for events in engine.stream(ids, params):
             for event in events:
                 if event.token not in special:  # the stop token itself may hold text before its stop string
                     outputs[event.index].append(event.token)

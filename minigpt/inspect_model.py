@@ -8,8 +8,8 @@
 Every text starts with the end-of-text token, as every document does in the training stream (shards.py), so the
 first word is predicted "from a document start". Pictures and pages go to RUN/inspect/ unless --out/--html says.
 
-Attention weights come from `capture_attention`, which switches each block to the explicit softmax(QK^T) path of
-model.py only inside the `with`; the residual stream comes from forward hooks, so the model's code is not copied.
+Attention weights (`capture_attention`) and the residual stream (`residual_stream`) come from forward hooks: the
+weights are recomputed from each attention layer's input and its c_attn, so model.py knows nothing of inspection.
 
 Head kinds (`classify_heads`), from each head's attention averaged over a sample of text, over queries t >= 2
 (at t = 0 and 1 "previous", "first" and "same" name the same keys, so those rows tell nothing apart):
@@ -60,18 +60,36 @@ def capture_attention(model: GPT) -> Iterator[list[torch.Tensor]]:
     """Keep the attention weights of every forward pass made inside the `with`.
 
     Yields a list that fills with one (B, n_head, T, T) tensor per layer per pass, in layer order: after one
-    pass, maps[l] is layer l. Only passes without a KV cache are captured. Outside the `with` the model is back on
-    its fast path (scaled_dot_product_attention).
+    pass, maps[l] is layer l. Only passes without a KV cache are captured. A forward pre-hook on each block's
+    attention takes its input and recomputes the weights beside the model (`attention_weights`); the model's own
+    computation is untouched, and the hooks are removed when the `with` ends.
     """
     maps: list[torch.Tensor] = []
-    blocks = list(model.h)
-    for block in blocks:
-        block.attn.capture = maps
+
+    def keep(attn: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x, *rest = args
+        named = dict(zip(("layer", "step", "mask"), rest, strict=False)) | kwargs
+        if named.get("step") is None:
+            maps.append(attention_weights(attn, x, named.get("mask")))
+
+    hooks = [block.attn.register_forward_pre_hook(keep, with_kwargs=True) for block in model.h]
     try:
         yield maps
     finally:
-        for block in blocks:
-            block.attn.capture = None
+        for hook in hooks:
+            hook.remove()
+
+
+def attention_weights(attn: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + causal mask), (B, n_head, T, T), of a CausalSelfAttention on its input
+    x (B, T, C): what its scaled_dot_product_attention weighs the values by. `mask` (B, 1, T, T), True where a
+    query may attend to a key, replaces the causal mask (packed rows). No dropout: inspect a model in eval mode."""
+    B, T, C = x.shape
+    with torch.no_grad():
+        q, k, _ = attn.c_attn(x).view(B, T, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, H, T, T)
+        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask
+        return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # each row sums to 1
 
 
 def residual_stream(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:

@@ -8,16 +8,14 @@ only in storage: our linear layers are `nn.Linear` (weights stored (out, in); Op
 and the token embedding has extra rows up to a multiple of 64 so the head's matmul is fast; logits for those rows
 are sliced off, so the padding is never predicted, sampled or trained.
 
-Run `minigpt model --preset gpt2` for the parameter count and FLOPs of a shape.
+Run `minigpt model --preset gpt2` (model_shape.py) for the parameter count and FLOPs of a shape. Speed-ups for CPU
+inference are applied from outside (cpu_inference.py), inspection through hooks (inspect_model.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import platform
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,7 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minigpt.common import UserError
 from minigpt.config import opt
 
 
@@ -68,17 +65,13 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        if name not in PRESETS:
-            raise UserError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
-        return cls(**{**PRESETS[name], "preset": name, **overrides})
+        return cls(**cls.expand_dict({"preset": name, **overrides}))
 
     @classmethod
     def expand_dict(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Settings that name a preset start from it; the other settings given override it."""
-        name = data.get("preset") or ""
-        if name and name not in PRESETS:
-            raise UserError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
-        return {**PRESETS.get(name, {}), **data}
+        """Settings that name a preset start from it; the other settings given override it. (An unknown name is
+        refused by __post_init__, which config.from_dict turns into a one-line UserError.)"""
+        return {**PRESETS.get(data.get("preset") or "", {}), **data}
 
 
 # Published GPT-2 shapes (vocabulary 50257, context 1024), and two small ones for CPUs.
@@ -195,75 +188,6 @@ class CacheStep:
 # The model
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that can also hold its weight prepacked for oneDNN, for fast inference on x86 CPUs.
-
-    PyTorch's default CPU matmul (MKL) multiplies a few rows by a large weight far below the memory bandwidth, and
-    decoding is exactly that product; oneDNN, with the weight reordered once into its blocked layout, does the same
-    product 1.3-4x faster on the CPUs we measured (bench/generate_bench.py). `GPT.prepack_for_cpu()` makes the
-    copies. One is used only where it gives the weight's own result: float32, no autograd, no autocast, the module
-    in eval mode, and the weight the same tensor as when packed, not changed in place since (its version counter)
-    nor moved (its storage). `train()` drops the copies: fused AdamW updates weights in place without advancing
-    their version counter, so a training loop's return to train mode is the sure sign the weights will change.
-    """
-
-    # (weight, its version and storage when packed, the oneDNN op, the oneDNN copy): all a call needs, held together
-    # because decoding calls this a hundred times per token and every attribute lookup costs. Holding the weight
-    # also keeps its storage alive, so a new tensor can never reuse the address.
-    packed: tuple | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        onednn = self._onednn(x)
-        if onednn is not None:
-            op, weight = onednn
-            return op(x, weight, self._parameters["bias"], "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-    def fused_gelu(self, x: torch.Tensor) -> torch.Tensor | None:
-        """GELU(tanh) of this layer's output with oneDNN applying it inside the matmul, or None where the packed
-        copy cannot stand in for the weight (the caller then goes through the module as usual)."""
-        onednn = self._onednn(x)
-        if onednn is None:
-            return None
-        op, weight = onednn
-        return op(x, weight, self._parameters["bias"], "gelu", [], "tanh")
-
-    def _onednn(self, x: torch.Tensor) -> tuple | None:
-        """(op, packed weight) when the packed copy may stand in for the weight on input x, else None."""
-        if self.packed is None or torch.is_grad_enabled() or self.training:
-            return None
-        if not self.fresh():
-            self.packed = None
-            return None
-        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-            return None
-        return self.packed[3], self.packed[4]
-
-    def fresh(self) -> bool:
-        """Whether the packed copy still matches the weight (False when there is none)."""
-        if self.packed is None:
-            return False
-        weight, version, storage, _, _ = self.packed
-        return self._parameters["weight"] is weight and weight._version == version and weight.data_ptr() == storage
-
-    def prepack(self) -> None:
-        """Keep a oneDNN copy of the weight (as much memory again as the weight). The weight must be on the CPU."""
-        weight = self.weight
-        onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-        self.packed = (weight, weight._version, weight.data_ptr(), torch.ops.mkldnn._linear_pointwise.default,
-                       onednn_weight)
-
-    def train(self, mode: bool = True) -> Linear:
-        if mode:
-            self.packed = None
-        return super().train(mode)
-
-    def __getstate__(self) -> dict:  # copies and pickles leave the oneDNN copy behind: it is only a cache
-        state = super().__getstate__()
-        state.pop("packed", None)
-        return state
-
-
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     # A plain call rather than nn.Dropout modules: when off, decoding skips three module calls per block.
     return F.dropout(x, p, training) if p and training else x
@@ -273,10 +197,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.capture: list[torch.Tensor] | None = None  # set by inspect_model.capture_attention, else None
 
     def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -285,9 +208,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, n_head, T, head_dim): q, k, v side by side, each split into heads
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
-        if step is None and self.capture is not None:
-            y = self.explicit_attention(q, k, v, mask)
-        elif step is None:
+        if step is None:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         else:
@@ -295,32 +216,16 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return _dropout(self.c_proj(y), self.dropout, self.training)
 
-    def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           mask: torch.Tensor | None = None) -> torch.Tensor:
-        """softmax(q k^T / sqrt(head_dim) + causal mask) v, written out so the weights (B, H, T, T) can be kept.
-
-        The slow path taken only while `self.capture` is a list (inspect_model.py): the weights are appended to it.
-        No dropout: inspect a model in eval mode. The fast path above never pays for this.
-        """
-        T = q.size(-2)
-        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, H, T, T)
-        allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if mask is None else mask
-        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # each row sums to 1
-        self.capture.append(weights.detach())
-        return weights.to(v.dtype) @ v
-
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc.fused_gelu(x)
-        if h is None:
-            h = F.gelu(self.c_fc(x), approximate="tanh")
+        h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C)
         return _dropout(self.c_proj(h), self.dropout, self.training)
 
 
@@ -346,7 +251,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: the head reads tokens out the way wte writes them in
         self.reset_parameters()
 
@@ -433,40 +338,6 @@ class GPT(nn.Module):
                                    ignore_index=-100, reduction=reduction)
         return logits, loss
 
-    # -- CPU inference -----------------------------------------------------------------------------------------
-
-    def prepack_for_cpu(self, min_weight: int = 1 << 17) -> list[Linear]:
-        """Prepack for oneDNN the linear weights of at least `min_weight` elements; returns the layers newly packed.
-
-        Only float32 weights on an x86-64 CPU with oneDNN: below ~128K elements oneDNN's fixed cost per call
-        outweighs what it saves for a few rows, and elsewhere (ARM, GPUs) the default kernels are the fast ones.
-        The copies cost as much memory again as the weights they copy, and are used only for inference in eval
-        mode (see `Linear`). A stale copy is replaced; weights made under inference_mode are left alone (they
-        carry no version counter to tell a change by).
-        """
-        if (platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available()
-                or not hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-            return []
-        packed = []
-        for module in self.modules():
-            w = module.weight if isinstance(module, Linear) and not module.fresh() else None
-            if (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= min_weight
-                    and not w.is_inference()):
-                module.prepack()
-                packed.append(module)
-        return packed
-
-    @contextlib.contextmanager
-    def prepacked_for_cpu(self, min_weight: int = 1 << 17) -> Iterator[GPT]:
-        """`prepack_for_cpu` for the duration of a `with`: the copies made are dropped at its end, as when a
-        training run evaluates or samples between weight updates."""
-        packed = self.prepack_for_cpu(min_weight)
-        try:
-            yield self
-        finally:
-            for layer in packed:
-                layer.packed = None
-
     # -- accounting --------------------------------------------------------------------------------------------
 
     def num_params(self, embeddings: bool = True) -> int:
@@ -491,10 +362,6 @@ class GPT(nn.Module):
         T = seq_len or cfg.block_size
         n = self.num_params() - self.wpe.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
-
-    def estimate_mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
-        """Model FLOPs utilisation: achieved training FLOPs over the device's peak."""
-        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -577,51 +444,3 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):  # noqa: ANN001, ANN205
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
-
-
-def parameter_table(model: GPT) -> list[tuple[str, int]]:
-    """Parameters per component (embeddings, attention, MLP, LayerNorms), GPT-2 counting."""
-    cfg = model.config
-    groups = {"token embedding (tied head)": cfg.vocab_size * cfg.n_embd, "position embedding": 0,
-              "attention": 0, "MLP": 0, "LayerNorms": 0}
-    for name, p in model.named_parameters():
-        if name.startswith("wpe"):
-            groups["position embedding"] += p.numel()
-        elif ".attn." in name:
-            groups["attention"] += p.numel()
-        elif ".mlp." in name:
-            groups["MLP"] += p.numel()
-        elif "ln_" in name:
-            groups["LayerNorms"] += p.numel()
-    return list(groups.items())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: `minigpt model`
-
-
-def add_arguments(parser) -> None:
-    from minigpt import config
-
-    parser.add_argument("--config", help="TOML/YAML/JSON file with model settings")
-    config.add_arguments(parser, ModelConfig)
-    parser.add_argument("--seq-len", type=int, default=None, help="context length for the FLOPs estimate "
-                        "(default: block_size)")
-
-
-def main(args) -> None:
-    from minigpt import config
-
-    cfg = config.config_from_args(ModelConfig, args)
-    with torch.device("meta"):  # shapes only: even gpt2-xl costs no memory
-        model = GPT(cfg)
-    seq = args.seq_len or cfg.block_size
-    total = model.num_params()
-    print(f"shape: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.block_size}, "
-          f"vocabulary {cfg.vocab_size} (embedding rows {cfg.padded_vocab_size})")
-    for name, count in parameter_table(model):
-        print(f"  {name:<28} {count:>15,}  {100 * count / total:5.1f}%")
-    print(f"  {'total':<28} {total:>15,}")
-    print(f"  {'non-embedding':<28} {model.num_params(embeddings=False):>15,}")
-    print(f"training FLOPs per token at context {seq}: {model.flops_per_token(seq):,} "
-          f"(6N + 12 L C T, N without wpe)")

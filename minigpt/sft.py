@@ -246,7 +246,8 @@ def answer_quality(model: GPT, tokenizer, convs: Sequence[Conversation], max_new
     prompts = [render(tokenizer, c.messages[:1], add_generation_prompt=True)[0] for c in convs]
     base = params if params is not None else SamplingParams(temperature=0)
     params = dataclasses.replace(base, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids(tokenizer))
-    completions = Engine(model, max_batch=batch, seed=0).generate(prompts, params)
+    with Engine(model, max_batch=batch, seed=0) as engine:
+        completions = engine.generate(prompts, params)
     answers = [tokenizer.decode(c.tokens).strip() for c in completions]
     ended = [c.finish_reason == "stop" and bool(a) for c, a in zip(completions, answers, strict=True)]
     about = [(c.subject, a) for c, a in zip(convs, answers, strict=True) if c.subject]

@@ -26,9 +26,9 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
-import regex
 import tiktoken
 
 from minigpt import _bpe
@@ -239,24 +239,6 @@ class Tokenizer:
         return self._enc.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed,
                                       disallowed_special=())
 
-    def encode_reference(self, text: str, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
-        """The same ids as `encode`, computed slowly in plain Python (for tests; see `_bpe.reference_encode_chunk`)."""
-        text = _bpe.clean_text(text)
-        allowed = self._allowed(allowed_special)
-        pieces = [text]
-        if allowed:
-            alternation = "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True))
-            pieces = regex.split(f"({alternation})", text)  # odd positions hold the special tokens
-        ids: list[int] = []
-        split = regex.compile(self._pattern).findall
-        for k, piece in enumerate(pieces):
-            if k % 2:
-                ids.append(self._special[piece])
-                continue
-            for chunk in split(piece):
-                ids += _bpe.reference_encode_chunk(chunk.encode("utf-8"), self._ranks)
-        return ids
-
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Ids -> the bytes they stand for (special tokens give their own text)."""
         ids = list(ids)
@@ -301,6 +283,11 @@ class Tokenizer:
     def n_vocab(self) -> int:
         """All ids, special tokens included: the embedding needs this many rows."""
         return len(self._vocab) + len(self._special)
+
+    @property
+    def ranks(self) -> Mapping[bytes, int]:
+        """Token bytes -> id (its rank), special tokens excluded; read-only."""
+        return MappingProxyType(self._ranks)
 
     @property
     def eot_id(self) -> int:

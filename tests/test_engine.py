@@ -1,11 +1,14 @@
 """The generation engine: KV cache vs recomputation, batching, sampling rules, streaming, text decoding."""
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from minigpt.engine import Engine, Generation, SamplingParams, TextDecoder, generate_without_cache, sample
+from minigpt import reference
+from minigpt.cpu_inference import is_packed, prepacked
+from minigpt.engine import Engine, Generation, SamplingParams, TextDecoder, sample
 from minigpt.model import GPT, ModelConfig
 
 
@@ -16,13 +19,14 @@ def model() -> GPT:
 
 
 @pytest.fixture(scope="module")
-def packed_model() -> GPT:
+def packed_model() -> Iterator[GPT]:
     """The same model with every linear weight prepacked for oneDNN, as the engine does for large ones on CPUs."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=64, vocab_size=97)).eval()
-    if not model.prepack_for_cpu(min_weight=0):
-        pytest.skip("no oneDNN on this machine: nothing is packed")
-    return model
+    with prepacked(model, min_weight=0):
+        if not is_packed(model.lm_head):
+            pytest.skip("no oneDNN on this machine: nothing is packed")
+        yield model
 
 
 UNEVEN = [[1, 2, 3], [5] * 17, [7, 8], [9, 10, 11, 12, 13, 14, 15], list(range(40)), [42]]
@@ -35,7 +39,7 @@ def test_kv_cache_greedy_equals_recomputation_in_uneven_batches(model, packed_mo
     for max_batch in (1, 3, 8):  # 3 < prompts: rows are reused as sequences finish
         completions = Engine(model, max_batch=max_batch).generate(UNEVEN, params)
         for prompt, completion in zip(UNEVEN, completions, strict=True):
-            assert completion.tokens == generate_without_cache(model, prompt, params)
+            assert completion.tokens == reference.generate(model, prompt, params)
 
 
 def test_seeded_sampling_does_not_depend_on_batch_company(model):
@@ -43,7 +47,7 @@ def test_seeded_sampling_does_not_depend_on_batch_company(model):
     alone = [Engine(model, max_batch=1).generate([p], params)[0].tokens for p in UNEVEN]
     together = [c.tokens for c in Engine(model, max_batch=4).generate(UNEVEN[::-1], params)][::-1]
     assert alone == together
-    assert alone[0] == generate_without_cache(model, UNEVEN[0], params)
+    assert alone[0] == reference.generate(model, UNEVEN[0], params)
     other_seed = Engine(model).generate([UNEVEN[0]], SamplingParams(max_new_tokens=15, temperature=0.9, seed=8))
     assert other_seed[0].tokens != alone[0]
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minigpt import cpu_inference, reference, tasks
 from minigpt import evaluate as ev
-from minigpt import tasks
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
 from minigpt.log import read_metrics
@@ -101,7 +101,7 @@ def test_fixed_logits_give_the_hand_computed_log_likelihoods():
     assert ev.encode_pair(tok, "  ", "ab") == ([EOT], [2, 2, 0, 1])  # a context of spaces only: empty, then EOT
     expected = [math.log(P["b"][" "] * P[" "]["a"]), math.log(P["b"][" "] * P[" "]["b"] * P["b"]["a"]),
                 math.log(P["b"][" "] * P[" "]["a"]), math.log(P["eot"]["a"] * P["a"]["b"]), math.log(P["a"]["b"])]
-    for scorer in (lambda p: ev.score_pairs(model, p, batch_size=2), lambda p: ev.score_pairs_naive(model, p)):
+    for scorer in (lambda p: ev.score_pairs(model, p, batch_size=2), lambda p: reference.score_pairs(model, p)):
         scores = scorer(pairs)
         assert [s.logprob for s in scores] == pytest.approx(expected, abs=1e-6)
         # greedy: b is a's most likely successor; after b the argmax is a, not the space
@@ -157,16 +157,14 @@ def test_batched_scores_equal_one_at_a_time_and_left_truncate(tokenizer):
     pairs, owners = ev.task_pairs(task, tokenizer)
     assert max(len(c) + len(k) for c, k in pairs) > 33
     model = small_model(tokenizer)
-    naive = ev.score_pairs_naive(model, pairs)
+    naive = reference.score_pairs(model, pairs)
     for batch_size in (1, 5, 64):
         batched = ev.score_pairs(model, pairs, batch_size)
         assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in naive], abs=1e-4)
         assert [s.greedy for s in batched] == [s.greedy for s in naive]
     # The oneDNN copies the scorer makes on x86 CPUs are gone after the call: the model may be trained next.
-    assert all(getattr(m, "packed", None) is None for m in model.modules())
-    with model.prepacked_for_cpu(min_weight=0):
-        onednn = model.lm_head.packed is not None
-    if onednn:  # while scoring, every product goes through the copies: F.linear is never called
+    assert not any("forward" in vars(m) for m in model.modules())  # no replacement forward left on any layer
+    if cpu_inference.available():  # while scoring, every product goes through the copies: F.linear is never called
         with mock.patch("torch.nn.functional.linear", side_effect=AssertionError("F.linear was called")):
             assert [s.logprob for s in ev.score_pairs(model, pairs, 64)] == [s.logprob for s in batched]
     plain = ev.score_pairs(model, pairs, 64, prepack=False)
@@ -182,7 +180,7 @@ def test_shared_contexts_are_run_once_and_score_as_one_at_a_time(tokenizer, monk
     pairs.append((pairs[0][0], tokenizer.encode_ordinary(" x")))  # one more pair on a shared context
     model = small_model(tokenizer, block_size=512)
     assert max(len(c) + len(k) for c, k in pairs) <= 513  # nothing truncated: each context is a shared prefix
-    naive = ev.score_pairs_naive(model, pairs)
+    naive = reference.score_pairs(model, pairs)
     fed = []  # real tokens of every batch the scorer builds for the model
     pad = ev._right_padded
     monkeypatch.setattr(ev, "_right_padded",
@@ -201,7 +199,7 @@ def test_shared_contexts_are_run_once_and_score_as_one_at_a_time(tokenizer, monk
     assert 3 * len(question) < 2 * len(question) + sum(len(k) - 1 for _, k in piqa)  # the rule in score_pairs
     fed.clear()
     batched = ev.score_pairs(model, piqa, 8)
-    assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in ev.score_pairs_naive(model, piqa)],
+    assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in reference.score_pairs(model, piqa)],
                                                          abs=1e-4)
     assert sum(fed) == sum(len(c) + len(k) - 1 for c, k in piqa)
 

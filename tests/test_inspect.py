@@ -51,12 +51,35 @@ def test_capturing_leaves_the_output_unchanged_and_switches_back():
     idx = torch.randint(0, 60, (3, 20))
     with torch.no_grad():
         fast, _ = model(idx)
-        with capture_attention(model):
+        with capture_attention(model) as maps:
             slow, _ = model(idx)
         again, _ = model(idx)
     torch.testing.assert_close(slow, fast, rtol=1e-5, atol=1e-5)
     assert torch.equal(again, fast)
-    assert all(block.attn.capture is None for block in model.h)
+    assert len(maps) == 3  # the pass after the `with` was not captured
+
+
+@pytest.mark.parametrize("packed_rows", [False, True], ids=["causal", "doc_ids"])
+def test_captured_weights_times_values_are_the_attention_output(packed_rows):
+    """The weights are recomputed beside the model: multiplied by the values they must give what the model's own
+    scaled_dot_product_attention gave, with the plain causal mask and with packed documents' block mask."""
+    model = random_model()
+    idx = torch.randint(0, 60, (2, 12))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12]) if packed_rows else None
+    seen = []  # (input, output) of each attention layer
+    hooks = [block.attn.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for block in model.h]
+    with torch.no_grad(), capture_attention(model) as maps:
+        model(idx, doc_ids=doc_ids)
+    for hook in hooks:
+        hook.remove()
+    if packed_rows:  # no weight crosses from the first document of row 0 into the second
+        assert (maps[0][0, :, 5:, :5] == 0).all() and (maps[0][1, :, 5:, :5] > 0).all()
+    for block, w, (x, out) in zip(model.h, maps, seen, strict=True):
+        B, T, C = x.shape
+        with torch.no_grad():
+            v = block.attn.c_attn(x)[..., 2 * C:].view(B, T, 4, C // 4).transpose(1, 2)  # (B, H, T, D)
+            y = (w @ v).transpose(1, 2).reshape(B, T, C)
+            torch.testing.assert_close(block.attn.c_proj(y), out, rtol=1e-5, atol=1e-5)
 
 
 def positional_model(all_previous: bool = False) -> GPT:

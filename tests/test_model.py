@@ -1,12 +1,13 @@
 """The model against Hugging Face's GPT-2, GPT-2's published sizes, and its own gradient checkpointing."""
 
-import copy
 import math
-from unittest import mock
 
 import pytest
 import torch
 
+from minigpt.cli import main as cli_main
+from minigpt.common import UserError
+from minigpt.config import from_dict
 from minigpt.hf import config_from_hf, from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from minigpt.model import GPT, PRESETS, KVCache, ModelConfig
 
@@ -173,6 +174,17 @@ def test_presets_are_consistent():
     for name, shape in PRESETS.items():
         cfg = ModelConfig.from_preset(name)
         assert cfg.n_embd % cfg.n_head == 0 and cfg.preset == name and cfg.n_layer == shape["n_layer"]
+    assert from_dict(ModelConfig, {"preset": "mini", "n_layer": 2}) == ModelConfig.from_preset("mini", n_layer=2)
+
+
+def test_an_unknown_preset_is_refused_in_one_line_however_it_is_named(capsys):
+    with pytest.raises(ValueError, match="unknown preset 'gpt3' \\(known: tiny, mini, gpt2,"):
+        ModelConfig.from_preset("gpt3")
+    with pytest.raises(UserError, match="^invalid model settings: unknown preset 'gpt3' \\(known: tiny, [^\\n]*\\)$"):
+        from_dict(ModelConfig, {"preset": "gpt3"}, "model")
+    assert cli_main(["model", "--preset", "gpt3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown preset 'gpt3'" in err and len(err.splitlines()) == 1
 
 
 def test_context_window_enforced():
@@ -203,63 +215,3 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(chunk):
         _, mean_plain = plain(idx, targets)
         _, mean_chunked = chunked(idx, targets, chunk_rows=chunk)
     assert mean_chunked.item() == pytest.approx(mean_plain.item(), rel=1e-5)
-
-
-def test_prepacked_weights_give_the_same_logits_and_step_aside_when_stale():
-    """CPU inference through oneDNN-packed weights (model.Linear): Hugging Face's logits, and never a stale copy."""
-    cfg = SHAPES[0]
-    torch.manual_seed(0)
-    ours = GPT(cfg).eval()
-    theirs = hf_model(cfg)
-    theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
-    if not ours.prepack_for_cpu(min_weight=0):
-        pytest.skip("no oneDNN on this machine: nothing is packed")
-    idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
-    with torch.no_grad(), mock.patch("minigpt.model.F.linear", side_effect=AssertionError("F.linear was called")):
-        packed_logits, _ = ours(idx)  # every linear layer, the head included, goes through oneDNN
-    assert_close_relative(packed_logits, theirs(idx).logits.detach())
-
-    # With autograd on the packed copies are not used: gradients reach the weights.
-    _, loss = ours(idx, targets=idx)
-    loss.backward()
-    assert ours.h[0].mlp.c_fc.weight.grad.abs().sum() > 0
-
-    # A weight changed in place (an optimizer step) makes its copy stale: it is dropped, the new weight is used.
-    with torch.no_grad():
-        ours.h[0].mlp.c_fc.weight.mul_(2.0)
-        theirs.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # HF's Conv1D holds the transpose; doubling is the same
-        changed, _ = ours(idx)
-    assert ours.h[0].mlp.c_fc.packed is None and ours.h[0].mlp.c_proj.packed is not None
-    assert_close_relative(changed, theirs(idx).logits.detach())
-
-    # Copies leave the packed weights behind; another dtype is computed with the weights themselves.
-    copied = copy.deepcopy(ours)
-    assert all(getattr(m, "packed", None) is None for m in copied.modules())
-    assert ours.lm_head.packed is not None
-    with torch.no_grad():
-        double, _ = ours.double()(idx)
-    assert_close_relative(double.float(), changed)
-    assert ours.lm_head.packed is None  # moved to new storage: the copy was stale and is gone
-
-
-def test_training_drops_prepacked_weights_even_when_updates_leave_no_trace():
-    """Fused AdamW changes weights in place without advancing their version counter: train() must drop the copies."""
-    torch.manual_seed(0)
-    model = GPT(SHAPES[0]).eval()
-    if not model.prepack_for_cpu(min_weight=0):
-        pytest.skip("no oneDNN on this machine: nothing is packed")
-    idx = torch.randint(0, SHAPES[0].vocab_size, (2, 16))
-    model.train()
-    assert all(getattr(m, "packed", None) is None for m in model.modules())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    _, loss = model(idx, targets=idx)
-    loss.backward()
-    optimizer.step()
-    model.eval()
-    reference = copy.deepcopy(model)  # copies leave the packed weights behind
-    with torch.no_grad():
-        assert_close_relative(model(idx)[0], reference(idx)[0])
-    # Weights made under inference_mode have no version counter to tell a change by: they are not packed.
-    with torch.inference_mode():
-        frozen = GPT(SHAPES[0]).eval()
-    assert frozen.prepack_for_cpu(min_weight=0) == []
