@@ -46,6 +46,7 @@ DESIGNS: dict[str, dict] = {
     "V2lr2": dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=2e-3),
     "T0b8": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=3e-3),
     "T0lr6": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=6e-3),
+    "T0lr10": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=1e-2),
     "V16": dict(vocab_size=16384, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=3e-3),
     "T0c128": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, lr=3e-3),
 }

@@ -3,10 +3,10 @@
     from minigpt import reference
     reference.encode(tokenizer, text) == tokenizer.encode(text)                  # pure-Python BPE vs tiktoken
     reference.generate(model, prompt, params) == Engine(model).generate(...)     # no KV cache vs the engine
-    reference.score_pairs(model, pairs) ~= evaluate.score_pairs(model, pairs)    # one pair per pass vs batched
+    reference.score_pairs(model, pairs) ~= scoring.score_pairs(model, pairs)     # one pair per pass vs batched
 
 Each does the obvious thing the documented way, with no batching, caching or reuse, so that reading it is enough
-to believe it; the fast paths in tokenizer.py, engine.py and evaluate.py must give the same answers
+to believe it; the fast paths in tokenizer.py, engine.py and scoring.py must give the same answers
 (tests/test_tokenizer.py, test_engine.py, test_evaluate.py; bench/eval_speed.py measures the gap).
 (The idea is tiktoken's `_educational` module: one place for the slow references.)
 """
@@ -21,8 +21,8 @@ import torch
 from minigpt import _bpe
 from minigpt.checkpoint import unwrap
 from minigpt.engine import Generation, SamplingParams, sample
-from minigpt.evaluate import Score, scored_sequence
 from minigpt.model import GPT
+from minigpt.scoring import Score, scored_sequence
 from minigpt.tokenizer import AllowedSpecial, Tokenizer
 
 

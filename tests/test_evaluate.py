@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt import cpu_inference, reference, tasks
+from minigpt import cpu_inference, reference, scoring, tasks
 from minigpt import evaluate as ev
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
@@ -93,15 +93,15 @@ P = {k: dict(zip(["a", "b", " ", "eot"], v, strict=True)) for k, v in NEXT.items
 
 def test_fixed_logits_give_the_hand_computed_log_likelihoods():
     tok, model = CharTokenizer(), FixedLogits()
-    pairs = [ev.encode_pair(tok, "ab", " a"), ev.encode_pair(tok, "ab", " ba"),
-             ev.encode_pair(tok, "ab ", "a"),  # the context's trailing space moves onto the continuation
-             ev.encode_pair(tok, "", "ab"),  # an empty context is the end-of-text token
-             ev.encode_pair(tok, "a", "b")]
+    pairs = [scoring.encode_pair(tok, "ab", " a"), scoring.encode_pair(tok, "ab", " ba"),
+             scoring.encode_pair(tok, "ab ", "a"),  # the context's trailing space moves onto the continuation
+             scoring.encode_pair(tok, "", "ab"),  # an empty context is the end-of-text token
+             scoring.encode_pair(tok, "a", "b")]
     assert pairs[2] == pairs[0] == ([0, 1], [2, 0]) and pairs[3] == ([EOT], [0, 1])
-    assert ev.encode_pair(tok, "  ", "ab") == ([EOT], [2, 2, 0, 1])  # a context of spaces only: empty, then EOT
+    assert scoring.encode_pair(tok, "  ", "ab") == ([EOT], [2, 2, 0, 1])  # a context of spaces only: empty, then EOT
     expected = [math.log(P["b"][" "] * P[" "]["a"]), math.log(P["b"][" "] * P[" "]["b"] * P["b"]["a"]),
                 math.log(P["b"][" "] * P[" "]["a"]), math.log(P["eot"]["a"] * P["a"]["b"]), math.log(P["a"]["b"])]
-    for scorer in (lambda p: ev.score_pairs(model, p, batch_size=2), lambda p: reference.score_pairs(model, p)):
+    for scorer in (lambda p: scoring.score_pairs(model, p, batch_size=2), lambda p: reference.score_pairs(model, p)):
         scores = scorer(pairs)
         assert [s.logprob for s in scores] == pytest.approx(expected, abs=1e-6)
         # greedy: b is a's most likely successor; after b the argmax is a, not the space
@@ -159,15 +159,15 @@ def test_batched_scores_equal_one_at_a_time_and_left_truncate(tokenizer):
     model = small_model(tokenizer)
     naive = reference.score_pairs(model, pairs)
     for batch_size in (1, 5, 64):
-        batched = ev.score_pairs(model, pairs, batch_size)
+        batched = scoring.score_pairs(model, pairs, batch_size)
         assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in naive], abs=1e-4)
         assert [s.greedy for s in batched] == [s.greedy for s in naive]
     # The oneDNN copies the scorer makes on x86 CPUs are gone after the call: the model may be trained next.
     assert not any("forward" in vars(m) for m in model.modules())  # no replacement forward left on any layer
     if cpu_inference.available():  # while scoring, every product goes through the copies: F.linear is never called
         with mock.patch("torch.nn.functional.linear", side_effect=AssertionError("F.linear was called")):
-            assert [s.logprob for s in ev.score_pairs(model, pairs, 64)] == [s.logprob for s in batched]
-    plain = ev.score_pairs(model, pairs, 64, prepack=False)
+            assert [s.logprob for s in scoring.score_pairs(model, pairs, 64)] == [s.logprob for s in batched]
+    plain = scoring.score_pairs(model, pairs, 64, prepack=False)
     assert [s.logprob for s in plain] == pytest.approx([s.logprob for s in naive], abs=1e-4)
 
 
@@ -182,12 +182,12 @@ def test_shared_contexts_are_run_once_and_score_as_one_at_a_time(tokenizer, monk
     assert max(len(c) + len(k) for c, k in pairs) <= 513  # nothing truncated: each context is a shared prefix
     naive = reference.score_pairs(model, pairs)
     fed = []  # real tokens of every batch the scorer builds for the model
-    pad = ev._right_padded
-    monkeypatch.setattr(ev, "_right_padded",
+    pad = scoring._right_padded
+    monkeypatch.setattr(scoring, "_right_padded",
                         lambda rows, device: (fed.append(sum(map(len, rows))), pad(rows, device))[1])
     for batch_size in (1, 3, 64):
         fed.clear()
-        batched = ev.score_pairs(model, pairs, batch_size)
+        batched = scoring.score_pairs(model, pairs, batch_size)
         assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in naive], abs=1e-4)
         assert [s.greedy for s in batched] == [s.greedy for s in naive]
         # every context token once, then each continuation but its last token
@@ -198,7 +198,7 @@ def test_shared_contexts_are_run_once_and_score_as_one_at_a_time(tokenizer, monk
     piqa = [(question, tokenizer.encode_ordinary(" " + "because the weather was cold and wet " * n)) for n in (3, 4)]
     assert 3 * len(question) < 2 * len(question) + sum(len(k) - 1 for _, k in piqa)  # the rule in score_pairs
     fed.clear()
-    batched = ev.score_pairs(model, piqa, 8)
+    batched = scoring.score_pairs(model, piqa, 8)
     assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in reference.score_pairs(model, piqa)],
                                                          abs=1e-4)
     assert sum(fed) == sum(len(c) + len(k) - 1 for c, k in piqa)

@@ -463,7 +463,7 @@ def test_lm_eval_local_completions_matches_our_scores(chat, tmp_path, monkeypatc
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    from minigpt.evaluate import encode_pair, score_pairs
+    from minigpt.scoring import encode_pair, score_pairs
 
     server, model, tokenizer = chat
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
