@@ -52,3 +52,54 @@ def sft_seconds_per_step(vocab_size: int, n_layer: int, n_head: int, n_embd: int
     mix's average), attending through the block-diagonal mask."""
     return seconds_per_step(vocab_size, n_layer, n_head, n_embd, block_size, rows,
                             documents_per_row=max(block_size // 40, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A design for M minutes
+
+# Shapes tried in turn, growing by about 2x in compute per token; the vocabulary and the rest of the design stay
+# the default's (docs/quickstart.md: the search at 10 minutes found the vocabulary and learning rates).
+SHAPES = [(4, 4, 128), (6, 6, 192), (8, 8, 256), (8, 6, 384), (12, 6, 384)]  # (layers, heads, width)
+# At the default budget the search's best design trained on about this many tokens per parameter; a larger shape
+# is chosen only when the budget gives it at least as many (compute-optimal training keeps this ratio: a model
+# twice the size wants twice the tokens).
+TOKENS_PER_PARAMETER = 1.5
+FIXED_SECONDS = 70.0  # tokenizer and shards, the conversations' tokens, the report: about the same at any size
+PRETRAIN_SHARE = 0.75  # of the rest; fine-tuning gets the remainder
+
+
+def design_for_minutes(cfg):
+    """`cfg` (a QuickstartConfig) with the largest shape of SHAPES that its minutes train on at least
+    TOKENS_PER_PARAMETER tokens per parameter, and the steps that fill the time, from a speed probe per shape."""
+    import dataclasses
+
+    from minigpt.common import print0
+    from minigpt.model import GPT, ModelConfig
+
+    budget = cfg.minutes * 60 - FIXED_SECONDS
+    if budget <= 60:
+        from minigpt.common import UserError
+
+        raise UserError(f"--minutes {cfg.minutes:g} leaves no time to train: give at least 3 minutes")
+    pretrain_s, sft_s = PRETRAIN_SHARE * budget, (1 - PRETRAIN_SHARE) * budget
+    chosen = None
+    for layers, heads, width in SHAPES:
+        shape = dataclasses.replace(cfg.model, n_layer=layers, n_head=heads, n_embd=width,
+                                    vocab_size=cfg.vocab_size)
+        step_s = seconds_per_step(cfg.vocab_size, layers, heads, width, shape.block_size, cfg.batch_size)
+        steps = int(pretrain_s / step_s)
+        with torch.device("meta"):
+            params = GPT(ModelConfig(**{**dataclasses.asdict(shape), "preset": ""})).num_params()
+        tokens = steps * cfg.batch_size * shape.block_size
+        print0(f"probe: {layers} layers x {width}: {step_s * 1000:.0f} ms a step -> {steps:,} steps, "
+               f"{tokens / params:.1f} tokens per parameter")
+        if chosen is None or tokens >= TOKENS_PER_PARAMETER * params:
+            chosen = (shape, steps, layers, heads, width)
+        else:
+            break
+    shape, steps, layers, heads, width = chosen
+    sft_steps = int(sft_s / sft_seconds_per_step(cfg.vocab_size, layers, heads, width, shape.block_size,
+                                                 cfg.sft_batch_size))
+    print0(f"--minutes {cfg.minutes:g}: {layers} layers x {width}, {steps:,} pretraining and {sft_steps:,} "
+           "fine-tuning steps")
+    return dataclasses.replace(cfg, model=shape, pretrain_steps=max(steps, 10), sft_steps=max(sft_steps, 10))
