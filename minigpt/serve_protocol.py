@@ -25,6 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from minigpt.chat import CHAT_DECODING
+
 # ----------------------------------------------------------------------------------------------------------------
 # Errors in OpenAI's shape
 
@@ -217,6 +219,8 @@ class Gate:
 def chat_page() -> tuple[str, str]:
     """The web chat (minigpt/static/chat.html) and a Content-Security-Policy allowing exactly its inline code."""
     html = resources.files("minigpt").joinpath("static/chat.html").read_text(encoding="utf-8")
+    for name in ("temperature", "top_p", "frequency_penalty"):  # the page starts from `minigpt chat`'s defaults
+        html = html.replace("{{" + name + "}}", f"{CHAT_DECODING[name]:g}")
 
     def hashes(tag: str) -> str:
         found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)

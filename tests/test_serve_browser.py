@@ -24,6 +24,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from minigpt.chat import CHAT_DECODING  # noqa: E402
 from minigpt.checkpoint import load_run  # noqa: E402
 from minigpt.model import GPT, ModelConfig  # noqa: E402
 from minigpt.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402
@@ -134,3 +135,23 @@ def test_stop_ends_a_long_reply_and_frees_the_server(browser, artifacts):
         time.sleep(0.3)
         assert replies(browser)[0] == text  # nothing arrives after Stop
         browser.save_screenshot(str(artifacts / "serving-chat-stopped.png"))
+
+
+def test_the_page_starts_from_the_chat_decoding_defaults_and_sends_them(browser, chat_run):
+    model, tokenizer, _ = load_run(chat_run)
+    app = create_app(model, tokenizer, ServeConfig(model=str(chat_run)), "chat")
+    with BackgroundServer(app) as server:
+        browser.get(server.url)
+        WebDriverWait(browser, 10).until(lambda b: "window" in b.find_element(By.ID, "model").text)
+        shown = {key: float(browser.find_element(By.ID, element).get_attribute("value"))
+                 for key, element in (("temperature", "temperature"), ("top_p", "top-p"),
+                                      ("frequency_penalty", "repetition"))}
+        assert shown == {key: CHAT_DECODING[key] for key in shown}  # `minigpt chat`'s defaults, not loops
+        browser.execute_script("window.sent = []; const real = window.fetch; window.fetch = (url, options) => {"
+                               " if (options && options.body) window.sent.push(JSON.parse(options.body));"
+                               " return real(url, options); };")
+        send(browser, "Hello")
+        WebDriverWait(browser, 20).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-busy")
+                                         == "false" and replies(b))
+        (request,) = browser.execute_script("return window.sent")
+        assert {key: request[key] for key in shown} == shown
