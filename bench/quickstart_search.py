@@ -46,6 +46,8 @@ DESIGNS: dict[str, dict] = {
     "V2lr2": dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=2e-3),
     "T0b8": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=3e-3),
     "T0lr6": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=6e-3),
+    "T0b8lr6": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=6e-3),
+    "T0b8lr10": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=1e-2),
     "T0lr10": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=1e-2),
     "V16": dict(vocab_size=16384, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=3e-3),
     "T0c128": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, lr=3e-3),
@@ -235,8 +237,11 @@ def cmd_finetune(args) -> None:
     design = json.loads((base / "design.json").read_text())
     for sft in args.only or list(SFT_DESIGNS):
         s = SFT_DESIGNS[sft]
-        probe = sft_seconds_per_step(design["vocab_size"], design["n_layer"], design["n_head"], design["n_embd"],
-                                     design["block_size"], s["sft_batch_size"])
+        if args.s_per_step:
+            probe = args.s_per_step * s["sft_batch_size"] / 8
+        else:
+            probe = sft_seconds_per_step(design["vocab_size"], design["n_layer"], design["n_head"], design["n_embd"],
+                                         design["block_size"], s["sft_batch_size"])
         record = run_sft_trial(base, sft, out, args.budget_s, probe)
         log_trial(out, record)
         print(json.dumps(record), flush=True)
@@ -301,6 +306,9 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=120)
     p.add_argument("--out", default="runs/qs-search")
     p.add_argument("--only", nargs="*")
+    p.add_argument("--s-per-step", type=float, default=0.0,
+                   help="seconds per fine-tuning step of 8 rows on a quiet machine (0: probe now; a busy machine "
+                        "then gets fewer steps); designs with other row counts scale it")
     p = sub.add_parser("decode")
     p.add_argument("--chat", required=True)
     p.add_argument("--out", default="runs/qs-search")
