@@ -48,6 +48,7 @@ DESIGNS: dict[str, dict] = {
     "T0lr6": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=6e-3),
     "T0b8lr6": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=6e-3),
     "T0b8lr10": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=1e-2),
+    "D6b8lr6": dict(vocab_size=8192, n_layer=6, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=6e-3),
     "T0lr10": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=1e-2),
     "V16": dict(vocab_size=16384, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=3e-3),
     "T0c128": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, lr=3e-3),
@@ -193,7 +194,7 @@ def cmd_pretrain(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.only or list(DESIGNS)
-    costs = relative_costs(names)
+    costs = {name: args.cost for name in names} if args.cost else relative_costs(names)
     probes = {name: costs[name] * args.t0_s_per_step for name in names}
     for name in names:
         print(f"cost {name}: {costs[name]:.2f} x T0 -> {int(args.budget_s / probes[name])} steps", flush=True)
@@ -296,6 +297,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--t0-s-per-step", type=float, default=0.467,
                    help="T0's seconds per step on this machine when quiet (500 steps in 3 min 53 s, 2026-11-29)")
+    p.add_argument("--cost", type=float, default=0.0,
+                   help="these designs' time per step over T0's, as measured before (0: measure now, in turns); "
+                        "designs of one shape then get exactly the same steps")
     p = sub.add_parser("_trial")
     p.add_argument("name")
     p.add_argument("--out")
