@@ -48,7 +48,9 @@ DESIGNS: dict[str, dict] = {
     "T0lr6": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=6e-3),
     "T0b8lr6": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=6e-3),
     "T0b8lr10": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=1e-2),
-    "D6b8lr6": dict(vocab_size=8192, n_layer=6, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=6e-3),
+    "D6b8": dict(vocab_size=8192, n_layer=6, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=3e-3),
+    "T0b8lr4": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=4e-3),
+    "T0b8lr2": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=2e-3),
     "T0lr10": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=1e-2),
     "V16": dict(vocab_size=16384, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=3e-3),
     "T0c128": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, lr=3e-3),
@@ -60,6 +62,11 @@ SFT_DESIGNS: dict[str, dict] = {
     "b16": dict(sft_lr=2e-3, sft_batch_size=16, sft_datasets=["chatterbot", "wiki-qa"]),
     "short": dict(sft_lr=1e-3, sft_batch_size=8, sft_datasets=["chatterbot", "wiki-qa", "wiki-qa-short"]),
     "short-lr3": dict(sft_lr=3e-3, sft_batch_size=8, sft_datasets=["chatterbot", "wiki-qa", "wiki-qa-short"]),
+    "short-lr6": dict(sft_lr=6e-3, sft_batch_size=8, sft_datasets=["chatterbot", "wiki-qa", "wiki-qa-short"]),
+    "short-lr3-b4": dict(sft_lr=3e-3, sft_batch_size=4, sft_datasets=["chatterbot", "wiki-qa", "wiki-qa-short"]),
+    "only-short-lr3": dict(sft_lr=3e-3, sft_batch_size=8, sft_datasets=["chatterbot", "wiki-qa-short"]),
+    "only-short-lr3-b4": dict(sft_lr=3e-3, sft_batch_size=4, sft_datasets=["chatterbot", "wiki-qa-short"]),
+    "only-short-lr6-b4": dict(sft_lr=6e-3, sft_batch_size=4, sft_datasets=["chatterbot", "wiki-qa-short"]),
 }
 # Chat decodings tried on one fine-tuned model (engine.SamplingParams fields).
 DECODINGS: dict[str, dict] = {

@@ -51,13 +51,13 @@ class QuickstartConfig:
                               "the model and the steps (0: the default design below, about 9 minutes on 2 cores)")
     vocab_size: int = opt(8192, "BPE vocabulary trained on the bundled articles")
     model: ModelConfig = dataclasses.field(default_factory=default_model)
-    batch_size: int = opt(16, "pretraining sequences per step")
-    lr: float = opt(3e-3, "pretraining peak learning rate")
-    pretrain_steps: int = opt(500, "pretraining steps")
-    sft_datasets: list[str] = opt(["chatterbot", "wiki-qa"], "conversations to fine-tune on (minigpt sft --list)")
-    sft_batch_size: int = opt(8, "fine-tuning rows per step (packed with conversations)")
-    sft_lr: float = opt(1e-3, "fine-tuning peak learning rate")
-    sft_steps: int = opt(300, "fine-tuning steps")
+    batch_size: int = opt(8, "pretraining sequences per step")
+    lr: float = opt(4e-3, "pretraining peak learning rate")
+    pretrain_steps: int = opt(1950, "pretraining steps")
+    sft_datasets: list[str] = opt(["chatterbot", "wiki-qa-short"], "conversations to fine-tune on (minigpt sft --list)")
+    sft_batch_size: int = opt(4, "fine-tuning rows per step (packed with conversations)")
+    sft_lr: float = opt(6e-3, "fine-tuning peak learning rate")
+    sft_steps: int = opt(550, "fine-tuning steps")
     questions: int = opt(100, "held-out questions for the report")
     device: str = opt("auto", "auto, cpu, cuda, mps")
     seed: int = opt(1337, "seed for everything")
@@ -132,15 +132,29 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     if cfg.minutes:
         cfg = sized_for(cfg, root)
     data, base, chat = root / "data", root / "base", root / "chat"
-    start = time.perf_counter()
-    print0(f"== 1-2. data and pretraining -> {base}")
+    start = clock = time.perf_counter()
+    stage_seconds = {}
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        stage_seconds[stage], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
+
+    print0(f"== 1. tokenizer and shards -> {data}")
+    if not _finished(base, cfg.pretrain_steps):
+        build_pretraining_data(cfg, data)
+    lap("data")
+    print0(f"== 2. pretraining -> {base}")
     pretrain(cfg, data, base)
+    lap("pretraining")
     print0(f"== 3. fine-tuning into a chatbot -> {chat}")
     finetune_chat(cfg, base, chat)
+    lap("fine-tuning")
     print0("== 4. the report: held-out articles and questions")
     report = compare_on_held_out(base, chat, data, cfg.questions, cfg.seed)
+    lap("report")
     report["design"] = configlib.to_dict(cfg)
     report["seconds"] = round(time.perf_counter() - start, 1)
+    report["stage_seconds"] = stage_seconds  # this run's: a resumed run counts only what it did
     write_json(root / "report.json", report)
     (root / "report.md").write_text(report_markdown(report))
     print0(report_markdown(report, examples=6))
@@ -239,7 +253,8 @@ def report_markdown(report: dict[str, Any], examples: int = 10) -> str:
              "", f"Small talk (held-out chatterbot prompts): the chatbot ends its turn {pct(talk['ended_rate'])}, "
              f"repeats itself {pct(talk['repetition_rate'])}.", ""]
     if "seconds" in report:
-        lines += [f"The whole pipeline took {report['seconds'] / 60:.1f} minutes.", ""]
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in report.get("stage_seconds", {}).items())
+        lines += [f"The whole pipeline took {report['seconds'] / 60:.1f} minutes ({stages}).", ""]
     for ex in report["examples"][:examples]:
         lines += [f"Q: {ex['question']}", f"  chat: {ex['chat']!r}", f"  base: {ex['base'][:120]!r}"]
     for ex in report["small_talk_examples"][: max(examples // 3, 1)]:

@@ -32,6 +32,8 @@ def test_the_whole_pipeline_reports_both_models_and_resumes(tmp_path, capsys):
     markdown = (root / "report.md").read_text()
     assert "bits per byte" in markdown and "names the subject" in markdown and "Q: " in markdown
     assert report["design"]["pretrain_steps"] == 6
+    assert list(report["stage_seconds"]) == ["data", "pretraining", "fine-tuning", "report"]
+    assert sum(report["stage_seconds"].values()) <= report["seconds"]
     capsys.readouterr()
     quickstart(toy(tmp_path))  # again: nothing is trained twice
     out = capsys.readouterr().out
@@ -49,7 +51,7 @@ def fake_speed(monkeypatch, per_parameter_s: float) -> None:
 
 
 def test_more_minutes_buy_more_steps_then_a_larger_model(tmp_path, monkeypatch):
-    fake_speed(monkeypatch, 2.5e-7)  # the default shape: about 0.47 s a step, as on a quiet 2-core machine
+    fake_speed(monkeypatch, 2.5e-7)  # the default design: about 0.23 s a step, as on a quiet 2-core machine
     designs = {m: quickstart_budget.design_for_minutes(QuickstartConfig(minutes=m)) for m in (10, 30, 120)}
     width = {m: d.model.n_embd for m, d in designs.items()}
     assert designs[30].pretrain_steps > designs[10].pretrain_steps
