@@ -33,7 +33,7 @@ def test_the_whole_pipeline_reports_both_models_and_resumes(tmp_path, capsys):
     assert "bits per byte" in markdown and "names the subject" in markdown and "Q: " in markdown
     assert report["design"]["pretrain_steps"] == 6
     assert list(report["stage_seconds"]) == ["data", "pretraining", "fine-tuning", "report"]
-    assert sum(report["stage_seconds"].values()) <= report["seconds"]
+    assert sum(report["stage_seconds"].values()) <= report["seconds"] + 0.2  # each rounded to 0.1 s
     capsys.readouterr()
     quickstart(toy(tmp_path))  # again: nothing is trained twice
     out = capsys.readouterr().out
