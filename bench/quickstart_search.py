@@ -50,6 +50,10 @@ DESIGNS: dict[str, dict] = {
     "T0b8lr10": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=1e-2),
     "D6b8": dict(vocab_size=8192, n_layer=6, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=3e-3),
     "T0b8lr4": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=4e-3),
+    "T0b8lr4m0": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=4e-3,
+                      train=dict(min_lr_ratio=0.0)),
+    "T0b8lr4wd0": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=4e-3,
+                       train=dict(weight_decay=0.0)),
     "T0b8lr2": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8, lr=2e-3),
     "T0lr10": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=1e-2),
     "V16": dict(vocab_size=16384, n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, lr=3e-3),
@@ -86,7 +90,7 @@ def design_config(name: str, out: Path, budget_s: float, seconds_per_step: float
     from minigpt.model import ModelConfig
     from minigpt.quickstart import QuickstartConfig
 
-    d = dict(DESIGNS[name])
+    d = {k: v for k, v in DESIGNS[name].items() if k != "train"}
     model = ModelConfig(**{k: d.pop(k) for k in ("n_layer", "n_head", "n_embd", "block_size")},
                         vocab_size=d["vocab_size"])
     steps = max(int(budget_s / seconds_per_step), 10)
@@ -102,8 +106,15 @@ def run_pretrain_trial(name: str, out: Path, budget_s: float, seconds_per_step: 
     from minigpt.checkpoint import load_run
     from minigpt.quickstart import held_out_bits_per_byte, pretrain
 
+    import dataclasses
+
+    from minigpt import quickstart
+
     cfg = design_config(name, out, budget_s, seconds_per_step)
     data = out / f"data-{cfg.vocab_size}"
+    if "train" in DESIGNS[name]:  # `minigpt train` settings the quickstart does not expose, for this trial only
+        plain = quickstart.pretraining_config
+        quickstart.pretraining_config = lambda *a: dataclasses.replace(plain(*a), **DESIGNS[name]["train"])
     start = time.perf_counter()
     pretrain(cfg, data, out / name / "base")
     model, _, meta = load_run(out / name / "base")
