@@ -103,12 +103,11 @@ def log_trial(out: Path, record: dict) -> None:
 
 
 def run_pretrain_trial(name: str, out: Path, budget_s: float, seconds_per_step: float) -> dict:
-    from minigpt.checkpoint import load_run
-    from minigpt.quickstart import held_out_bits_per_byte, pretrain
-
     import dataclasses
 
     from minigpt import quickstart
+    from minigpt.checkpoint import load_run
+    from minigpt.quickstart import held_out_bits_per_byte, pretrain
 
     cfg = design_config(name, out, budget_s, seconds_per_step)
     data = out / f"data-{cfg.vocab_size}"
