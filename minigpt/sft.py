@@ -305,8 +305,8 @@ def finetune(cfg: SFTConfig) -> Path:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML, YAML or JSON file of settings, or a shipped recipe name such as "
-                                         "gpt2-124m-sft (flags override it)")
+    parser.add_argument("--config", help="TOML, YAML or JSON file of settings, a fine-tuned run's config.json (to "
+                                         "repeat it), or a shipped recipe such as gpt2-124m-sft (flags override it)")
     configlib.add_arguments(parser, SFTConfig, skip=NOT_FOR_SFT)
     parser.add_argument("--list", action="store_true", help="list the bundled conversation sets and exit")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
@@ -322,7 +322,7 @@ def main(args) -> None:
     if args.list_configs:
         print(configlib.format_recipes("sft"), end="")
         return
-    cfg = configlib.config_from_args(SFTConfig, args)
+    cfg = configlib.config_from_args(SFTConfig, args, stage="sft")
     if args.dry_run:
         from minigpt.dry_run import sft_dry_run
 
