@@ -285,7 +285,9 @@ def grow_vocabulary(model: GPT, vocab_size: int) -> GPT:
 
 def finetune(cfg: SFTConfig) -> Path:
     from minigpt.checkpoint import latest_checkpoint, load_run
+    from minigpt.tracking import check_packages, tracker_names
 
+    check_packages(tracker_names(cfg.tracker, cfg.tensorboard))  # before preparing any data, not after
     rt = setup_runtime(cfg.device)
     base_model, tokenizer, _ = load_run(cfg.base, rt.device)
     tokenizer = tokenizer.with_chat_tokens()  # our tokenizers already have them; GPT-2's gains four

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from minigpt.common import UserError, print0, write_json
 
 TRACKERS = ("none", "tensorboard", "wandb")
-STATE_FILE = "tracking.json"  # in the run folder: the W&B run id and the last step it was sent
+STATE_FILE = "tracking.json"  # in the run folder: the W&B run id, which a resumed run continues
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # name: (module, pip name)
 
 
@@ -147,13 +147,20 @@ class WandbTracker:
         # hold (W&B buffers them, so a killed process leaves fewer steps there than it was given).
         self.held = None
         if resumed:
-            self.held = (max((row["_step"] for row in wandb_history(self.folder(), run_id)), default=0)
-                         if self.run.offline else self.run.step - 1)
+            self.held = self.run.step - 1 if not self.run.offline else self._held_offline(resume_step)
         # the samples W&B holds, so that each table logged has them all; then the steps it lacks, from metrics.jsonl
         self.samples = [[r["step"], r["sample"]] for r in previous if r.get("sample") and r["step"] <= (self.held or 0)]
         for record in previous:
             if self.held is not None and record["step"] > self.held:
                 self.run.log(self._data(record), step=record["step"])
+
+    def _held_offline(self, resume_step: int) -> int:
+        try:
+            return max((row["_step"] for row in wandb_history(self.folder(), self.run.id)), default=0)
+        except Exception as exc:  # a format this reader does not know (a newer wandb): assume the checkpoint's
+            print(f"warning: cannot read W&B's earlier files in {self.folder()} ({type(exc).__name__}: {exc}): "
+                  f"W&B gets the steps after {resume_step} again", file=sys.stderr, flush=True)
+            return resume_step
 
     def folder(self) -> Path:
         return Path(self.run.dir).parent.parent  # WANDB_DIR/wandb/offline-run-DATE-ID/files -> WANDB_DIR/wandb
@@ -194,7 +201,8 @@ def wandb_history(folder: str | os.PathLike, run_id: str) -> list[dict[str, Any]
     from wandb.proto import wandb_internal_pb2
 
     rows = []
-    for path in sorted(Path(folder).glob(f"*run-*-{run_id}/run-{run_id}.wandb")):  # DATE sorts by time
+    paths = Path(folder).glob(f"*run-*-{run_id}/run-{run_id}.wandb")  # [offline-]run-DATE-ID: by DATE
+    for path in sorted(paths, key=lambda p: p.parent.name.split("run-", 1)[1]):
         for payload in _log_records(path.read_bytes()):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(payload)
@@ -291,10 +299,13 @@ def open_trackers(names: Sequence[str], run: str | os.PathLike, *, config: dict[
     opened: list[Any] = []
     try:
         for tracker in names:
-            if tracker == "tensorboard":
-                opened.append(TensorBoardTracker(run, resume_step, config, previous))
-            elif tracker == "wandb":
-                opened.append(WandbTracker(run, resume_step, config, project, name, previous))
+            try:
+                if tracker == "tensorboard":
+                    opened.append(TensorBoardTracker(run, resume_step, config, previous))
+                elif tracker == "wandb":
+                    opened.append(WandbTracker(run, resume_step, config, project, name, previous))
+            except OSError as exc:  # a folder it may not write, a full disk
+                raise UserError(f"the {tracker} tracker could not start: {exc}") from None
     except BaseException:
         Trackers(opened).close()
         raise
