@@ -132,7 +132,6 @@ class WandbTracker:
         resumed = resume_step is not None and "wandb" in state
         # A fresh run (or the first with this tracker) is a new W&B run; a resumed one continues the stored one.
         run_id = state["wandb"]["id"] if resumed else secrets.token_hex(4)
-        write_json(run / STATE_FILE, {**state, "wandb": {"id": run_id, "project": project}})
         try:
             self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", job_type=config.get("stage"),
                                   dir=os.environ.get("WANDB_DIR") or str(run),
@@ -142,6 +141,7 @@ class WandbTracker:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"wandb could not start its run: {first} (or set WANDB_MODE=offline to log locally and "
                             "upload later with wandb sync)") from None
+        write_json(run / STATE_FILE, {**state, "wandb": {"id": run_id, "project": project}})
         self.wandb = wandb
         # The last step W&B holds: online, its server's; offline, what the files of the run's earlier processes
         # hold (W&B buffers them, so a killed process leaves fewer steps there than it was given).
@@ -190,9 +190,9 @@ class WandbTracker:
         return f"run {self.run.id}: {self.run.url}"
 
 
-def wandb_history(folder: str | os.PathLike, run_id: str) -> list[dict[str, Any]]:
-    """The history rows ({"_step": N, key: value, ...}) in the local files of W&B run `run_id` under `folder`
-    (RUN/wandb), in the order its processes wrote them; a file cut short ends at its last whole record.
+def wandb_records(folder: str | os.PathLike, run_id: str) -> Iterator[Any]:
+    """The records (`wandb_internal_pb2.Record`: history, config, ...) in the local files of W&B run `run_id` under
+    `folder` (RUN/wandb), in the order its processes wrote them; a file cut short ends at its last whole record.
 
     Each process of a run writes WANDB_DIR/wandb/[offline-]run-DATE-ID/run-ID.wandb: a 7-byte header (":W&B",
     0xBEE1, version), then LevelDB's log format (32 KiB blocks; records of a 7-byte header, crc32, length and
@@ -200,16 +200,21 @@ def wandb_history(folder: str | os.PathLike, run_id: str) -> list[dict[str, Any]
     """
     from wandb.proto import wandb_internal_pb2
 
-    rows = []
     paths = Path(folder).glob(f"*run-*-{run_id}/run-{run_id}.wandb")  # [offline-]run-DATE-ID: by DATE
     for path in sorted(paths, key=lambda p: p.parent.name.split("run-", 1)[1]):
         for payload in _log_records(path.read_bytes()):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(payload)
-            if record.WhichOneof("record_type") == "history":
-                row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json)
-                       for item in record.history.item}
-                rows.append({**row, "_step": record.history.step.num or row.get("_step", 0)})
+            yield record
+
+
+def wandb_history(folder: str | os.PathLike, run_id: str) -> list[dict[str, Any]]:
+    """The history rows ({"_step": N, key: value, ...}) of `wandb_records`, in order."""
+    rows = []
+    for record in wandb_records(folder, run_id):
+        if record.WhichOneof("record_type") == "history":
+            row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            rows.append({**row, "_step": record.history.step.num or row.get("_step", 0)})
     return rows
 
 
@@ -298,7 +303,7 @@ def open_trackers(names: Sequence[str], run: str | os.PathLike, *, config: dict[
     check_packages(names)
     opened: list[Any] = []
     try:
-        for tracker in names:
+        for tracker in sorted(names, key=lambda t: t != "wandb"):  # W&B first: a refused login leaves no files
             try:
                 if tracker == "tensorboard":
                     opened.append(TensorBoardTracker(run, resume_step, config, previous))

@@ -23,7 +23,7 @@ from minigpt.cli import main as cli_main
 from minigpt.log import read_metrics
 from minigpt.model import ModelConfig
 from minigpt.runs import summarize
-from minigpt.tracking import TensorBoardTracker, read_state, wandb_history
+from minigpt.tracking import TensorBoardTracker, read_state, wandb_history, wandb_records
 from minigpt.train import TrainConfig, train
 
 WALL_CLOCK = ("time", "tokens_per_s", "mfu")  # differ between any two runs
@@ -131,6 +131,13 @@ def test_a_stopped_and_resumed_run_logs_one_history_to_wandb_and_tensorboard(tmp
         want = [(step, np.float32(numbers[tag])) for step, numbers in sorted(expected.items()) if tag in numbers]
         assert [(e.step, np.float32(e.value)) for e in events.Scalars(tag)] == want, tag
     assert [e.step for e in events.Tensors("sample/text_summary")] == [10, 20, 24]
+    # the resolved config: TensorBoard's text at step 0, W&B's run config
+    config = json.loads((run / "config.json").read_text())
+    (text,) = events.Tensors("config/text_summary")
+    assert text.step == 0 and json.loads(text.tensor_proto.string_val[0].decode()) == {**config, "resume": False}
+    updates = {item.key: json.loads(item.value_json) for record in wandb_records(run / "wandb", run_id)
+               if record.WhichOneof("record_type") == "config" for item in record.config.update}
+    assert {k: updates[k] for k in config} == config
 
 
 def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning(tmp_path, tiny_shards, monkeypatch, capsys):
@@ -165,12 +172,13 @@ def test_a_missing_tracker_package_or_login_is_one_line(tmp_path, tiny_shards):
     # online without an API key (and a $HOME without credentials): refused before any network call
     env = {**offline_env(tmp_path), "WANDB_MODE": "online"}
     result = subprocess.run([sys.executable, "-m", "minigpt", "train", *train_args(run, tiny_shards), "--tracker",
-                             "wandb"], capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+                             "tensorboard", "wandb"], capture_output=True, text=True, timeout=120, env=env,
+                            stdin=subprocess.DEVNULL)
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(errors) == 1 and errors[0].startswith("minigpt train: error: wandb could not start its run: No API "
                                                      "key configured"), result.stderr
-    assert "WANDB_MODE=offline" in errors[0]
+    assert "WANDB_MODE=offline" in errors[0] and not [p for p in run.rglob("*") if p.is_file()]
     assert cli_main(["train", *train_args(run, tiny_shards), "--tracker", "mlflow"]) == 2  # no such tracker
 
 
@@ -198,10 +206,16 @@ def test_a_fine_tuned_runs_config_json_repeats_it(tmp_path, base_run, greetings_
     first, again = tmp_path / "first", tmp_path / "again"
     assert cli_main(["sft", "--base", str(base_run), "--run-dir", str(first), "--datasets", str(greetings_file),
                      "--held-out", "0.2", "--batch-size", "4", "--max-steps", "6", "--log-every", "1",
-                     "--eval-every", "6", "--sample-prompt", "", "--device", "cpu"]) == 0
+                     "--eval-every", "6", "--sample-prompt", "", "--device", "cpu", "--tracker", "tensorboard"]) == 0
     assert cli_main(["sft", "--config", str(first / "config.json"), "--run-dir", str(again)]) == 0
     losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (first, again)]
     assert len(losses[0]) == 6 and losses[0] == losses[1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in (first, again):  # fine-tuning logs to the trackers as pretraining does (the same loop)
+        events = EventAccumulator(str(run / "tensorboard")).Reload()
+        assert [np.float32(e.value) for e in events.Scalars("loss")] == [np.float32(x) for x in losses[0]]
+        assert [e.step for e in events.Scalars("fill")] == list(range(1, 7))
     capsys.readouterr()
     assert cli_main(["train", "--config", str(first / "config.json"), "--run-dir", str(tmp_path / "x")]) == 2
     assert "holds the settings of a minigpt sft run, which minigpt train does not take" in capsys.readouterr().err
