@@ -66,7 +66,7 @@ def check_packages(names: Sequence[str]) -> None:
             __import__(module)
         except ImportError:
             raise UserError(f"--tracker {name} needs the {pip_name} package: pip install {pip_name} (or pip install "
-                            f"'minigpt[track]'), or leave out --tracker {name}") from None
+                            f"'minigpt[track]'), or run without it (--tracker none)") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
