@@ -8,13 +8,15 @@ record's step (the tracker's step axis is the training step), the samples as tex
 the run's config.json (settings and what they resolved to) as the tracker's config. Only rank 0 opens trackers.
 
 Resuming follows metrics.jsonl's rule, that a resumed run logs each step once:
-- TensorBoard: the writer opens with `purge_step` one past the checkpoint, so readers drop what the killed run
-  logged after it, and the resumed run logs those steps again (as metrics.jsonl is cut back and relogged).
-- W&B cannot take back a step it holds. The run's id is kept in RUN/tracking.json with the last step ever handed
-  to it (metrics.jsonl's last step before it is cut back: the logger writes the file before the trackers); a
-  resumed run continues the same W&B run and sends only the steps after that mark. The steps in between are
-  computed again and equal (the resume is exact), so W&B's history equals an uninterrupted run's. A line lost in
-  flight (the machine died with it in W&B's queue) leaves a gap there, never a duplicate.
+- TensorBoard: each record is flushed as it is written, and the writer of a resumed run opens with `purge_step`
+  one past the checkpoint, so readers drop what the stopped run logged after it, and the resumed run logs those
+  steps again (as metrics.jsonl is cut back and written again).
+- W&B cannot take back a step it holds. The run's id is kept in RUN/tracking.json and a resumed run continues
+  that W&B run. It first asks what W&B holds: online, its server (`run.step`); offline, the files of the run's
+  earlier processes (`wandb_history`: W&B buffers, so a killed process leaves fewer steps there than it was
+  given). It sends the steps W&B lacks up to the checkpoint from metrics.jsonl, then only steps past what W&B
+  holds. Those in between are computed again and equal (the resume is exact): W&B's history equals an
+  uninterrupted run's.
 
 A tracker that cannot start (package missing, not logged in, no network) is one line and exit 2. One that fails
 mid-run (a full disk, a lost service, any exception inside it) is dropped with one warning line: training goes
