@@ -25,6 +25,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("prepare", "minigpt.shards", "tokenize corpora into binary token shards for training"),
     ("train", "minigpt.train", "pretrain a GPT-2 on token shards (the tiny preset on bundled Wikipedia by default)"),
     ("eval", "minigpt.evaluate", "score a run: validation loss, perplexity, bits per byte, benchmarks, recall"),
+    ("runs", "minigpt.runs", "compare runs side by side: steps, tokens, validation loss, bits per byte, benchmarks"),
     ("sft", "minigpt.sft", "fine-tune a pretrained run into a chatbot on conversations"),
     ("chat", "minigpt.chat", "talk to a fine-tuned model in the terminal"),
     ("serve", "minigpt.serve", "an OpenAI-compatible HTTP server and web chat for a run (needs minigpt[serve])"),

@@ -10,6 +10,8 @@ Fields carry their help text in `metadata["help"]` (see `opt`). Unknown keys are
 
 `--config` takes a file path or the name of a recipe shipped with the package (`minigpt/recipes/NAME.toml`, e.g.
 `minigpt train --config gpt2-124m`); `list_recipes()` names them with the first line of each file's comment.
+A run's own config.json is a settings file too (`minigpt train --config runs/x/config.json` repeats run x): its
+`stage` must be the command's, and its `resolved` block, what the settings became on that machine, is left out.
 """
 
 from __future__ import annotations
@@ -210,9 +212,27 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(cls: type[T], file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Defaults < file < overrides, then validated by the dataclass itself."""
-    data = load_file(file) if file else {}
+def run_settings(data: dict[str, Any], path: str | Path, stage: str | None) -> dict[str, Any]:
+    """The settings in a file; from a run's config.json (it names its "stage"), those without "stage" and "resolved".
+
+    The resolved block (precision, sequence length, accumulation, world size, the model's full shape) is what the
+    settings became on the machine that ran them: it is derived again here, so it is ignored, not checked (on
+    another machine `precision auto` may rightly resolve to something else)."""
+    if "stage" not in data:
+        return data
+    made_by = data["stage"]
+    if made_by != stage:
+        again = f": repeat it with minigpt {made_by} --config {path}" if made_by in ("train", "sft") else ""
+        taker = f"minigpt {stage}" if stage else "this command"
+        raise UserError(f"{path} holds the settings of a minigpt {made_by} run, which {taker} does not take{again}")
+    return {key: value for key, value in data.items() if key not in ("stage", "resolved")}
+
+
+def resolve(cls: type[T], file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+            stage: str | None = None) -> T:
+    """Defaults < file < overrides, then validated by the dataclass itself. `stage`: the command a run's saved
+    config.json must come from to be accepted."""
+    data = run_settings(load_file(file), file, stage) if file else {}
     return from_dict(cls, deep_merge(data, overrides or {}))
 
 
@@ -272,6 +292,6 @@ def overrides_from_args(args: argparse.Namespace, cls: type, prefix: str = "") -
     return out
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Resolve `cls` from `--config FILE` (if the parser has it) and the flags given."""
-    return resolve(cls, getattr(args, "config", None), overrides_from_args(args, cls))
+def config_from_args(cls: type[T], args: argparse.Namespace, stage: str | None = None) -> T:
+    """Resolve `cls` from `--config FILE` (if the parser has it) and the flags given; `stage` as in `resolve`."""
+    return resolve(cls, getattr(args, "config", None), overrides_from_args(args, cls), stage)

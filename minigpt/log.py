@@ -1,7 +1,8 @@
-"""Metrics: one JSON object per line in `metrics.jsonl`, optionally mirrored to TensorBoard; loss curves as PNG.
+"""Metrics: one JSON object per line in `metrics.jsonl`, mirrored to trackers when asked; loss curves as PNG.
 
 Every stage logs through `MetricsLogger`; reports and plots read the JSONL file, never the stage's internals.
-Only rank 0 writes; other ranks get a logger that does nothing.
+Trackers (TensorBoard, Weights & Biases: tracking.py) get each record after the file does. Only rank 0 writes;
+other ranks get a logger that does nothing.
 
 A line is appended with one write and cut back off if that write fails (a full disk), so the file holds whole
 records only. A line torn anyway (the machine lost power mid-write, or an older version hit a full disk) is skipped
@@ -11,42 +12,42 @@ by `read_metrics` and dropped, with one line saying so, when a run resumes.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from minigpt.common import atomic_path, is_main_process
+from minigpt.tracking import Trackers, open_trackers
 
 
 class MetricsLogger:
-    """Append records to RUN/metrics.jsonl (and TensorBoard when asked and installed)."""
+    """Append records to RUN/metrics.jsonl, and hand them to the trackers named (tracking.py)."""
 
-    def __init__(self, run: str | os.PathLike, tensorboard: bool = False, resume_step: int | None = None):
+    def __init__(self, run: str | os.PathLike, resume_step: int | None = None, trackers: Sequence[str] = (), *,
+                 config: dict[str, Any] | None = None, project: str = "minigpt", name: str = "") -> None:
         self.enabled = is_main_process()
         self.path = Path(run) / "metrics.jsonl"
-        self._tb = None
+        self.trackers = Trackers([])
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[dict[str, Any]] = []
         if resume_step is not None:
-            self.truncate_after(resume_step)
+            kept = self.truncate_after(resume_step)
         elif self.path.exists():
             self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("tensorboard is not installed (pip install tensorboard): logging to metrics.jsonl only")
-            else:
-                self._tb = SummaryWriter(str(Path(run) / "tensorboard"))
+        if trackers:
+            self.trackers = open_trackers(trackers, run, config=config or {}, project=project,
+                                          name=name or str(run), resume_step=resume_step, previous=kept)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (a resumed run logs those steps again) and any torn line, saying so."""
+    def truncate_after(self, step: int) -> list[dict[str, Any]]:
+        """Drop records past `step` (a resumed run logs those steps again) and any torn line, saying so; returns
+        the records kept."""
         if not self.path.exists():
-            return
+            return []
         records, torn = _parse(self.path.read_bytes())
         kept = [line for line, record in records if record.get("step", 0) <= step]
         if torn:
@@ -55,6 +56,7 @@ class MetricsLogger:
                   f"{torn[0][0]}: {first!r}), left by a write that was cut short", file=sys.stderr, flush=True)
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        return [json.loads(line) for line in kept]
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -73,14 +75,15 @@ class MetricsLogger:
                 raise
         finally:
             os.close(fd)
-        if self._tb is not None and "step" in record:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "time") and math.isfinite(value):
-                    self._tb.add_scalar(key, value, record["step"])
+        self.trackers.log(record)
+
+    def image(self, tag: str, path: str | os.PathLike | None, step: int) -> None:
+        """A picture (the loss plot) for the trackers, at `step`."""
+        if self.enabled and path is not None:
+            self.trackers.image(tag, Path(path), step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        self.trackers.close()
 
 
 def _parse(raw: bytes) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[int, str]]]:
@@ -138,3 +141,25 @@ def plot_loss_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLik
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return png_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# How a record reads in the terminal
+
+
+def evaluation_line(record: dict[str, Any]) -> str:
+    scores = [f"{k} {v:.4f}" for k, v in record.items() if "/" in k and not k.endswith("/n")]
+    return (f"step {record['step']}: validation loss {record['val_loss']:.4f}"
+            + (f", bits per byte {record['val_bpb']:.4f}" if "val_bpb" in record else "")
+            + (f"\n  benchmarks: {', '.join(scores)}" if scores else "")
+            + (f"\n  sample: {record['sample']!r}" if record.get("sample") else ""))
+
+
+def summary_line(run: Path, step: int, metrics: dict[str, float]) -> str:
+    parts = [f"{run}: step {step}", f"validation loss {metrics['val_loss']:.4f}"]
+    if "val_bpb" in metrics:
+        parts.append(f"bits per byte {metrics['val_bpb']:.4f}")
+    text = ", ".join(parts)
+    if metrics.get("sample"):
+        text += f"\nsample: {metrics['sample']}"
+    return text

@@ -285,7 +285,9 @@ def grow_vocabulary(model: GPT, vocab_size: int) -> GPT:
 
 def finetune(cfg: SFTConfig) -> Path:
     from minigpt.checkpoint import latest_checkpoint, load_run
+    from minigpt.tracking import check_packages, tracker_names
 
+    check_packages(tracker_names(cfg.tracker, cfg.tensorboard))  # before preparing any data, not after
     rt = setup_runtime(cfg.device)
     base_model, tokenizer, _ = load_run(cfg.base, rt.device)
     tokenizer = tokenizer.with_chat_tokens()  # our tokenizers already have them; GPT-2's gains four
@@ -305,8 +307,8 @@ def finetune(cfg: SFTConfig) -> Path:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML, YAML or JSON file of settings, or a shipped recipe name such as "
-                                         "gpt2-124m-sft (flags override it)")
+    parser.add_argument("--config", help="TOML, YAML or JSON file of settings, a fine-tuned run's config.json (to "
+                                         "repeat it), or a shipped recipe such as gpt2-124m-sft (flags override it)")
     configlib.add_arguments(parser, SFTConfig, skip=NOT_FOR_SFT)
     parser.add_argument("--list", action="store_true", help="list the bundled conversation sets and exit")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
@@ -322,7 +324,7 @@ def main(args) -> None:
     if args.list_configs:
         print(configlib.format_recipes("sft"), end="")
         return
-    cfg = configlib.config_from_args(SFTConfig, args)
+    cfg = configlib.config_from_args(SFTConfig, args, stage="sft")
     if args.dry_run:
         from minigpt.dry_run import sft_dry_run
 

@@ -40,7 +40,7 @@ from minigpt.checkpoint import (
 )
 from minigpt.common import UserError, print0, progress, seed_everything, write_json
 from minigpt.config import opt
-from minigpt.log import MetricsLogger, plot_loss_curves
+from minigpt.log import MetricsLogger, evaluation_line, plot_loss_curves, summary_line
 from minigpt.model import GPT, ModelConfig
 from minigpt.optim import learning_rate, make_optimizer
 from minigpt.runtime import (
@@ -53,6 +53,7 @@ from minigpt.runtime import (
     resolve_precision,
     setup_runtime,
 )
+from minigpt.tracking import check_packages, tracker_names
 
 DEFAULT_DATA = "data/wiki-bpe8k"
 
@@ -109,7 +110,11 @@ class TrainConfig:
                                           "(0: only by steps), so a crash never costs more than that")
     keep_last: int = opt(2, "checkpoints kept (the best by validation loss is kept too)")
     resume: bool = opt(False, "continue the run in --run-dir from its latest checkpoint")
-    tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
+    tracker: list[str] = opt([], "also log to these trackers: tensorboard, wandb (several allowed; none: only "
+                                 "metrics.jsonl); W&B honours WANDB_MODE=offline, WANDB_ENTITY, WANDB_DIR")
+    tracker_project: str = opt("minigpt", "the W&B project")
+    tracker_name: str = opt("", "the run's name in W&B (default: --run-dir)")
+    tensorboard: bool = opt(False, "the same as --tracker tensorboard")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -126,6 +131,7 @@ class TrainConfig:
                              "negative")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be positive and min_lr_ratio in [0, 1]")
+        self.tracker = tracker_names(self.tracker)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,6 +304,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere and newer
             torch.backends.cudnn.allow_tf32 = True
         resume_from = self._resume_point()
+        check_packages(tracker_names(cfg.tracker, cfg.tensorboard))  # on every rank, before any work
         if cfg.eval_tasks:
             from minigpt.tasks import check_task_names
 
@@ -337,13 +344,15 @@ class Trainer:
 
             self.model = DistributedDataParallel(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda"
                                                  else None)
-        self.logger = MetricsLogger(run, cfg.tensorboard, resume_step=self.progress.step if resume_from else None)
+        settings = {"stage": stage, **configlib.to_dict(cfg), "resolved": {
+            "precision": self.precision, "seq_len": self.seq_len, "grad_accum": self.accum, "world_size": rt.world,
+            "tokens_per_step": tokens_per_micro * self.accum, "model": configlib.to_dict(model.config)}}
+        self.logger = MetricsLogger(run, self.progress.step if resume_from else None,
+                                    tracker_names(cfg.tracker, cfg.tensorboard), config=settings,
+                                    project=cfg.tracker_project, name=cfg.tracker_name)
         if rt.rank == 0:
             run.mkdir(parents=True, exist_ok=True)
-            write_json(run / "config.json", {"stage": stage, **configlib.to_dict(cfg), "resolved": {
-                "precision": self.precision, "seq_len": self.seq_len, "grad_accum": self.accum,
-                "world_size": rt.world, "tokens_per_step": tokens_per_micro * self.accum,
-                "model": configlib.to_dict(model.config)}})
+            write_json(run / "config.json", settings)
             self.tokenizer.save(run / "tokenizer.json")
         self.chunk_rows = loss_chunk_rows(cfg.chunked_loss, rt.device, model.config.padded_vocab_size)
         self.saver = BackgroundSaver()
@@ -430,8 +439,8 @@ class Trainer:
             self.raw_model.train()
         self.logger.log(record)
         if rt.rank == 0:
-            plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
-                             title=f"{self.run_dir.name}: loss")
+            self.logger.image("loss_plot", plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
+                                                       title=f"{self.run_dir.name}: loss"), step)
         return record
 
     def log(self, lr: float, grad_norm: torch.Tensor, seconds: float) -> dict[str, Any]:
@@ -519,8 +528,8 @@ class Trainer:
                                    "Lower --lr, raise --warmup-steps or use --precision bf16") from None
         finally:
             bar.close()
-            self.logger.close()
             self.saver.wait(raise_error=False)  # a save in flight (Ctrl-C, SIGTERM, an error) still reaches the disk
+            self.logger.close()  # after: a tracker slow to finish (W&B uploading) never holds up the checkpoint
         self.saver.wait()  # its error, if it had one (a full disk): the run did not end with its checkpoint
         barrier(rt)  # every rank returns once the last checkpoint is on disk
         if rt.rank == 0 and last_eval:
@@ -531,24 +540,6 @@ class Trainer:
 def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = None, stage: str = "train") -> Path:
     """Train by `cfg`; returns the run folder. `data` and `model` let fine-tuning supply its own."""
     return Trainer(cfg, data, model, stage).run()
-
-
-def evaluation_line(record: dict[str, Any]) -> str:
-    scores = [f"{k} {v:.4f}" for k, v in record.items() if "/" in k and not k.endswith("/n")]
-    return (f"step {record['step']}: validation loss {record['val_loss']:.4f}"
-            + (f", bits per byte {record['val_bpb']:.4f}" if "val_bpb" in record else "")
-            + (f"\n  benchmarks: {', '.join(scores)}" if scores else "")
-            + (f"\n  sample: {record['sample']!r}" if record.get("sample") else ""))
-
-
-def summary_line(run: Path, step: int, metrics: dict[str, float]) -> str:
-    parts = [f"{run}: step {step}", f"validation loss {metrics['val_loss']:.4f}"]
-    if "val_bpb" in metrics:
-        parts.append(f"bits per byte {metrics['val_bpb']:.4f}")
-    text = ", ".join(parts)
-    if metrics.get("sample"):
-        text += f"\nsample: {metrics['sample']}"
-    return text
 
 
 def _check_tokenizer(meta: dict[str, Any], tokenizer: Any) -> None:
@@ -564,8 +555,8 @@ def _check_tokenizer(meta: dict[str, Any], tokenizer: Any) -> None:
 
 def add_arguments(parser) -> None:
     recipes = ", ".join(name for name, _, _ in configlib.list_recipes("train"))
-    parser.add_argument("--config", help=f"TOML, YAML or JSON file of settings, or a shipped recipe ({recipes}); "
-                                         "flags override it")
+    parser.add_argument("--config", help=f"TOML, YAML or JSON file of settings, a run's config.json (to repeat "
+                                         f"it), or a shipped recipe ({recipes}); flags override it")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
     parser.add_argument("--dry-run", action="store_true", help="print what the run would do (data, tokens, epochs, "
                         "steps, checkpoints, memory, time) and exit without training")
@@ -576,7 +567,7 @@ def main(args) -> None:
     if args.list_configs:
         print(configlib.format_recipes("train"), end="")
         return
-    cfg = configlib.config_from_args(TrainConfig, args)
+    cfg = configlib.config_from_args(TrainConfig, args, stage="train")
     if args.dry_run:
         from minigpt.dry_run import train_dry_run
 

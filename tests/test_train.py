@@ -107,7 +107,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_shards):
     assert cli_main(["train", *cli_args(single, tiny_shards, max_steps=5, batch_size=8)]) == 0
     double = tmp_path / "double"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "minigpt",
-           "train", *cli_args(double, tiny_shards, max_steps=5, batch_size=4)]
+           "train", *cli_args(double, tiny_shards, max_steps=5, batch_size=4), "--tracker", "tensorboard"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -117,6 +117,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_shards):
         assert abs(a - b) <= 1e-5 * abs(a)
     config = json.loads((double / "config.json").read_text())
     assert config["resolved"]["world_size"] == 2 and config["resolved"]["tokens_per_step"] == 8 * 32
+    assert len(list((double / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_shards):
