@@ -415,7 +415,7 @@ class EvalConfig:
 
 
 def _run_and_checkpoints(cfg: EvalConfig) -> tuple[Path, list[Path]]:
-    from minigpt.checkpoint import checkpoints_dir, resolve_checkpoint
+    from minigpt.checkpoint import checkpoints_dir, is_checkpoint, resolve_checkpoint
 
     if not cfg.run:
         raise UserError("give a run folder or checkpoint folder to evaluate")
@@ -423,7 +423,7 @@ def _run_and_checkpoints(cfg: EvalConfig) -> tuple[Path, list[Path]]:
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     if not cfg.all_checkpoints:
         return run, [ckpt]
-    found = sorted(p for p in checkpoints_dir(run).glob("step_*") if (p / "model.safetensors").exists())
+    found = sorted(p for p in checkpoints_dir(run).glob("step_*") if is_checkpoint(p))
     if not found:
         raise UserError(f"{run} has no kept checkpoints")
     return run, found
