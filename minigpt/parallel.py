@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,27 @@ def accumulation(model: torch.nn.Module, reshard: bool) -> Callable[[bool], cont
         yield
 
     return sync
+
+
+Batch = TypeVar("Batch")
+
+
+def lockstep(batches: Iterable[Batch], model: torch.nn.Module, empty: Callable[[], Batch]) -> Iterator[Batch]:
+    """Each process's evaluation batches, as they are; for a sharded model, followed by `empty()` ones (targets all
+    -100: they add nothing) until every process has run out. A sharded forward pass needs every process, and the
+    processes' shares of a split may differ by a batch: without this the longer one waits forever."""
+    if not is_sharded(model):
+        yield from batches
+        return
+    device = next(model.parameters()).device
+    remaining = iter(batches)
+    while True:
+        batch = next(remaining, None)
+        more = torch.tensor([float(batch is not None)], device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        yield batch if batch is not None else empty()
 
 
 def global_norm(norm: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from minigpt.common import UserError
+from minigpt.parallel import lockstep
 from minigpt.sft_data import PreparedSplit
 
 PACK_WINDOW = 4096  # conversations packed together: enough to fill rows well, few enough to keep order random
@@ -237,9 +238,11 @@ def held_out_loss(model: torch.nn.Module, convs: ConversationSet, rows: Sequence
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, counted targets
     mine = list(rows[rank::world])
-    for i in range(0, len(mine), batch_size):
-        x, y, doc, _ = assemble(convs, mine[i:i + batch_size], pad_id, packed)
-        batch = to_batch(x, y, doc, device)
+    batches = (to_batch(*assemble(convs, mine[i:i + batch_size], pad_id, packed)[:3], device)
+               for i in range(0, len(mine), batch_size))
+    empty = lambda: (torch.zeros(1, 1, dtype=torch.long, device=device),  # noqa: E731 (see lockstep)
+                     torch.full((1, 1), -100, device=device))
+    for batch in lockstep(batches, model, empty):
         extra = batch[2] if len(batch) == 3 else {}
         _, loss = model(batch[0], batch[1], reduction="sum", chunk_rows=chunk_rows, **extra)
         total[0] += loss.double()
