@@ -15,6 +15,7 @@ inference are applied from outside (cpu_inference.py), inspection through hooks 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -202,13 +203,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` (B, 1, T, T), True where a query may attend to a key, replaces the plain causal mask (packed rows,
-        see `document_attention`)."""
+                mask: torch.Tensor | Any | None = None) -> torch.Tensor:
+        """`mask` replaces the plain causal mask (packed rows, see `document_attention`): a FlexAttention BlockMask,
+        or a boolean (B, 1, T, T), True where a query may attend to a key."""
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, n_head, T, head_dim): q, k, v side by side, each split into heads
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
-        if step is None:
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            y = flex_attention(q, k, v, mask)
+        elif step is None:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         else:
@@ -293,6 +296,8 @@ class GPT(nn.Module):
                                  f"({self.config.block_size})")
             if doc_ids is None:
                 positions = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+            elif idx.device.type in FLEX_DEVICES and not (self.config.dropout and self.training):
+                positions, mask = document_positions(doc_ids), document_block_mask(doc_ids)
             else:
                 positions, mask = document_attention(doc_ids)
         elif doc_ids is not None:
@@ -368,22 +373,66 @@ class GPT(nn.Module):
 # Packed rows: several documents in one row, each attending only to itself
 
 
-def document_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions and attention mask for rows that pack several documents, each a contiguous run of one id.
-
-    doc_ids (B, T) -> positions (B, T), restarting at 0 where each document starts (so a packed document gets the
-    position embeddings it would get alone), and a boolean mask (B, 1, T, T), True where query i may attend to
-    key j: j <= i in the same document. The mask is block-diagonal causal, so packing never lets one document see
-    another, and each document's outputs equal those of the document alone in its own row.
-    """
-    B, T = doc_ids.shape
-    index = torch.arange(T, device=doc_ids.device)
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T), each document a contiguous run of one id -> positions (B, T), restarting at 0 where each
+    document starts (so a packed document gets the position embeddings it would get alone)."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): where each position's document starts
+    return index - first
+
+
+def document_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and a dense attention mask for rows that pack several documents: the reference path.
+
+    doc_ids (B, T) -> positions (B, T) and a boolean mask (B, 1, T, T), True where query i may attend to key j:
+    j <= i in the same document. The mask is block-diagonal causal, so packing never lets one document see
+    another, and each document's outputs equal those of the document alone in its own row. Scaled dot-product
+    attention with a dense mask computes every masked block and cannot use flash attention; where FlexAttention
+    trains (CUDA), `document_block_mask` replaces it.
+    """
+    T = doc_ids.shape[1]
+    index = torch.arange(T, device=doc_ids.device)
     same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
     causal = index[:, None] >= index[None, :]  # (T, T)
-    return index - first, (same & causal)[:, None]
+    return document_positions(doc_ids), (same & causal)[:, None]
+
+
+# Devices where packed rows attend through FlexAttention. torch 2.13 has no FlexAttention backward pass on CPUs,
+# which keep the dense mask (tests/test_gpu_paths.py holds the two paths equal on the CPU, forward and backward).
+FLEX_DEVICES = ("cuda",)
+
+
+@torch.compiler.disable  # built once per forward pass, eagerly, outside any compiled graph
+def document_block_mask(doc_ids: torch.Tensor) -> Any:
+    """The FlexAttention BlockMask of `document_attention`'s mask: which 128 x 128 tiles of (query, key) are empty
+    (skipped), full (no mask needed) or partial (the mask function decides, position by position). Per layer it
+    costs a few integers per tile, where the dense mask cost B x T x T values, made into an additive mask again
+    in every layer and kept for the backward pass (64 MiB per layer at 32 x 1024 in bf16)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, k):  # noqa: ANN001, ANN202 (FlexAttention's mask_mod signature)
+        return (doc_ids[b, q] == doc_ids[b, k]) & (k <= q)
+
+    B, T = doc_ids.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    """FlexAttention over q, k, v (B, H, T, D) with `block_mask`: compiled into one fused kernel on GPUs (uncompiled
+    it is a slow reference implementation), eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    kernel = _compiled_flex() if q.device.type == "cuda" else flex
+    return kernel(q, k, v, block_mask=block_mask)
+
+
+@functools.cache
+def _compiled_flex():  # noqa: ANN202
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, dynamic=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

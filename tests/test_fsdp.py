@@ -9,6 +9,7 @@ effect, stays within 1e-5 in test_train.py), and 1e-5 over eight steps leaves ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -221,10 +222,8 @@ def kill_node(agent: subprocess.Popen) -> None:
     children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children")
     workers = [int(pid) for pid in children.read_text().split()] if children.exists() else []
     for pid in [agent.pid, *workers]:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # (ended already)
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     agent.wait()
 
 

@@ -10,10 +10,12 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
+from minigpt import model as modellib
 from minigpt import train as trainlib
 from minigpt.log import read_metrics
-from minigpt.model import ModelConfig
+from minigpt.model import GPT, ModelConfig
 from minigpt.train import TrainConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,3 +71,57 @@ def test_tokens_per_second_counts_training_time_only(tmp_path, tiny_shards, cloc
     trainlib.train(cfg)
     resumed = [r for r in read_metrics(Path(cfg.run_dir)) if "tokens_per_s" in r and r["step"] > 5]
     assert [r["step"] for r in resumed] == [6, 9] and [r["tokens_per_s"] for r in resumed] == [8 * 32] * 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed rows through FlexAttention: equal to the dense-mask path, forward and backward
+
+
+def packed_batch(B: int = 3, T: int = 64, vocab: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (B, T), generator=g)
+    doc_ids = torch.cumsum(torch.rand(B, T, generator=g) < 0.08, dim=1)  # documents of ~12 tokens, row by row
+    y = torch.where(torch.rand(B, T, generator=g) < 0.2, -100, torch.randint(0, vocab, (B, T), generator=g))
+    return x, y, doc_ids
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_flex_attention_equals_the_dense_mask_forward_and_backward(monkeypatch, checkpointing):
+    """The GPU's path (FlexAttention with a BlockMask made from the document ids) against the CPU's reference (a
+    dense block-diagonal causal mask), on the CPU. torch 2.13 refuses a FlexAttention backward pass on CPUs
+    outright; its eager backward, allowed here, computes the same math as the GPU's fused kernel, so this checks
+    what this project writes: the mask function, the BlockMask and the model's use of it."""
+    import torch.nn.attention.flex_attention as flex_module
+    from torch.nn.attention.flex_attention import BlockMask
+
+    x, y, doc_ids = packed_batch()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=100,
+                            gradient_checkpointing=checkpointing)).train()
+
+    def run(flex: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        monkeypatch.setattr(modellib, "FLEX_DEVICES", ("cpu",) if flex else ())
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(x, y, doc_ids=doc_ids)
+        loss.backward()
+        return logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+    dense, flex = run(False), run(True)
+    assert isinstance(modellib.document_block_mask(doc_ids), BlockMask)
+    torch.testing.assert_close(flex[0], dense[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(flex[1], dense[1], rtol=1e-6, atol=0)
+    for name, grad in dense[2].items():
+        torch.testing.assert_close(flex[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_block_mask_skips_the_tiles_no_query_may_see():
+    """Three documents of 128 tokens per row: of its 3 x 3 tiles of 128 queries x 128 keys, only the diagonal ones
+    hold a pair that may attend (causal inside: partial tiles); the six others are skipped, never computed."""
+    doc_ids = torch.repeat_interleave(torch.tensor([0, 1, 2]), 128)[None].expand(2, -1)
+    mask = modellib.document_block_mask(doc_ids)
+    dense = modellib.document_attention(doc_ids)[1]
+    tiles = dense.reshape(2, 1, 3, 128, 3, 128).any(-1).any(-2)  # (B, 1, 3, 3): tiles with a pair that may attend
+    assert tiles.sum().item() == 2 * 3
+    assert mask.kv_num_blocks.sum().item() == 2 * 3 and mask.full_kv_num_blocks.sum().item() == 0
+    assert mask.to_dense().bool().equal(tiles)  # (the BlockMask's own tile map)
