@@ -108,6 +108,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # tokens held per row
+        # the same on the host: a decoding step sizes its work from them without waiting for the GPU (change the
+        # lengths through the methods below and forward passes only, which keep both)
+        self.host_lengths = [0] * rows
         self.max_len = max_len
 
     @property
@@ -117,13 +120,20 @@ class KVCache:
     def reset(self, rows: slice = ALL) -> None:
         """Forget the tokens of some rows (all by default); their storage is reused."""
         self.lengths[rows] = 0
+        self.host_lengths[rows] = [0] * len(range(self.rows)[rows])
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src` (keys, values, length) into row `dst`: keeps live rows packed at the front."""
-        n = int(self.lengths[src])
+        n = self.host_lengths[src]
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
+        self.host_lengths[dst] = n
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Every row's length at once, (rows,) (keys and values copied in from elsewhere)."""
+        self.lengths.copy_(lengths)
+        self.host_lengths = [int(n) for n in lengths.tolist()]
 
 
 class CacheStep:
@@ -131,18 +141,25 @@ class CacheStep:
 
     Built once per forward pass and shared by every layer, so the index and mask arithmetic is not repeated.
     `lengths` (B,) marks how many of the T new tokens of each row are real when rows are right-padded; padding
-    is neither stored nor attended to.
+    is neither stored nor attended to. Sizes come from the cache's host copy of its lengths (and from `lengths`,
+    best given on the host): a decoding step never waits for the GPU to learn how long its rows are.
     """
 
     def __init__(self, cache: KVCache, rows: slice, T: int, lengths: torch.Tensor | None, limit: int):
         device = cache.lengths.device
         self.cache, self.rows = cache, rows
         start = cache.lengths[rows]  # (B,)
+        start_host = cache.host_lengths[rows]
         B = start.shape[0]
         steps = torch.arange(T, device=device)[None, :]  # (1, T)
         self.positions = start[:, None] + steps  # (B, T): absolute position of each new token in its row
-        self.end = start + (T if lengths is None else lengths)
-        if int(self.end.max()) > limit:
+        if lengths is None:
+            self.end, self.end_host = start + T, [n + T for n in start_host]
+        else:
+            self.end_host = [n + int(m) for n, m in zip(start_host, lengths.tolist(), strict=True)]
+            lengths = lengths.to(device, non_blocking=True)
+            self.end = start + lengths
+        if max(self.end_host) > limit:
             raise ValueError("the KV cache is full: the sequence reached the context window")
         self.keep = None if lengths is None else (steps < lengths[:, None]).reshape(-1)  # (B*T,) real tokens
         # Where each new token's keys go, as row indices into a layer's cache viewed (rows * H * max_len, D): the
@@ -155,10 +172,10 @@ class CacheStep:
             + self.positions[:, :, None]  # (B, T, H)
         flat = flat.reshape(B * T, H)
         self.write_index = (flat if self.keep is None else flat[self.keep]).reshape(-1)
-        self.span = min(int(self.positions.max()) + 1, cache.max_len)  # the longest row's prefix, no further
+        self.span = min(max(start_host) + T, cache.max_len)  # the longest row's prefix, no further
         # Rows that start empty (a prefill) attend causally among their new tokens alone: right padding comes after
         # every real token, so no mask is needed. One row decoding one token sees its whole prefix: no mask either.
-        self.fresh = int(start.max()) == 0
+        self.fresh = max(start_host) == 0
         self.mask = None
         if not self.fresh and (B > 1 or T > 1):
             key_pos = torch.arange(self.span, device=device)
@@ -166,6 +183,11 @@ class CacheStep:
             # An additive mask (0 or -inf) is a little faster in scaled_dot_product_attention than a boolean one.
             self.mask = torch.zeros(causal.shape, dtype=cache.k.dtype, device=device).masked_fill_(~causal,
                                                                                                 float("-inf"))
+
+    def commit(self) -> None:
+        """After the last layer: each row now holds its new tokens."""
+        self.cache.lengths[self.rows] = self.end
+        self.cache.host_lengths[self.rows] = self.end_host
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this layer's new keys and values, then attend over each row's whole prefix. q, k, v: (B, H, T, D)."""
@@ -314,7 +336,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, layer, step, mask)
         if step is not None:
-            cache.lengths[rows] = step.end
+            step.commit()
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

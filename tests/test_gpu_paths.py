@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minigpt import model as modellib
 from minigpt import train as trainlib
+from minigpt.engine import Engine, SamplingParams
 from minigpt.log import read_metrics
 from minigpt.model import GPT, ModelConfig
 from minigpt.train import TrainConfig
@@ -125,3 +127,39 @@ def test_the_block_mask_skips_the_tiles_no_query_may_see():
     assert tiles.sum().item() == 2 * 3
     assert mask.kv_num_blocks.sum().item() == 2 * 3 and mask.full_kv_num_blocks.sum().item() == 0
     assert mask.to_dense().bool().equal(tiles)  # (the BlockMask's own tile map)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding with the KV cache: no host synchronisation per forward pass
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (int(), .item(), bool() of a tensor: aten's item and
+    _local_scalar_dense), each of which waits for the GPU to finish all queued work on a real device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decoding_step_never_reads_a_tensor_on_the_host():
+    """Three int() reads per forward pass before (the longest row, the widest position, whether the rows start
+    empty): each a stall of the GPU's queue per token generated. The cache keeps its lengths on the host too."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50)).eval()
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    with torch.inference_mode(), Engine(model, max_batch=4, seed=0, prepack=False) as engine:
+        engine.add([engine.new_generation(p, SamplingParams(max_new_tokens=8, temperature=0.0)) for p in prompts])
+        tokens = torch.tensor([[s.next_input] for s in engine.live])
+        with HostReads() as reads:
+            hidden = model.hidden_states(tokens, engine.cache, slice(0, 2))  # one decoding step of both rows
+        assert reads.count == 0
+        assert engine.cache.host_lengths[:2] == engine.cache.lengths[:2].tolist() == [6, 3]
+        # and it decodes what a forward pass over the whole sequences computes
+        full = model.hidden_states(torch.tensor([[*prompts[0], engine.live[0].next_input]]))
+        torch.testing.assert_close(hidden[0, -1], full[0, -1], rtol=1e-5, atol=1e-5)
