@@ -4,11 +4,13 @@ the dry run that answers for the GPU a recipe targets."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -163,3 +165,41 @@ def test_a_decoding_step_never_reads_a_tensor_on_the_host():
         # and it decodes what a forward pass over the whole sequences computes
         full = model.hidden_states(torch.tensor([[*prompts[0], engine.live[0].next_input]]))
         torch.testing.assert_close(hidden[0, -1], full[0, -1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --no-pack fine-tuning: a few batch widths, for torch.compile
+
+
+def test_padded_batches_take_a_few_widths_and_the_same_loss(tmp_path, tiny_shards):
+    """One conversation per row used to be padded to the longest of its batch: a new width almost every step, a
+    new compilation each time. Now widths are powers of two from 64 up to the window, and the padding (targets
+    -100 to the right of every real token) leaves the loss as it was."""
+    from minigpt.sft_batches import ConversationBatches, ConversationSet, Part, assemble
+    from minigpt.sft_data import PrepareSettings, prepare_source
+    from minigpt.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tiny_shards / "tokenizer.json").with_chat_tokens()
+    rng = np.random.default_rng(0)
+    words = ["the", "of", "and", "in", "a", "is", "was", "to", "for", "as", "on", "by", "with"]
+    say = lambda k: " ".join(rng.choice(words, int(k)))  # noqa: E731
+    rows = [{"messages": [{"role": "user", "content": say(rng.integers(1, 30))},
+                          {"role": "assistant", "content": say(rng.integers(1, 400))}]} for _ in range(120)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepared = prepare_source(str(path), tokenizer, PrepareSettings(held_out=0.1, workers=1), tmp_path / "cache",
+                              quiet=True)
+    window = 512
+    convs = ConversationSet([Part(prepared.split("train"))], window)
+    batches = ConversationBatches(convs, batch_size=4, pad_id=0, seed=1, packed=False)
+    widths = {batches.batch(step)[0].shape[1] for step in range(25)}
+    assert widths <= {64, 128, 256, 512} and len(widths) >= 2
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=window, vocab_size=tokenizer.n_vocab)).eval()
+    x, y, _, _ = assemble(convs, batches.plan(0)[:4], 0, packed=False)
+    tight = max(len(convs.conversation(int(row[0]))[0]) for row in batches.plan(0)[:4])
+    assert x.shape[1] in (64, 128, 256, 512) and x.shape[1] >= tight
+    with torch.no_grad():
+        wide = model(torch.from_numpy(x), torch.from_numpy(y), reduction="sum")[1]
+        narrow = model(torch.from_numpy(x[:, :tight]), torch.from_numpy(y[:, :tight]), reduction="sum")[1]
+    torch.testing.assert_close(wide, narrow, rtol=1e-5, atol=0)
