@@ -107,11 +107,17 @@ def global_norm(norm: torch.Tensor) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def gathered_copy(model: GPT, rank: int) -> GPT | None:
-    """A whole, unsharded copy of a sharded model on rank 0 (None elsewhere), for what rank 0 computes alone
-    (samples, benchmarks): a sharded model computes only with every process taking part. Every process must call
-    it. The copy holds fp32 weights on the model's device until it is dropped."""
+def gathered_copy(model: GPT, rank: int, needed: bool = True) -> GPT | None:
+    """For what rank 0 computes alone (samples, benchmarks): `model` itself, or a whole copy of a sharded one on
+    rank 0 (None elsewhere; and for nobody when not `needed`), since a sharded model computes only with every
+    process taking part. Every process must call it. The copy holds fp32 weights on the model's device until it is
+    dropped."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(model):
+        return model
+    if not needed:
+        return None
 
     device = next(model.parameters()).device
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

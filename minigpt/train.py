@@ -3,7 +3,6 @@
     minigpt train                                   # tiny model on the bundled Wikipedia summaries, on the CPU
     minigpt train --config my.toml --max-steps 5000 --model.preset gpt2 --precision bf16 --compile
     torchrun --nproc_per_node 8 -m minigpt train --config gpt2.toml     # data parallel over 8 GPUs
-    torchrun --nproc_per_node 8 -m minigpt train --config gpt2.toml --parallel fsdp   # each GPU holds 1/8
     minigpt train --run-dir runs/tiny --resume      # continue from the latest checkpoint
 
 One optimizer step:
@@ -93,6 +92,8 @@ class TrainConfig:
                                                              "(compute capability 8.0+), fp16 with loss scaling on "
                                                              "older GPUs, fp32 on CPUs")
     compile: bool = opt(False, "torch.compile the model")
+    gpu: str = opt("", "the card --dry-run plans for where it finds no GPU (minigpt plan --gpu's names; on a GPU the "
+                       "card itself)")
     parallel: Literal["ddp", "fsdp"] = opt("ddp", "how torchrun's processes share the model: ddp, each holds all of "
                                                   "it, its gradients and AdamW state; fsdp, each holds 1/N of them "
                                                   "(parallel.py; sharded checkpoints)")
@@ -389,8 +390,7 @@ class Trainer:
         step = int(state["step"])
         self.progress = Progress(step, float(state["best_val"]), int(state.get("tokens_seen", step * tokens_per_step)),
                                  int(state.get("skipped_steps", 0)))
-        if "loss_window" in state:  # checkpoints from before these fields start a fresh window
-            # (but not its tokens: tokens/s counts those trained since this process started its clock)
+        if "loss_window" in state:  # (else an older checkpoint: a fresh window) tokens/s counts new tokens only
             self.progress.window_loss, self.progress.window_steps = (float(state["loss_window"]),
                                                                      int(state["window_steps"]))
         print0(f"resuming {self.run_dir} at step {step} from {ckpt}")
@@ -428,8 +428,7 @@ class Trainer:
             raise TrainingDiverged(f"validation loss became {metrics['val_loss']} at step {step}")
         record: dict[str, Any] = {"step": step, **metrics}
         # what rank 0 computes alone needs a whole model (a sharded one computes only with every process)
-        alone = gathered_copy(self.raw_model, rt.rank) if self.sharded and (cfg.eval_tasks or cfg.sample_prompt) \
-            else self.raw_model
+        alone = gathered_copy(self.raw_model, rt.rank, bool(cfg.eval_tasks or cfg.sample_prompt))
         if cfg.eval_tasks and rt.rank == 0:
             from minigpt.evaluate import benchmark_scores
 
