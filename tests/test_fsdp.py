@@ -68,18 +68,21 @@ def assert_close_losses(got: dict[int, float], expected: dict[int, float]) -> No
 def runs(tmp_path_factory, tiny_shards) -> dict[str, Path]:
     """The runs the tests compare, made once:
     reference  one process, 8 steps of 8 x 32 tokens
-    fsdp       2 FSDP processes, 4 steps of 2 micro-batches of 2 x 32 each (sharded checkpoints at 2 and 4)
+    fsdp       2 FSDP processes, 4 steps of 2 micro-batches of 2 x 32 each, gradient checkpointing (sharded
+               checkpoints at 2 and 4)
     ddp        2 DDP processes, 4 steps of 4 x 32 each
     to_one     `fsdp` resumed at step 4 by one process (4 x 32, 2 micro-batches) to step 8
     to_two     one process to step 4 (a whole checkpoint), resumed by 2 FSDP processes that keep the step's
-               weights gathered and gradients unsharded (--no-fsdp-reshard) to step 8"""
+               weights gathered and gradients unsharded (--no-fsdp-reshard) to step 8
+    bf16       2 FSDP processes in bf16 (FSDP's mixed-precision policy: the GPU path, on gloo) and one process
+               with autocast, 3 steps each"""
     root = tmp_path_factory.mktemp("fsdp")
     data = tiny_shards
-    out = {name: root / name for name in ("reference", "fsdp", "ddp", "to_one", "to_two")}
+    out = {name: root / name for name in ("reference", "fsdp", "ddp", "to_one", "to_two", "bf16", "bf16_single")}
     assert cli_main(["train", *args(out["reference"], data, max_steps=8, eval_every=4, sample_prompt="The")]) == 0
     # (the whole validation split at the end: the processes' shares of it differ by a batch)
     torchrun(*args(out["fsdp"], data, max_steps=4, batch_size=2, batch_tokens=256, parallel="fsdp", eval_every=4,
-                   sample_prompt="The", eval_batches=0))
+                   sample_prompt="The", eval_batches=0), "--model.gradient-checkpointing")
     torchrun(*args(out["ddp"], data, max_steps=4, batch_size=4))
     shutil.copytree(out["fsdp"], out["to_one"])
     assert cli_main(["train", *args(out["to_one"], data, max_steps=8, batch_size=4, batch_tokens=256),
@@ -88,6 +91,8 @@ def runs(tmp_path_factory, tiny_shards) -> dict[str, Path]:
                                     eval_every=4, eval_batches=0)]) == 0
     torchrun(*args(out["to_two"], data, max_steps=8, batch_size=2, batch_tokens=256, parallel="fsdp", eval_every=4),
              "--no-fsdp-reshard", "--resume")
+    torchrun(*args(out["bf16"], data, max_steps=3, batch_size=4, parallel="fsdp", precision="bf16"))
+    assert cli_main(["train", *args(out["bf16_single"], data, max_steps=3, precision="bf16")]) == 0
     return out
 
 
@@ -104,6 +109,20 @@ def test_two_fsdp_processes_train_like_one_process_and_like_ddp(runs):
     assert evals["fsdp"]["sample"].startswith("The")
     config = json.loads((runs["fsdp"] / "config.json").read_text())
     assert config["parallel"] == "fsdp" and config["resolved"]["world_size"] == 2
+
+
+def test_fsdp_in_bf16_keeps_fp32_master_weights_and_trains_like_autocast(runs):
+    """bf16 under FSDP is its policy (bf16 weights gathered, bf16 gradients reduced in fp32 into fp32 shards), not
+    autocast: close to one process's autocast run, not equal (LayerNorms and residuals in bf16 here; 1e-2 is a few
+    bf16 roundings of a loss near 6), and the checkpoint holds the fp32 master weights."""
+    got, single = losses(runs["bf16"]), losses(runs["bf16_single"])
+    assert sorted(got) == [1, 2, 3]
+    for step, loss in got.items():
+        assert loss == pytest.approx(single[step], rel=1e-2)
+    ckpt = latest_checkpoint(runs["bf16"])
+    dtypes = {v.dtype for f in json.loads((ckpt / "model.json").read_text())["shards"]["model"]
+              for v in load_file(ckpt / f).values()}
+    assert dtypes == {torch.float32}
 
 
 def test_fsdp_checkpoints_are_sharded_and_load_as_one_model(runs):
