@@ -12,7 +12,9 @@ sharded model by optim.make_optimizer, like any other, and steps its share only.
 
 The loop in train.py stays the same: `accumulation` replaces DistributedDataParallel's no_sync, `global_norm`
 turns the clipped norm (a DTensor here) into a plain number, `gathered_copy` gives rank 0 a whole model for the
-samples and benchmarks it alone computes. Checkpoints are sharded too (checkpoint_sharded.py).
+samples and benchmarks it alone computes, `lockstep` keeps evaluations in step. fp16's GradScaler needs nothing
+more: DTensor reduces its overflow check over the shards (a max), so one overflowing shard skips the step on every
+process (tests/test_fsdp.py). Checkpoints are sharded too (checkpoint_sharded.py).
 """
 
 from __future__ import annotations
@@ -54,11 +56,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
-
-
-def autocast_precision(precision: str, sharded: bool) -> str:
-    """The precision train_step autocasts to: none under FSDP, whose policy already computes in bf16/fp16."""
-    return "fp32" if sharded else precision
 
 
 def accumulation(model: torch.nn.Module, reshard: bool) -> Callable[[bool], contextlib.AbstractContextManager]:

@@ -45,7 +45,7 @@ from minigpt.config import opt
 from minigpt.log import MetricsLogger, plot_loss_curves
 from minigpt.model import GPT, ModelConfig
 from minigpt.optim import learning_rate, make_optimizer
-from minigpt.parallel import accumulation, autocast_precision, gathered_copy, global_norm, shard_model
+from minigpt.parallel import accumulation, gathered_copy, global_norm, shard_model
 from minigpt.runtime import (
     Runtime,
     autocast_context,
@@ -487,9 +487,9 @@ class Trainer:
                 micro = [data.batch(data.step + i) for i in range(self.accum)]
                 data.step += self.accum
                 result = train_step(self.model, micro, self.optimizer, self.scaler,
-                                    precision=autocast_precision(self.precision, self.sharded), device=rt.device,
+                                    precision="fp32" if self.sharded else self.precision, device=rt.device,
                                     grad_clip=cfg.grad_clip, chunk_rows=self.chunk_rows, world=rt.world,
-                                    accumulate=self.accumulate)
+                                    accumulate=self.accumulate)  # (FSDP: its policy, not autocast)
                 p.tokens_seen += result.tokens
                 p.window_tokens += result.tokens
                 if not result.applied:  # the data moved on; the step count, the schedule and the loss did not

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -123,6 +124,49 @@ def test_fsdp_in_bf16_keeps_fp32_master_weights_and_trains_like_autocast(runs):
     dtypes = {v.dtype for f in json.loads((ckpt / "model.json").read_text())["shards"]["model"]
               for v in load_file(ckpt / f).values()}
     assert dtypes == {torch.float32}
+
+
+FP16_CHILD = """
+import torch, torch.distributed as dist
+from minigpt.model import GPT, ModelConfig
+from minigpt.optim import make_optimizer
+from minigpt.parallel import accumulation, shard_model
+from minigpt.train import TrainConfig, train_step
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = shard_model(GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64)).train(), "fp16")
+optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+scaler = torch.amp.GradScaler("cpu")  # what Trainer makes for fp16
+before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+unscale = scaler.unscale_
+def overflow_on_rank_1(opt):  # an infinite gradient in rank 1's shard of one weight, nowhere else
+    if rank == 1:
+        model.h[0].mlp.c_fc.weight.grad.to_local()[0, 0] = float("inf")
+    unscale(opt)
+scaler.unscale_ = overflow_on_rank_1
+x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(rank))
+result = train_step(model, [(x, x)], optimizer, scaler, precision="fp32", device=torch.device("cpu"), grad_clip=1.0,
+                    world=2, accumulate=accumulation(model, True))
+changed = any(not torch.equal(before[n], p.to_local()) for n, p in model.named_parameters())
+import sys
+sys.stdout.write(f"rank {rank}: applied {result.applied}, stepped {changed}, scale {scaler.get_scale()};\\n")
+sys.stdout.flush()  # one write per process: the two share a pipe
+dist.destroy_process_group()
+"""
+
+
+def test_an_fp16_overflow_in_one_shard_skips_the_step_on_every_process(tmp_path):
+    """fp16 under FSDP: each process sees its shard of the gradients only. An overflow in rank 1's shard must skip
+    the step on rank 0 too (GradScaler's check over DTensor gradients reduces the flag over the shards), or the two
+    would update different parts of the model."""
+    script = tmp_path / "child.py"
+    script.write_text(FP16_CHILD)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=child_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = sorted(re.findall(r"rank \d: [^;]*;", result.stdout))
+    assert reports == [f"rank {r}: applied False, stepped False, scale 32768.0;" for r in (0, 1)], result.stdout
 
 
 def test_fsdp_checkpoints_are_sharded_and_load_as_one_model(runs):
