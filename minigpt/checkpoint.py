@@ -14,6 +14,11 @@ A run folder:
           trainer.pt           optimizer, gradient scaler, RNG states, data position (tensors and plain values;
                                loaded with weights_only=True, so it cannot run code either)
           SHA256SUMS           the sha256 of each file above (`sha256sum -c SHA256SUMS` checks them by hand)
+        step_00001000/       one checkpoint of an FSDP run (--parallel fsdp, checkpoint_sharded.py):
+          model/shard-*.safetensors       each process's share of the weights, written by that process
+          optimizer/shard-*.safetensors   each process's share of the AdamW moments (safetensors headers say where
+                                          each share lies: torch.distributed.checkpoint's Hugging Face layout)
+          model.json, trainer.pt, SHA256SUMS  as above; model.json lists the shards, SHA256SUMS covers them all
         LATEST                 the name of the newest complete checkpoint
         BEST                   the name of the checkpoint with the lowest validation loss
 
@@ -26,6 +31,8 @@ still load), and the structure always (a safetensors header that describes the f
 readable trainer.pt). A run folder resolves to its newest intact checkpoint: when LATEST (or BEST) names a damaged
 one, `resolve_checkpoint` says so in one line and falls back to the next, so `train --resume`, `eval`, `chat`,
 `serve` and `export` all get the same fallback. A checkpoint folder named explicitly is used as it is or refused.
+A sharded checkpoint loads into one process as a whole model (`load_model` assembles its shards), so every stage
+reads it as it reads any other; resuming reads each process's share at whatever number of processes.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from minigpt.common import UserError, atomic_path, disk_full, print0, read_json,
 from minigpt.model import GPT, ModelConfig
 
 FORMAT_VERSION = 1
+SHARDED_VERSION = 2  # model.json of a sharded checkpoint: earlier versions of minigpt cannot read it, and say so
 CHECKSUMS = "SHA256SUMS"
 # What `train` writes at the top of a run folder; a new run replaces them only if an earlier minigpt run wrote them.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "tokenizer.json", "tokenizer.vocab")
@@ -88,15 +96,8 @@ def save_checkpoint(run: str | os.PathLike, model: torch.nn.Module, step: int, m
 def _write_checkpoint(run: str | os.PathLike, weights: dict[str, torch.Tensor], config: ModelConfig, step: int,
                       meta: dict[str, Any], trainer_state: dict[str, Any] | None, keep_last: int,
                       is_best: bool) -> Path:
-    root = checkpoints_dir(run)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    final = root / name
-    tmp = root / f".{name}.tmp"
-    for stale in root.glob(".step_*.tmp"):  # one save at a time: any other is what a killed process left
-        shutil.rmtree(stale, ignore_errors=True)
+    root, name, tmp = new_checkpoint_folder(run, step)
     try:
-        tmp.mkdir()
         save_file(weights, tmp / "model.safetensors", metadata={"format": "minigpt", "version": str(FORMAT_VERSION)})
         write_json(tmp / "model.json", {"format": "minigpt-checkpoint", "version": FORMAT_VERSION, "step": step,
                                         "model": model_config_dict(config), **meta})
@@ -104,17 +105,41 @@ def _write_checkpoint(run: str | os.PathLike, weights: dict[str, torch.Tensor], 
             with open(tmp / "trainer.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
                 torch.save(trainer_state, f)
         _write_checksums(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+        _fsync_tree(tmp)
     except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(exc):
-            previous = _read_pointer(root / "LATEST")
-            kept = f"the previous checkpoint {root / previous} is intact" if previous else "no checkpoint was kept"
-            raise UserError(f"disk full while writing checkpoint {name} in {root}: {kept}; free some space, then "
-                            "continue with --resume") from None
-        raise
+        error = failed_write(root, name, tmp, exc)
+        if error is exc:
+            raise
+        raise error from None
+    return publish_checkpoint(root, name, tmp, keep_last, is_best)
+
+
+def new_checkpoint_folder(run: str | os.PathLike, step: int) -> tuple[Path, str, Path]:
+    """(checkpoints folder, name, temporary folder) for checkpoint `step`; the temporary folder is empty and new."""
+    root = checkpoints_dir(run)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    tmp = root / f".{name}.tmp"
+    for stale in root.glob(".step_*.tmp"):  # one save at a time: any other is what a killed process left
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    return root, name, tmp
+
+
+def failed_write(root: Path, name: str, tmp: Path, exc: BaseException) -> BaseException:
+    """Remove a partial checkpoint folder; the error to raise: one line for a full disk, else `exc` itself."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if disk_full(exc):
+        previous = _read_pointer(root / "LATEST")
+        kept = f"the previous checkpoint {root / previous} is intact" if previous else "no checkpoint was kept"
+        return UserError(f"disk full while writing checkpoint {name} in {root}: {kept}; free some space, then "
+                         "continue with --resume")
+    return exc
+
+
+def publish_checkpoint(root: Path, name: str, tmp: Path, keep_last: int, is_best: bool) -> Path:
+    """Rename a complete temporary folder into place, point LATEST (and BEST) at it, prune old checkpoints."""
+    final = root / name
     if final.exists():  # re-saving a step (e.g. after a resume): replace it as a whole
         old = root / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -183,6 +208,16 @@ def _host_copy(value: Any) -> Any:
     return value
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Every file under `folder` and its subfolders on disk (before the rename that publishes them)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            _fsync_dir(path)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -206,8 +241,9 @@ def file_sha256(path: Path) -> str:
 
 
 def _write_checksums(folder: Path) -> None:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS)
-    (folder / CHECKSUMS).write_text("".join(f"{file_sha256(p)}  {p.name}\n" for p in files))
+    """SHA256SUMS of every file in `folder` and its subfolders (paths relative to it, as sha256sum -c reads them)."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    (folder / CHECKSUMS).write_text("".join(f"{file_sha256(folder / p)}  {p}\n" for p in files))
 
 
 def _read_checksums(ckpt: Path) -> dict[str, str] | None:
@@ -234,7 +270,10 @@ def verify_checkpoint(ckpt: Path, need_trainer: bool = False) -> None:
     The structure is checked always (cheap: headers only); checksums too where SHA256SUMS exists.
     `need_trainer`: trainer.pt too (resuming needs it, loading the model does not).
     """
-    needed = ["model.json", "model.safetensors"] + (["trainer.pt"] if need_trainer else [])
+    if is_sharded(ckpt):
+        needed = _sharded_files(ckpt, need_trainer)
+    else:
+        needed = ["model.json", "model.safetensors"] + (["trainer.pt"] if need_trainer else [])
     for name in needed:
         if not (ckpt / name).is_file():
             if name == "trainer.pt":
@@ -242,7 +281,9 @@ def verify_checkpoint(ckpt: Path, need_trainer: bool = False) -> None:
                                         "from it with --init-from)")
             raise CorruptCheckpoint(f"{ckpt} is incomplete: {name} is missing")
     # Structure first: it names the damage more precisely than a checksum can ("cut short").
-    _check_safetensors(ckpt / "model.safetensors")
+    for name in needed:
+        if name.endswith(".safetensors"):
+            _check_safetensors(ckpt / name)
     try:
         read_checkpoint_meta(ckpt)
     except UserError as exc:
@@ -261,6 +302,41 @@ def verify_checkpoint(ckpt: Path, need_trainer: bool = False) -> None:
             if file_sha256(ckpt / name) != sums[name]:
                 raise CorruptCheckpoint(f"{ckpt / name} is corrupt: its sha256 differs from the one in {CHECKSUMS} "
                                         "(the file changed after it was written)")
+
+
+SHARD_PARTS = ("model", "optimizer")  # the subfolders of a sharded checkpoint
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """A checkpoint written by an FSDP run: its weights are shards in model/, not one model.safetensors."""
+    return (ckpt / "model").is_dir()
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether a step_* folder holds a checkpoint's weights, whole or sharded (not verified)."""
+    return (folder / "model.safetensors").exists() or is_sharded(folder)
+
+
+def _sharded_files(ckpt: Path, need_trainer: bool) -> list[str]:
+    """The files of a sharded checkpoint a load needs: those model.json lists. Its reader takes every .safetensors
+    file in a part's folder, so a folder holding one model.json does not list is damaged too."""
+    if not (ckpt / "model.json").is_file():
+        raise CorruptCheckpoint(f"{ckpt} is incomplete: model.json is missing")
+    needed = ["model.json"]
+    for part in SHARD_PARTS[: 2 if need_trainer else 1]:
+        try:
+            listed = read_checkpoint_meta(ckpt)["shards"][part]
+        except UserError as exc:
+            raise CorruptCheckpoint(str(exc)) from None
+        except (KeyError, TypeError):
+            listed = None
+        if not listed or not all(isinstance(n, str) and n.startswith(f"{part}/") and ".." not in n for n in listed):
+            raise CorruptCheckpoint(f"{ckpt / 'model.json'} is damaged: it does not list the {part} shards")
+        extra = sorted({p.relative_to(ckpt).as_posix() for p in (ckpt / part).glob("*.safetensors")} - set(listed))
+        if extra:
+            raise CorruptCheckpoint(f"{ckpt / extra[0]} is not one of the shards model.json lists")
+        needed += listed
+    return needed + (["trainer.pt"] if need_trainer else [])
 
 
 def _check_safetensors(path: Path) -> None:
@@ -318,9 +394,9 @@ def latest_checkpoint(run: str | os.PathLike) -> Path | None:
     """
     root = checkpoints_dir(run)
     name = _read_pointer(root / "LATEST")
-    if name and (root / name / "model.safetensors").exists():
+    if name and is_checkpoint(root / name):
         return root / name
-    steps = sorted(p for p in root.glob("step_*") if (p / "model.safetensors").exists()) if root.is_dir() else []
+    steps = sorted(p for p in root.glob("step_*") if is_checkpoint(p)) if root.is_dir() else []
     return steps[-1] if steps else None
 
 
@@ -357,14 +433,14 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "latest", need_trai
     `need_trainer` also requires an intact trainer.pt (resuming).
     """
     path = Path(path)
-    if (path / "model.safetensors").exists() or (path / "model.json").exists():
+    if is_checkpoint(path) or (path / "model.json").exists():
         return _verified(path, need_trainer)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a run folder or a checkpoint folder")
     root = checkpoints_dir(path)
     if which not in ("latest", "best"):
         named = root / which
-        if (named / "model.safetensors").exists() or (named / "model.json").exists():
+        if is_checkpoint(named) or (named / "model.json").exists():
             return _verified(named, need_trainer)
         raise UserError(f"{path} has no checkpoint {which!r}")
     pointed = _read_pointer(root / which.upper())
@@ -400,7 +476,7 @@ def _verified(ckpt: Path, need_trainer: bool) -> Path:
 def read_checkpoint_meta(ckpt: Path) -> dict[str, Any]:
     meta = read_json(ckpt / "model.json")
     if not isinstance(meta, dict) or meta.get("format") != "minigpt-checkpoint" \
-            or not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > FORMAT_VERSION:
+            or not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > SHARDED_VERSION:
         raise UserError(f"{ckpt} is not a minigpt checkpoint this version can read")
     return meta
 
@@ -415,10 +491,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", whic
     config = from_dict(ModelConfig, meta["model"])
     with torch.device("meta"):
         model = GPT(config)
-    try:
-        weights = load_file(ckpt / "model.safetensors", device=str(device))
-    except SafetensorError as exc:
-        raise CorruptCheckpoint(f"{ckpt / 'model.safetensors'} is unreadable ({exc})") from None
+    if is_sharded(ckpt):  # the whole weights, assembled in this process from every process's shard
+        weights = {k: torch.empty(v.shape, device=device) for k, v in model.state_dict().items() if "lm_head" not in k}
+        read_shards(ckpt / "model", weights)
+    else:
+        try:
+            weights = load_file(ckpt / "model.safetensors", device=str(device))
+        except SafetensorError as exc:
+            raise CorruptCheckpoint(f"{ckpt / 'model.safetensors'} is unreadable ({exc})") from None
     # Without checksums (checkpoints from before them) garbage in the tensor data shows only as non-finite values.
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
@@ -439,6 +519,27 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", whic
     return model.eval(), meta
 
 
+def read_shards(folder: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill `targets` (whole tensors, or this process's shards of them) from the shards in `folder`.
+
+    torch.distributed.checkpoint's Hugging Face reader learns from the safetensors headers alone (JSON: no pickle,
+    so no code runs) where each shard's rows belong, and copies into each target the rows it covers.
+    """
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+    except Exception as exc:  # noqa: BLE001 - DCP wraps every reading error (names, shapes, files) in its own
+        lines = str(exc).strip().splitlines()
+        raise CorruptCheckpoint(f"{folder}: its shards do not fit this model "
+                                f"({lines[-1].strip() if lines else type(exc).__name__})") from None
+
+
 def load_trainer_state(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Optimizer, scaler, RNG and data state, loaded with weights_only=True: tensors and plain values, never code."""
     path = ckpt / "trainer.pt"
@@ -453,6 +554,14 @@ def load_trainer_state(ckpt: Path, device: str | torch.device = "cpu") -> dict[s
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CorruptCheckpoint(f"{path} is corrupt ({first})") from None
+
+
+def check_tokenizer(meta: dict[str, Any], tokenizer: Any) -> None:
+    """A checkpoint continued on data of another tokenizer is refused (its token ids would mean other words)."""
+    expected = meta.get("tokenizer_hash")
+    if expected and expected != tokenizer.hash:
+        raise UserError(f"the checkpoint was trained with tokenizer {expected}, but the data uses {tokenizer.hash}: "
+                        "prepare the data with the checkpoint's tokenizer")
 
 
 def run_tokenizer_path(run: str | os.PathLike) -> Path:

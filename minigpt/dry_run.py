@@ -1,6 +1,7 @@
 """`minigpt train --dry-run` and `minigpt sft --dry-run`: what a run would do, before it does any of it.
 
-    minigpt train --config gpt2-124m --dry-run          # on any machine, a GPU or not
+    minigpt train --config gpt2-124m --dry-run          # on any machine: the recipe's card where there is no GPU
+    minigpt train --config gpt2-124m --dry-run --gpu H100-SXM     # another card
     minigpt sft --config gpt2-124m-sft --base runs/gpt2-124m --dry-run
 
 Prints the resolved settings, the data the run would read (tokens, documents or conversations), tokens per step,
@@ -8,7 +9,10 @@ steps, total tokens, how many epochs of its data that is, checkpoint size, count
 estimate of the time on the device it sees; warns in plain words when the run would repeat its data more than a
 few times or would not fit. Trains nothing and writes nothing (sft prepares its conversations if they are not
 prepared yet, as the run would). The numbers come from estimate.py's `estimate_run`, so `minigpt plan` and the dry run
-never disagree; on a CPU the time comes from one timed forward and backward pass instead.
+never disagree. On a GPU they are that card's; on a machine without one, the card the settings name (`--gpu`, or the
+recipe's own), as the run would go there: its precision, its loss path, its memory and time; only a run asked for
+on the CPU (`--device cpu`, or no card named) gets the CPU's figures, its time from one timed forward and backward
+pass. Under torchrun with `--parallel fsdp` the memory is per GPU with the state sharded over the processes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class RunShape:
     checkpoint_every: int
     checkpoint_minutes: float
     chunk_rows: int
+    gpu: object = None  # estimate.GPUSpec: the card planned for when this machine has none
+    parallel: str = "ddp"
 
 
 def _size(n: float) -> str:
@@ -80,8 +86,8 @@ def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tup
     """The lines shared by both stages, and the warnings: length, epochs, checkpoints, memory, time."""
     from minigpt import estimate
 
-    gpu = None
-    if shape.device.type == "cuda":
+    gpu = shape.gpu
+    if shape.device.type == "cuda" and gpu is None:  # a card here: its own figures
         gpu = estimate.gpu_for_device(torch.cuda.get_device_name(shape.device))
         if gpu is not None:  # the card's real memory (an 80 GB A100 and a 40 GB one share a name pattern)
             gpu = dataclasses.replace(gpu, memory_bytes=torch.cuda.get_device_properties(shape.device).total_memory)
@@ -89,7 +95,7 @@ def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tup
                             grad_accum=shape.grad_accum, world=shape.world, steps=shape.steps,
                             precision=shape.precision, gpu=gpu, mfu=None,
                             checkpointing=shape.model.gradient_checkpointing, keep_checkpoints=shape.keep_last,
-                            loss_chunk_rows=shape.chunk_rows)
+                            loss_chunk_rows=shape.chunk_rows, parallel=shape.parallel)
     lines, warnings = [], []
     lines.append(f"batch:       {shape.micro_batch} x {shape.seq_len} tokens x {shape.grad_accum} micro-batch"
                  f"{'es' if shape.grad_accum > 1 else ''} x {shape.world} process{'es' if shape.world > 1 else ''}"
@@ -111,12 +117,13 @@ def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tup
                  f"best + the one being written: {_bytes(est.checkpoint_disk_bytes)} on disk at most, about "
                  f"{_bytes(saves * est.checkpoint_bytes)} written")
     mem = est.memory
-    where = f"per GPU, of {est.usable_bytes / 2**30:.1f} GiB usable on this card" if est.usable_bytes else "per process"
+    card = "this card" if shape.gpu is None else f"the {shape.gpu.name}"
+    where = f"per GPU, of {est.usable_bytes / 2**30:.1f} GiB usable on {card}" if est.usable_bytes else "per process"
     lines.append(f"memory:      {mem.total / 2**30:.1f} GiB at the peak {where} (estimate: weights "
                  f"{mem.weights / 2**30:.2f}, AdamW {mem.optimizer / 2**30:.2f}, activations "
                  f"{mem.activations / 2**30:.2f}, temporaries {mem.temporaries / 2**30:.2f} GiB)")
     if est.fits is False:
-        warnings.append(f"{mem.total / 2**30:.1f} GiB will not fit in this card's {est.usable_bytes / 2**30:.1f} "
+        warnings.append(f"{mem.total / 2**30:.1f} GiB will not fit in {card}'s {est.usable_bytes / 2**30:.1f} "
                         "GiB: lower --batch-size (--batch-tokens keeps the step the same) or turn on "
                         "--model.gradient-checkpointing")
     if est.tokens_per_s is not None:
@@ -133,15 +140,32 @@ def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tup
     return lines, warnings
 
 
+def target(cfg) -> tuple[torch.device, str, object]:
+    """(device, precision, card) a run of settings `cfg` is planned for: this machine's device, or where it has
+    no GPU and the settings name one (`--gpu`, a recipe's `gpu`), that card, as a GPU run would resolve them."""
+    from minigpt.common import pick_device
+    from minigpt.estimate import find_gpu
+    from minigpt.runtime import resolve_precision
+
+    device = pick_device(cfg.device)
+    if device.type != "cpu" or cfg.device != "auto" or not cfg.gpu:
+        return device, resolve_precision(cfg.precision, device), None
+    gpu = find_gpu(cfg.gpu)
+    return torch.device("cuda"), gpu.precision if cfg.precision == "auto" else cfg.precision, gpu
+
+
+def target_line(gpu) -> list[str]:
+    return [f"planned for: {gpu.name}, the card the settings name (no GPU here; --gpu NAME for another, "
+            "--device cpu for this machine)"] if gpu is not None else []
+
+
 def train_dry_run(cfg, builds_default_data: bool = False) -> str:
     """The plan of `minigpt train` with settings `cfg` (a TrainConfig), as text; `builds_default_data`: train
     would build cfg.data from the bundled corpus on first use."""
-    from minigpt.common import pick_device
-    from minigpt.runtime import loss_chunk_rows, resolve_precision
+    from minigpt.runtime import loss_chunk_rows
     from minigpt.shards import read_meta
 
-    device = pick_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    device, precision, gpu = target(cfg)
     world = world_size()
     data = Path(cfg.data)
     lines = [f"dry run of minigpt train: nothing is trained or written ({cfg.run_dir})"]
@@ -174,22 +198,20 @@ def train_dry_run(cfg, builds_default_data: bool = False) -> str:
                     f"{cfg.grad_clip:g}")
     shape = RunShape(model, seq_len, cfg.batch_size, accum, world, cfg.max_steps, precision, device, cfg.keep_last,
                      cfg.checkpoint_every, cfg.checkpoint_minutes,
-                     loss_chunk_rows(cfg.chunked_loss, device, model.padded_vocab_size))
+                     loss_chunk_rows(cfg.chunked_loss, device, model.padded_vocab_size), gpu, cfg.parallel)
     more, warnings = run_lines(shape, train_tokens, "training tokens")
-    return "\n".join(lines + more + [f"warning: {w}" for w in warnings]) + "\n"
+    return "\n".join(lines[:1] + target_line(gpu) + lines[1:] + more + [f"warning: {w}" for w in warnings]) + "\n"
 
 
 def sft_dry_run(cfg, facts: dict) -> str:
     """The plan of `minigpt sft` with settings `cfg` (an SFTConfig) on its data, `facts` (sft.dataset_facts), as
     text."""
     from minigpt.checkpoint import read_checkpoint_meta, resolve_checkpoint, run_tokenizer_path
-    from minigpt.common import pick_device
     from minigpt.config import from_dict
-    from minigpt.runtime import loss_chunk_rows, resolve_precision
+    from minigpt.runtime import loss_chunk_rows
     from minigpt.tokenizer import Tokenizer
 
-    device = pick_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    device, precision, gpu = target(cfg)
     world = world_size()
     ckpt = resolve_checkpoint(cfg.base)
     tokenizer = Tokenizer.load(run_tokenizer_path(ckpt)).with_chat_tokens()  # GPT-2's gains four chat tokens
@@ -215,9 +237,9 @@ def sft_dry_run(cfg, facts: dict) -> str:
     epoch_tokens = train["rows"] * window
     shape = RunShape(model, window, cfg.batch_size, accum, world, steps, precision, device, cfg.keep_last,
                      cfg.checkpoint_every, cfg.checkpoint_minutes,
-                     loss_chunk_rows(cfg.chunked_loss, device, model.padded_vocab_size))
+                     loss_chunk_rows(cfg.chunked_loss, device, model.padded_vocab_size), gpu, cfg.parallel)
     more, warnings = run_lines(shape, epoch_tokens, "positions of one epoch")
-    return "\n".join(lines + more + [f"warning: {w}" for w in warnings]) + "\n"
+    return "\n".join(lines[:1] + target_line(gpu) + lines[1:] + more + [f"warning: {w}" for w in warnings]) + "\n"
 
 
 def world_size() -> int:

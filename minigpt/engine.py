@@ -186,14 +186,15 @@ class Engine:
             return events
         start = len(self.live)
         rows = slice(start, start + len(admitted))
-        lengths = torch.tensor([len(s.prompt) for s in admitted], device=self.device)
+        lengths = torch.tensor([len(s.prompt) for s in admitted])  # (B,) on the host: no device sync to read
         width = int(lengths.max())
         idx = torch.zeros(len(admitted), width, dtype=torch.long, device=self.device)  # (B, T), right-padded
         for i, seq in enumerate(admitted):
             idx[i, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
         self.cache.reset(rows)
         hidden = self.model.hidden_states(idx, self.cache, rows, lengths)  # (B, T, C)
-        last = hidden[torch.arange(len(admitted), device=self.device), lengths - 1]  # (B, C): each prompt's end
+        ends = lengths.to(self.device) - 1
+        last = hidden[torch.arange(len(admitted), device=self.device), ends]  # (B, C): each prompt's end
         self.live.extend(admitted)
         events = self._sample_and_advance(self._logits(last), admitted)
         self._release_finished()

@@ -139,7 +139,7 @@ class MemoryEstimate:
 
 
 def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
-                    grad_accum: int = 1, loss_chunk_rows: int = 0) -> MemoryEstimate:
+                    grad_accum: int = 1, loss_chunk_rows: int = 0, shards: int = 0) -> MemoryEstimate:
     """Peak memory of one training step of train.py: fp32 weights, AdamW, fused attention, dropout off.
 
     `precision` is fp32, bf16 or fp16 (autocast). `loss_chunk_rows` > 0 is the chunked head and loss (train.py's
@@ -147,6 +147,7 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
     peak is the largest of the step's high points: the end of the forward pass; the backward pass at the loss;
     the backward pass through the blocks, last to first, as the blocks' activations are freed and their gradients
     made (so at one end); the end of the backward pass, where the tied embedding's two gradients are summed.
+    `shards` > 0: FSDP over that many GPUs (`sharded_memory`).
     """
     C, L, H, V, Vp = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.padded_vocab_size
     tok = micro_batch * seq_len
@@ -188,13 +189,38 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
         before, last_block, first_block, tied = 4 * P, 4 * P, 4 * P, 4 * P
     else:  # the head's and embedding's gradients come first; the blocks' one by one; the lookup's last
         before, last_block, first_block, tied = 0, 4 * P - L * g, 4 * P - g, 4 * P - wte
-    return max([at("end of the forward pass", copies, before, L * kept + head, head_forward),
-                at("backward pass at the loss", copies_kept, before, L * kept + head, head_backward),
-                at("backward pass, last block", copies_kept, last_block, (L - 1) * kept + block,
-                   block_backward),
-                at("backward pass, first block", copies_kept, first_block, block, block_backward),
-                at("end of the backward pass (tied embedding)", 0, tied, 0, embedding_sum)],
-               key=lambda m: m.total)
+    phases = [at("end of the forward pass", copies, before, L * kept + head, head_forward),
+              at("backward pass at the loss", copies_kept, before, L * kept + head, head_backward),
+              at("backward pass, last block", copies_kept, last_block, (L - 1) * kept + block, block_backward),
+              at("backward pass, first block", copies_kept, first_block, block, block_backward),
+              at("end of the backward pass (tied embedding)", 0, tied, 0, embedding_sum)]
+    if shards:
+        phases = [sharded_memory(m, cfg, shards, precision) for m in phases]
+    return max(phases, key=lambda m: m.total)
+
+
+def sharded_memory(m: MemoryEstimate, cfg: ModelConfig, shards: int, precision: str) -> MemoryEstimate:
+    """One moment `m` of a step of train.py, under FSDP over `shards` GPUs (parallel.py, default resharding).
+
+    Each GPU keeps 1/N of the fp32 weights, of AdamW's moments and of the gradients that exist at that moment.
+    Gathered for computing, in the policy's dtype (bf16/fp16, fp32 with --precision fp32): the root's weights
+    (embeddings, ln_f) through the whole step, and the block computing with the next one (prefetched) - autocast's
+    weight copies are gone, FSDP's policy computes in that dtype. A block's backward pass adds its gradients,
+    unsharded, and their fp32 copy for the reduce-scatter; the end of the backward pass the root's (the tied
+    embedding's two). Activations and the other temporaries are autocast's: an upper bound, the policy keeping
+    the LayerNorms' inputs in 16 bits where autocast keeps them in 32.
+    """
+    p = 4 if precision == "fp32" else 2
+    unit, params = block_params(cfg), stored_params(cfg)
+    root = params - cfg.n_layer * unit
+    temporaries, gathered = m.temporaries, p * (root + 2 * unit)
+    if m.phase.startswith("backward pass,"):
+        temporaries += (p + 4) * unit
+    elif m.phase.startswith("end of the backward"):
+        temporaries, gathered = (2 * p + 4) * root, p * root
+    return MemoryEstimate(weights=-(-4 * params // shards), gradients=-(-m.gradients // shards),
+                          optimizer=-(-8 * params // shards), weight_copies=gathered, batch=m.batch,
+                          activations=m.activations, temporaries=temporaries, phase=m.phase)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,22 +310,25 @@ class RunEstimate:
     checkpoint_bytes: int  # one checkpoint: model.safetensors + trainer.pt
     checkpoint_disk_bytes: int  # the most on disk at once: the newest kept, the best, the one being written
     expected_loss: float
+    parallel: str = "ddp"  # ddp: every GPU holds the whole training state; fsdp: 1/world of it (parallel.py)
 
 
 def estimate_run(model: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: int, world: int, steps: int,
                  precision: str, gpu: GPUSpec | None, mfu: float | None, checkpointing: bool,
-                 keep_checkpoints: int, loss_chunk_rows: int = 0) -> RunEstimate:
+                 keep_checkpoints: int, loss_chunk_rows: int = 0, parallel: str = "ddp") -> RunEstimate:
     """Everything that follows from a run's settings: size, FLOPs, memory per GPU, speed, time, disk, loss.
 
     Without a GPU (gpu=None) there is no fit, speed or time; mfu=None takes the card's default (default_mfu).
     Tokens/s = MFU x peak x GPUs / (FLOPs per token + recomputation): checkpointing costs time at the same
-    utilisation. Checkpoints hold 12 bytes per stored parameter: fp32 weights and AdamW's two moments.
+    utilisation (FSDP's gathers are assumed hidden behind compute, as they are within a node). Checkpoints hold
+    12 bytes per stored parameter: fp32 weights and AdamW's two moments (under FSDP 1/world of them per GPU).
     """
     if seq_len > model.block_size:
         raise UserError(f"seq_len {seq_len} exceeds the model's context window {model.block_size}")
     fpt, extra = flops_per_token(model, seq_len), recompute_flops_per_token(model, seq_len) if checkpointing else 0
     memory = training_memory(model, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
-                             checkpointing=checkpointing, grad_accum=grad_accum, loss_chunk_rows=loss_chunk_rows)
+                             checkpointing=checkpointing, grad_accum=grad_accum, loss_chunk_rows=loss_chunk_rows,
+                             shards=world if parallel == "fsdp" and world > 1 else 0)
     tokens_per_step = micro_batch * seq_len * grad_accum * world
     usable = fits = tokens_per_s = hours = None
     source = "given" if mfu is not None else "no GPU"
@@ -313,11 +342,12 @@ def estimate_run(model: ModelConfig, *, seq_len: int, micro_batch: int, grad_acc
     return RunEstimate(num_params(model), fpt, extra, seq_len, micro_batch, grad_accum, world, tokens_per_step,
                        steps, steps * tokens_per_step, precision, checkpointing, memory, usable, fits, tokens_per_s,
                        hours, mfu, source, checkpoint, (keep_checkpoints + 2) * checkpoint,
-                       expected_loss(num_params(model), steps * tokens_per_step))
+                       expected_loss(num_params(model), steps * tokens_per_step), parallel)
 
 
 def largest_micro_batch(model: ModelConfig, *, seq_len: int, tokens_per_step: int, world: int, precision: str,
-                        gpu: GPUSpec, checkpointing: bool, loss_chunk_rows: int = 0) -> int | None:
+                        gpu: GPUSpec, checkpointing: bool, loss_chunk_rows: int = 0, parallel: str = "ddp"
+                        ) -> int | None:
     """The largest micro-batch (sequences per GPU) that divides a step evenly and fits the card, or None."""
     per_gpu, rest = divmod(tokens_per_step, seq_len * world)
     if rest or not per_gpu:
@@ -325,7 +355,7 @@ def largest_micro_batch(model: ModelConfig, *, seq_len: int, tokens_per_step: in
     for micro in (b for b in range(per_gpu, 0, -1) if per_gpu % b == 0):
         memory = training_memory(model, micro_batch=micro, seq_len=seq_len, precision=precision,
                                  checkpointing=checkpointing, grad_accum=per_gpu // micro,
-                                 loss_chunk_rows=loss_chunk_rows)
+                                 loss_chunk_rows=loss_chunk_rows, shards=world if parallel == "fsdp" else 0)
         if memory.total <= gpu.usable_bytes:
             return micro
     return None

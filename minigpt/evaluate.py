@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import math
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from minigpt import tasks as tasklib
 from minigpt.checkpoint import unwrap
 from minigpt.common import UserError, pick_device, progress, read_json, write_json
 from minigpt.config import opt
+from minigpt.parallel import lockstep
 from minigpt.scoring import encode_pair, score_pairs
 
 REPORT_FORMAT, REPORT_VERSION = "minigpt-eval", 1
@@ -56,9 +58,9 @@ def language_model_metrics(model: torch.nn.Module, loader, max_batches: int = 0)
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
     tokens = torch.zeros((), dtype=torch.float64, device=loader.device)
-    for i, (x, y) in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
+    empty = lambda: (torch.zeros(1, 1, dtype=torch.long, device=loader.device),  # noqa: E731 (see lockstep)
+                     torch.full((1, 1), -100, device=loader.device))
+    for x, y in lockstep(itertools.islice(loader, max_batches or None), model, empty):
         _, loss = model(x, y, reduction="sum")
         loss_sum += loss.double()
         tokens += (y != -100).sum()
@@ -415,7 +417,7 @@ class EvalConfig:
 
 
 def _run_and_checkpoints(cfg: EvalConfig) -> tuple[Path, list[Path]]:
-    from minigpt.checkpoint import checkpoints_dir, resolve_checkpoint
+    from minigpt.checkpoint import checkpoints_dir, is_checkpoint, resolve_checkpoint
 
     if not cfg.run:
         raise UserError("give a run folder or checkpoint folder to evaluate")
@@ -423,7 +425,7 @@ def _run_and_checkpoints(cfg: EvalConfig) -> tuple[Path, list[Path]]:
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     if not cfg.all_checkpoints:
         return run, [ckpt]
-    found = sorted(p for p in checkpoints_dir(run).glob("step_*") if (p / "model.safetensors").exists())
+    found = sorted(p for p in checkpoints_dir(run).glob("step_*") if is_checkpoint(p))
     if not found:
         raise UserError(f"{run} has no kept checkpoints")
     return run, found

@@ -15,6 +15,7 @@ inference are applied from outside (cpu_inference.py), inspection through hooks 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -107,6 +108,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # tokens held per row
+        # the same on the host: a decoding step sizes its work from them without waiting for the GPU (change the
+        # lengths through the methods below and forward passes only, which keep both)
+        self.host_lengths = [0] * rows
         self.max_len = max_len
 
     @property
@@ -116,13 +120,20 @@ class KVCache:
     def reset(self, rows: slice = ALL) -> None:
         """Forget the tokens of some rows (all by default); their storage is reused."""
         self.lengths[rows] = 0
+        self.host_lengths[rows] = [0] * len(range(self.rows)[rows])
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src` (keys, values, length) into row `dst`: keeps live rows packed at the front."""
-        n = int(self.lengths[src])
+        n = self.host_lengths[src]
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
+        self.host_lengths[dst] = n
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Every row's length at once, (rows,) (keys and values copied in from elsewhere)."""
+        self.lengths.copy_(lengths)
+        self.host_lengths = [int(n) for n in lengths.tolist()]
 
 
 class CacheStep:
@@ -130,18 +141,25 @@ class CacheStep:
 
     Built once per forward pass and shared by every layer, so the index and mask arithmetic is not repeated.
     `lengths` (B,) marks how many of the T new tokens of each row are real when rows are right-padded; padding
-    is neither stored nor attended to.
+    is neither stored nor attended to. Sizes come from the cache's host copy of its lengths (and from `lengths`,
+    best given on the host): a decoding step never waits for the GPU to learn how long its rows are.
     """
 
     def __init__(self, cache: KVCache, rows: slice, T: int, lengths: torch.Tensor | None, limit: int):
         device = cache.lengths.device
         self.cache, self.rows = cache, rows
         start = cache.lengths[rows]  # (B,)
+        start_host = cache.host_lengths[rows]
         B = start.shape[0]
         steps = torch.arange(T, device=device)[None, :]  # (1, T)
         self.positions = start[:, None] + steps  # (B, T): absolute position of each new token in its row
-        self.end = start + (T if lengths is None else lengths)
-        if int(self.end.max()) > limit:
+        if lengths is None:
+            self.end, self.end_host = start + T, [n + T for n in start_host]
+        else:
+            self.end_host = [n + int(m) for n, m in zip(start_host, lengths.tolist(), strict=True)]
+            lengths = lengths.to(device, non_blocking=True)
+            self.end = start + lengths
+        if max(self.end_host) > limit:
             raise ValueError("the KV cache is full: the sequence reached the context window")
         self.keep = None if lengths is None else (steps < lengths[:, None]).reshape(-1)  # (B*T,) real tokens
         # Where each new token's keys go, as row indices into a layer's cache viewed (rows * H * max_len, D): the
@@ -154,10 +172,10 @@ class CacheStep:
             + self.positions[:, :, None]  # (B, T, H)
         flat = flat.reshape(B * T, H)
         self.write_index = (flat if self.keep is None else flat[self.keep]).reshape(-1)
-        self.span = min(int(self.positions.max()) + 1, cache.max_len)  # the longest row's prefix, no further
+        self.span = min(max(start_host) + T, cache.max_len)  # the longest row's prefix, no further
         # Rows that start empty (a prefill) attend causally among their new tokens alone: right padding comes after
         # every real token, so no mask is needed. One row decoding one token sees its whole prefix: no mask either.
-        self.fresh = int(start.max()) == 0
+        self.fresh = max(start_host) == 0
         self.mask = None
         if not self.fresh and (B > 1 or T > 1):
             key_pos = torch.arange(self.span, device=device)
@@ -165,6 +183,11 @@ class CacheStep:
             # An additive mask (0 or -inf) is a little faster in scaled_dot_product_attention than a boolean one.
             self.mask = torch.zeros(causal.shape, dtype=cache.k.dtype, device=device).masked_fill_(~causal,
                                                                                                 float("-inf"))
+
+    def commit(self) -> None:
+        """After the last layer: each row now holds its new tokens."""
+        self.cache.lengths[self.rows] = self.end
+        self.cache.host_lengths[self.rows] = self.end_host
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this layer's new keys and values, then attend over each row's whole prefix. q, k, v: (B, H, T, D)."""
@@ -202,13 +225,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, layer: int = 0, step: CacheStep | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` (B, 1, T, T), True where a query may attend to a key, replaces the plain causal mask (packed rows,
-        see `document_attention`)."""
+                mask: torch.Tensor | Any | None = None) -> torch.Tensor:
+        """`mask` replaces the plain causal mask (packed rows, see `document_attention`): a FlexAttention BlockMask,
+        or a boolean (B, 1, T, T), True where a query may attend to a key."""
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, n_head, T, head_dim): q, k, v side by side, each split into heads
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
-        if step is None:
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            y = flex_attention(q, k, v, mask)
+        elif step is None:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         else:
@@ -293,6 +318,8 @@ class GPT(nn.Module):
                                  f"({self.config.block_size})")
             if doc_ids is None:
                 positions = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+            elif idx.device.type in FLEX_DEVICES and not (self.config.dropout and self.training):
+                positions, mask = document_positions(doc_ids), document_block_mask(doc_ids)
             else:
                 positions, mask = document_attention(doc_ids)
         elif doc_ids is not None:
@@ -309,7 +336,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, layer, step, mask)
         if step is not None:
-            cache.lengths[rows] = step.end
+            step.commit()
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -368,22 +395,66 @@ class GPT(nn.Module):
 # Packed rows: several documents in one row, each attending only to itself
 
 
-def document_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions and attention mask for rows that pack several documents, each a contiguous run of one id.
-
-    doc_ids (B, T) -> positions (B, T), restarting at 0 where each document starts (so a packed document gets the
-    position embeddings it would get alone), and a boolean mask (B, 1, T, T), True where query i may attend to
-    key j: j <= i in the same document. The mask is block-diagonal causal, so packing never lets one document see
-    another, and each document's outputs equal those of the document alone in its own row.
-    """
-    B, T = doc_ids.shape
-    index = torch.arange(T, device=doc_ids.device)
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T), each document a contiguous run of one id -> positions (B, T), restarting at 0 where each
+    document starts (so a packed document gets the position embeddings it would get alone)."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): where each position's document starts
+    return index - first
+
+
+def document_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and a dense attention mask for rows that pack several documents: the reference path.
+
+    doc_ids (B, T) -> positions (B, T) and a boolean mask (B, 1, T, T), True where query i may attend to key j:
+    j <= i in the same document. The mask is block-diagonal causal, so packing never lets one document see
+    another, and each document's outputs equal those of the document alone in its own row. Scaled dot-product
+    attention with a dense mask computes every masked block and cannot use flash attention; where FlexAttention
+    trains (CUDA), `document_block_mask` replaces it.
+    """
+    T = doc_ids.shape[1]
+    index = torch.arange(T, device=doc_ids.device)
     same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
     causal = index[:, None] >= index[None, :]  # (T, T)
-    return index - first, (same & causal)[:, None]
+    return document_positions(doc_ids), (same & causal)[:, None]
+
+
+# Devices where packed rows attend through FlexAttention. torch 2.13 has no FlexAttention backward pass on CPUs,
+# which keep the dense mask (tests/test_gpu_paths.py holds the two paths equal on the CPU, forward and backward).
+FLEX_DEVICES = ("cuda",)
+
+
+@torch.compiler.disable  # built once per forward pass, eagerly, outside any compiled graph
+def document_block_mask(doc_ids: torch.Tensor) -> Any:
+    """The FlexAttention BlockMask of `document_attention`'s mask: which 128 x 128 tiles of (query, key) are empty
+    (skipped), full (no mask needed) or partial (the mask function decides, position by position). Per layer it
+    costs a few integers per tile, where the dense mask cost B x T x T values, made into an additive mask again
+    in every layer and kept for the backward pass (64 MiB per layer at 32 x 1024 in bf16)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, k):  # noqa: ANN001, ANN202 (FlexAttention's mask_mod signature)
+        return (doc_ids[b, q] == doc_ids[b, k]) & (k <= q)
+
+    B, T = doc_ids.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    """FlexAttention over q, k, v (B, H, T, D) with `block_mask`: compiled into one fused kernel on GPUs (uncompiled
+    it is a slow reference implementation), eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    kernel = _compiled_flex() if q.device.type == "cuda" else flex
+    return kernel(q, k, v, block_mask=block_mask)
+
+
+@functools.cache
+def _compiled_flex():  # noqa: ANN202
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, dynamic=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

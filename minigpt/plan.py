@@ -3,10 +3,12 @@
     minigpt plan --gpu A100-40GB --usd 15 --usd-per-hour 1.29      # what $15 of one A100 40GB buys
     minigpt plan --gpu H100-SXM --gpus 8 --hours 2                  # a node for two hours
     minigpt plan --gpu T4 --tokens 1e9 --model.preset gpt2 --json   # one model, a token budget, for scripts
+    minigpt plan --gpu A100-40GB --gpus 8 --model.preset gpt2-xl --tokens 1e9   # DDP or FSDP: which fits
 
 For each candidate (the GPT-2 presets and the compute-optimal size for the budget, or the one model given) it
 estimates FLOPs per token, tokens/s at an assumed MFU, tokens, steps, the micro-batch and accumulation that fit
-in memory with and without gradient checkpointing, precision, hours, dollars, checkpoint disk use and the
+in memory with and without gradient checkpointing, with DDP (every GPU holds the whole training state) and with
+FSDP (each holds 1/N of it), precision, hours, dollars, checkpoint disk use and the
 validation loss a published scaling law expects; then it prints the `minigpt prepare` and `minigpt train`
 commands of the recommended run. docs/plan.md derives and sources every number.
 
@@ -39,6 +41,7 @@ from minigpt.estimate import (
     num_params,
     recompute_flops_per_token,
     shape_near,
+    training_memory,
 )
 from minigpt.model import PRESETS, ModelConfig
 
@@ -56,6 +59,9 @@ class PlanConfig:
 
     gpu: str = opt("A100-40GB", f"the card: {', '.join(GPUS)} (or a name as torch reports it)")
     gpus: int = opt(1, "GPUs training together, data parallel")
+    parallel: Literal["auto", "ddp", "fsdp"] = opt("auto", "how the GPUs share the training state: ddp, each holds "
+                                                           "all of it; fsdp, each 1/N (train --parallel fsdp); auto: "
+                                                           "DDP, or FSDP where only FSDP fits without checkpointing")
     usd: float = opt(0.0, "budget in dollars (with --usd-per-hour)")
     usd_per_hour: float = opt(0.0, "price of one GPU for one hour, in dollars")
     hours: float = opt(0.0, "budget in wall-clock hours")
@@ -83,6 +89,15 @@ class PlanConfig:
             raise ValueError("budgets, prices and --seq-len may not be negative; --mfu is a fraction of the peak")
         if self.gpus < 1 or self.keep_last < 1 or not 0 <= self.overhead < 1:
             raise ValueError("--gpus and --keep-last must be at least 1, --overhead in [0, 1)")
+        if self.parallel == "fsdp" and self.gpus < 2:
+            raise ValueError("--parallel fsdp shards over several GPUs: give --gpus 2 or more")
+
+
+@dataclasses.dataclass
+class Fit:
+    micro_batch: int
+    checkpointing: bool
+    memory_bytes: int  # per GPU
 
 
 @dataclasses.dataclass
@@ -91,6 +106,8 @@ class Candidate:
     model: ModelConfig
     micro_batch_plain: int | None  # the largest that fits without checkpointing (None: none, or not searched)
     micro_batch_checkpointing: int | None
+    parallel: str = "ddp"  # the way the GPUs share the state that the run below uses
+    fits: dict[str, Fit | None] = dataclasses.field(default_factory=dict)  # ddp, fsdp -> the best fit of each
     run: RunEstimate | None = None  # None where nothing fits or the budget buys no step
     tokens_per_param: float = 0.0
     epochs: float = 0.0
@@ -159,15 +176,30 @@ def _candidate(cfg: PlanConfig, model: ModelConfig, gpu: GPUSpec, precision: str
                hours: float) -> Candidate:
     seq = cfg.seq_len or model.block_size
     search = dict(seq_len=seq, tokens_per_step=cfg.batch_tokens, world=cfg.gpus, precision=precision, gpu=gpu)
-    plain = largest_micro_batch(model, checkpointing=False, **search) if cfg.checkpointing != "on" else None
-    ckpt = largest_micro_batch(model, checkpointing=True, **search) if cfg.checkpointing != "off" else None
-    candidate = Candidate(_name(model), model, plain, ckpt)
+    found, fits = {}, {}
+    for mode in ("ddp", "fsdp") if cfg.gpus > 1 else ("ddp",):
+        plain = largest_micro_batch(model, checkpointing=False, parallel=mode, **search) \
+            if cfg.checkpointing != "on" else None
+        ckpt = largest_micro_batch(model, checkpointing=True, parallel=mode, **search) \
+            if cfg.checkpointing != "off" else None
+        found[mode], fits[mode], micro = (plain, ckpt), None, plain or ckpt
+        if micro:
+            memory = training_memory(model, micro_batch=micro, seq_len=seq, precision=precision,
+                                     checkpointing=not plain, grad_accum=cfg.batch_tokens // (seq * cfg.gpus * micro),
+                                     shards=cfg.gpus if mode == "fsdp" else 0)
+            fits[mode] = Fit(micro, not plain, memory.total)
+    # auto: DDP (the least communication) unless only FSDP fits without recomputing the blocks
+    parallel = cfg.parallel if cfg.parallel != "auto" else "fsdp" if (
+        fits.get("fsdp") and not fits["fsdp"].checkpointing and not (fits["ddp"] and not fits["ddp"].checkpointing)
+    ) else "ddp"
+    plain, ckpt = found[parallel]
+    candidate = Candidate(_name(model), model, plain, ckpt, parallel, fits)
     if not (plain or ckpt):
         return candidate
     micro = plain or ckpt
     settings = dict(seq_len=seq, micro_batch=micro, grad_accum=cfg.batch_tokens // (seq * cfg.gpus * micro),
                     world=cfg.gpus, precision=precision, gpu=gpu, mfu=cfg.mfu or None, checkpointing=not plain,
-                    keep_checkpoints=cfg.keep_last)
+                    keep_checkpoints=cfg.keep_last, parallel=parallel)
     if hours:  # as many whole steps as the time buys
         steps = int(train_s * estimate_run(model, steps=1, **settings).tokens_per_s // cfg.batch_tokens)
     else:
@@ -197,6 +229,7 @@ def _recommend(candidates: list[Candidate], optimal: float, cfg: PlanConfig) -> 
     run = best.run
     reasons.append(f"{best.tokens_per_param:.1f} tokens per parameter against a compute-optimal "
                    f"{OPTIMAL_TOKENS_PER_PARAM} ({_si(optimal)} parameters for this budget)")
+    reasons += [_parallel_reason(best, cfg.gpus)] if cfg.gpus > 1 else []
     reasons.append(f"micro-batch {run.micro_batch} x {run.grad_accum} accumulation " + (
         "with gradient checkpointing: nothing fits without it" if run.checkpointing else
         "without gradient checkpointing: it fits, and recomputing the blocks would cost "
@@ -207,6 +240,19 @@ def _recommend(candidates: list[Candidate], optimal: float, cfg: PlanConfig) -> 
                        + ("; the commands prepare FineWeb-Edu's 100B-token sample instead"
                           if cfg.dataset_tokens == DATASET_TOKENS else ""))
     return best, reasons
+
+
+def _parallel_reason(best: Candidate, gpus: int) -> str:
+    ddp, fsdp = best.fits.get("ddp"), best.fits.get("fsdp")
+    if best.parallel == "ddp":
+        return ("DDP: every GPU holds the whole training state, and it fits; FSDP would add the gathering of each "
+                "block's weights for memory this run does not need")
+    if ddp is None:
+        return (f"FSDP: the whole training state does not fit one card (DDP needs more than the card even at one "
+                f"sequence per micro-batch); sharded over {gpus} GPUs it does")
+    return (f"FSDP: sharding the weights, gradients and AdamW over {gpus} GPUs leaves room for micro-batch "
+            f"{fsdp.micro_batch} without gradient checkpointing, where DDP fits only "
+            f"{ddp.micro_batch}{' with it' if ddp.checkpointing else ''}")
 
 
 def _commands(cfg: PlanConfig, best: Candidate) -> list[str]:
@@ -231,6 +277,7 @@ def _commands(cfg: PlanConfig, best: Candidate) -> list[str]:
         if field.name not in ("preset", "vocab_size", "gradient_checkpointing") and value != getattr(base, field.name):
             args.append(f"--{flag}" if value is True else f"--no-{flag}" if value is False else f"--{flag} {value}")
     args += ["--model.gradient-checkpointing"] if run.checkpointing else []
+    args += ["--parallel fsdp"] if run.parallel == "fsdp" else []
     launcher = f"torchrun --standalone --nproc_per_node {cfg.gpus} -m minigpt" if cfg.gpus > 1 else "minigpt"
     return [f"minigpt prepare --sources hf:HuggingFaceFW/fineweb-edu:{sample} --tokenizer gpt2 --out {data}",
             f"{launcher} train --config {RECIPE} {' '.join(args)}".rstrip()]
@@ -256,6 +303,10 @@ def format_plan(p: Plan, cfg: PlanConfig) -> str:
         head.append(wrap(f"compute: {p.compute_flops:.3g} FLOPs at MFU {100 * p.mfu:.1f}%; compute-optimal size "
                          "(Hoffmann et al. 2022: C = 6 N D, D = 20 N): N = sqrt(C / 120) = "
                          f"{_si(p.optimal_params)} parameters"))
+    def fit_cell(c: Candidate, mode: str) -> str:
+        fit = c.fits.get(mode)
+        return f"{fit.micro_batch}{' ckpt' * fit.checkpointing}, {gib(fit.memory_bytes)}" if fit else "no fit"
+
     searched = lambda ckpt, n: "-" if cfg.checkpointing == ("off" if ckpt else "on") else str(n or "no fit")  # noqa: E731
     entries = [
         ("parameters", lambda c, r: _si(r.params)),
@@ -267,6 +318,9 @@ def format_plan(p: Plan, cfg: PlanConfig) -> str:
         (f"steps of {cfg.batch_tokens:,} tokens", lambda c, r: f"{r.steps:,}"),
         ("micro-batch that fits, plain", [searched(False, c.micro_batch_plain) for c in p.candidates]),
         ("micro-batch that fits, checkpointing", [searched(True, c.micro_batch_checkpointing) for c in p.candidates]),
+        *[(f"fits with {mode.upper()} (micro-batch, memory)", [fit_cell(c, mode) for c in p.candidates])
+          for mode in ("ddp", "fsdp") if p.gpus > 1],
+        *[("parallel", lambda c, r: r.parallel.upper())] * (p.gpus > 1),
         ("micro-batch x accumulation", lambda c, r: f"{r.micro_batch} x {r.grad_accum}" + " ckpt" * r.checkpointing),
         ("precision", lambda c, r: r.precision + " + scaling" * (r.precision == "fp16")),
         ("peak memory per GPU", lambda c, r: gib(r.memory.total)),

@@ -196,7 +196,7 @@ def _score_shared_prefixes(model: GPT, prefixes: list[tuple[int, ...]], sizes: l
         per_sequence = KVCache(model.config, len(seqs), max(len(seq) - 1 for seq in seqs), device, dtype)
         per_sequence.k[:, :, :, :longest_prefix] = cache.k[:, group_of]  # (layers, N, heads, prefix, head_dim)
         per_sequence.v[:, :, :, :longest_prefix] = cache.v[:, group_of]
-        per_sequence.lengths.copy_(cache.lengths[group_of])
+        per_sequence.set_lengths(cache.lengths[group_of])
         del cache
         y, rest_lengths = _right_padded(rests, device)
         rest_hidden = model.hidden_states(y, per_sequence, lengths=rest_lengths)  # (N, R, C)

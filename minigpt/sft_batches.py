@@ -5,7 +5,8 @@ which positions belong to which; the model attends within each conversation only
 each (model.document_attention), so a packed conversation is computed exactly as it would be alone in its row.
 Rows are filled first-fit-decreasing over a few thousand conversations at a time, in a fresh seeded order each
 epoch: with short conversations almost no position is padding (measured fills are in docs/sft.md).
-Padded (`--no-pack`, the reference): one conversation per row, right-padded to the longest of its batch.
+Padded (`--no-pack`, the reference): one conversation per row, right-padded to the longest of its batch rounded up
+to a power of two from 64 (a few shapes for torch.compile).
 
 Either way a conversation longer than the window is cut to its first `window + 1` tokens (conversations with no
 assistant token inside that are left out), the targets are -100 everywhere but the assistant's tokens, and padding
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from minigpt.common import UserError
+from minigpt.parallel import lockstep
 from minigpt.sft_data import PreparedSplit
 
 PACK_WINDOW = 4096  # conversations packed together: enough to fill rows well, few enough to keep order random
@@ -132,10 +134,11 @@ def assemble(convs: ConversationSet, rows: Sequence[np.ndarray], pad_id: int, pa
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
     """x, y (B, width) and doc_ids (packed only) for some rows, and how many positions are real (not padding).
 
-    Packed rows are `window` wide; padded rows as wide as the longest conversation among them.
+    Packed rows are `window` wide; padded rows as wide as the longest conversation among them, rounded up to
+    one of a few widths (`padded_width`).
     """
     pieces = [[convs.conversation(int(i)) for i in row] for row in rows]
-    width = convs.window if packed else max(sum(len(x) for x, _ in p) for p in pieces)
+    width = convs.window if packed else padded_width(max(sum(len(x) for x, _ in p) for p in pieces), convs.window)
     x = np.full((len(rows), width), pad_id, dtype=np.int64)
     y = np.full((len(rows), width), -100, dtype=np.int64)
     doc = np.zeros((len(rows), width), dtype=np.int64) if packed else None
@@ -151,6 +154,16 @@ def assemble(convs: ConversationSet, rows: Sequence[np.ndarray], pad_id: int, pa
             doc[r, at:] = len(row)  # the padding is a document of its own: nothing real attends to it
         real += at
     return x, y, doc, real
+
+
+def padded_width(longest: int, window: int) -> int:
+    """The width a padded batch takes: 64, 128, 256, ... up to the window. A batch as wide as its longest
+    conversation took a new width almost every step, and torch.compile compiles a graph per width (or one with
+    dynamic shapes, slower); these are at most log2(window / 64) + 1 widths, for at most 2x the padding."""
+    width = 64
+    while width < longest:
+        width *= 2
+    return min(width, window)
 
 
 def to_batch(x: np.ndarray, y: np.ndarray, doc: np.ndarray | None, device: torch.device) -> tuple:
@@ -237,9 +250,11 @@ def held_out_loss(model: torch.nn.Module, convs: ConversationSet, rows: Sequence
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, counted targets
     mine = list(rows[rank::world])
-    for i in range(0, len(mine), batch_size):
-        x, y, doc, _ = assemble(convs, mine[i:i + batch_size], pad_id, packed)
-        batch = to_batch(x, y, doc, device)
+    batches = (to_batch(*assemble(convs, mine[i:i + batch_size], pad_id, packed)[:3], device)
+               for i in range(0, len(mine), batch_size))
+    empty = lambda: (torch.zeros(1, 1, dtype=torch.long, device=device),  # noqa: E731 (see lockstep)
+                     torch.full((1, 1), -100, device=device))
+    for batch in lockstep(batches, model, empty):
         extra = batch[2] if len(batch) == 3 else {}
         _, loss = model(batch[0], batch[1], reduction="sum", chunk_rows=chunk_rows, **extra)
         total[0] += loss.double()

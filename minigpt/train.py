@@ -33,16 +33,19 @@ from minigpt.chat import continue_text
 from minigpt.checkpoint import (
     BackgroundSaver,
     check_new_run_dir,
+    check_tokenizer,
     latest_checkpoint,
     load_model,
     load_trainer_state,
     resolve_checkpoint,
 )
+from minigpt.checkpoint_sharded import ShardedSaver, load_optimizer_state
 from minigpt.common import UserError, print0, progress, seed_everything, write_json
 from minigpt.config import opt
 from minigpt.log import MetricsLogger, evaluation_line, plot_loss_curves, summary_line
 from minigpt.model import GPT, ModelConfig
 from minigpt.optim import learning_rate, make_optimizer
+from minigpt.parallel import accumulation, gathered_copy, global_norm, shard_model
 from minigpt.runtime import (
     Runtime,
     autocast_context,
@@ -90,6 +93,13 @@ class TrainConfig:
                                                              "(compute capability 8.0+), fp16 with loss scaling on "
                                                              "older GPUs, fp32 on CPUs")
     compile: bool = opt(False, "torch.compile the model")
+    gpu: str = opt("", "the card --dry-run plans for where it finds no GPU (minigpt plan --gpu's names; on a GPU the "
+                       "card itself)")
+    parallel: Literal["ddp", "fsdp"] = opt("ddp", "how torchrun's processes share the model: ddp, each holds all of "
+                                                  "it, its gradients and AdamW state; fsdp, each holds 1/N of them "
+                                                  "(parallel.py; sharded checkpoints)")
+    fsdp_reshard: bool = opt(True, "fsdp: gather each block's weights for its forward and again for its backward "
+                                   "pass (least memory); off: keep them, and the step's gradients, until its end")
     chunked_loss: Literal["auto", "on", "off"] = opt("auto", "compute head and loss in chunks without holding all "
                                                      "logits (auto: on CPUs, where it is faster; GPUs use the "
                                                      "plain path that torch.compile fuses)")
@@ -227,22 +237,22 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, micro_batches: list[tuple], optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, *, precision: str, device: torch.device, grad_clip: float,
-               chunk_rows: int = 0, world: int = 1) -> StepResult:
+               chunk_rows: int = 0, world: int = 1, accumulate: Callable[[bool], Any] | None = None) -> StepResult:
     """Micro-batches -> loss, backward, clipping, one optimizer step; the gradients are zero again after it.
 
     Each micro-batch is (x, y) or (x, y, extra forward kwargs), x and y (B, T). The summed loss is divided by the
     targets counted over the whole step and every rank, so accumulation and data parallelism are exact: two
     micro-batches of B rows give the update of one of 2B rows. Under DistributedDataParallel (`world` > 1) the
-    gradients are all-reduced once, at the last micro-batch.
+    gradients are all-reduced once, at the last micro-batch; a sharded model brings its own `accumulate(last)`.
     """
-    raw = model.module if world > 1 else model
     counted = sum((b[1] != -100).sum() for b in micro_batches).to(device, torch.float32)
     if world > 1:
         dist.all_reduce(counted)
     loss_sum = torch.zeros((), device=device)
     for i, (x, y, *extra) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
+        sync = accumulate(last) if accumulate else model.no_sync() if world > 1 and not last else \
+            contextlib.nullcontext()
         with sync, autocast_context(precision, device):
             # [1]: the logits (B, T, vocab) are not kept past this line (at GPT-2 124M, 32 x 1024 rows in bf16:
             # 3.3 GB that `_, loss = ...` would hold into the next micro-batch's forward pass)
@@ -253,7 +263,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple], optimizer: to
     if grad_clip > 0 or scaler.is_enabled():
         scaler.unscale_(optimizer)
         # max_norm inf: the norm alone, which tells a skipped fp16 step below
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or math.inf)
+        grad_norm = global_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf))
     else:
         grad_norm = torch.zeros(())
     scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed (the scale then halves)
@@ -319,7 +329,7 @@ class Trainer:
         self.data = data = data if data is not None else pretraining_data(cfg, rt, self.seq_len, self.precision)
         self.tokenizer = data.tokenizer
         if meta:
-            _check_tokenizer(meta, self.tokenizer)
+            check_tokenizer(meta, self.tokenizer)
         if model is None:
             model = GPT(dataclasses.replace(cfg.model, vocab_size=self.tokenizer.n_vocab))
         if model.config.vocab_size != self.tokenizer.n_vocab:
@@ -328,6 +338,9 @@ class Trainer:
         if self.seq_len > model.config.block_size:
             raise UserError(f"seq_len {self.seq_len} exceeds the model's context window {model.config.block_size}")
         self.raw_model = model = model.to(rt.device).train()
+        self.sharded = cfg.parallel == "fsdp" and rt.distributed  # one process has nothing to shard
+        if self.sharded:
+            shard_model(model, self.precision, cfg.fsdp_reshard)  # before the optimizer: it steps the shards
         tokens_per_micro = cfg.batch_size * self.seq_len * rt.world
         if cfg.batch_tokens % tokens_per_micro:
             raise UserError(f"batch_tokens {cfg.batch_tokens} is not a multiple of batch_size x seq_len x processes "
@@ -339,7 +352,7 @@ class Trainer:
         if resume_from is not None:
             self._load_state(resume_from, tokens_per_micro * self.accum)
         self.model = torch.compile(model) if cfg.compile else model
-        if rt.distributed:
+        if rt.distributed and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda"
@@ -355,7 +368,8 @@ class Trainer:
             write_json(run / "config.json", settings)
             self.tokenizer.save(run / "tokenizer.json")
         self.chunk_rows = loss_chunk_rows(cfg.chunked_loss, rt.device, model.config.padded_vocab_size)
-        self.saver = BackgroundSaver()
+        self.saver = ShardedSaver(self.optimizer, model) if self.sharded else BackgroundSaver()
+        self.accumulate = accumulation(self.model, cfg.fsdp_reshard) if self.sharded else None
         print0(f"{stage}: {model.num_params():,} parameters, {self.precision}, {rt.device.type} x {rt.world}, "
                f"{tokens_per_micro * self.accum:,} tokens per step ({self.accum} micro-batch"
                f"{'es' if self.accum > 1 else ''} of {cfg.batch_size} x {self.seq_len} per process); {data.describe}")
@@ -376,7 +390,7 @@ class Trainer:
 
     def _load_state(self, ckpt: Path, tokens_per_step: int) -> None:
         state = load_trainer_state(ckpt, self.rt.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, self.raw_model, state["optimizer"], ckpt)
         self.scaler.load_state_dict(state["scaler"])
         self.data.train.load_state_dict(state["data"])
         torch.set_rng_state(state["rng_cpu"].cpu())
@@ -385,10 +399,9 @@ class Trainer:
         step = int(state["step"])
         self.progress = Progress(step, float(state["best_val"]), int(state.get("tokens_seen", step * tokens_per_step)),
                                  int(state.get("skipped_steps", 0)))
-        if "loss_window" in state:  # checkpoints from before these fields start a fresh window
-            self.progress.window_loss = float(state["loss_window"])
-            self.progress.window_steps, self.progress.window_tokens = (int(state["window_steps"]),
-                                                                       int(state["window_tokens"]))
+        if "loss_window" in state:  # (else an older checkpoint: a fresh window) tokens/s counts new tokens only
+            self.progress.window_loss, self.progress.window_steps = (float(state["loss_window"]),
+                                                                     int(state["window_steps"]))
         print0(f"resuming {self.run_dir} at step {step} from {ckpt}")
 
     # -- around the steps ----------------------------------------------------------------------------------------
@@ -400,7 +413,7 @@ class Trainer:
         is_best = val_loss is not None and val_loss < p.best_val
         if is_best:
             p.best_val = val_loss
-        if self.rt.rank != 0:
+        if self.rt.rank != 0 and not self.sharded:  # a sharded checkpoint: every process writes its share
             return
         state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "data": self.data.train.state_dict(), "rng_cpu": torch.get_rng_state(), "step": p.step,
@@ -423,20 +436,21 @@ class Trainer:
         if not math.isfinite(metrics["val_loss"]):
             raise TrainingDiverged(f"validation loss became {metrics['val_loss']} at step {step}")
         record: dict[str, Any] = {"step": step, **metrics}
+        # what rank 0 computes alone needs a whole model (a sharded one computes only with every process)
+        alone = gathered_copy(self.raw_model, rt.rank, bool(cfg.eval_tasks or cfg.sample_prompt))
         if cfg.eval_tasks and rt.rank == 0:
             from minigpt.evaluate import benchmark_scores
 
             # Flat names ("hellaswag/acc_norm"): `minigpt eval` plots them across training from metrics.jsonl.
             with autocast_context(self.precision, rt.device):
-                record.update(benchmark_scores(self.raw_model, self.tokenizer, cfg.eval_tasks, cfg.eval_tasks_limit,
+                record.update(benchmark_scores(alone, self.tokenizer, cfg.eval_tasks, cfg.eval_tasks_limit,
                                                shards=cfg.data if self.stage == "train" else None))
         if cfg.sample_prompt and rt.rank == 0:
             if self.data.sample is not None:
-                record["sample"] = self.data.sample(self.raw_model)
+                record["sample"] = self.data.sample(alone)
             else:
-                record["sample"] = continue_text(self.raw_model, self.tokenizer, cfg.sample_prompt,
-                                                 cfg.sample_tokens, cfg.seed)
-            self.raw_model.train()
+                record["sample"] = continue_text(alone, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
+            alone.train()
         self.logger.log(record)
         if rt.rank == 0:
             self.logger.image("loss_plot", plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
@@ -481,9 +495,10 @@ class Trainer:
                     group["lr"] = lr
                 micro = [data.batch(data.step + i) for i in range(self.accum)]
                 data.step += self.accum
-                result = train_step(self.model, micro, self.optimizer, self.scaler, precision=self.precision,
-                                    device=rt.device, grad_clip=cfg.grad_clip, chunk_rows=self.chunk_rows,
-                                    world=rt.world)
+                result = train_step(self.model, micro, self.optimizer, self.scaler,
+                                    precision="fp32" if self.sharded else self.precision, device=rt.device,
+                                    grad_clip=cfg.grad_clip, chunk_rows=self.chunk_rows, world=rt.world,
+                                    accumulate=self.accumulate)  # (FSDP: its policy, not autocast)
                 p.tokens_seen += result.tokens
                 p.window_tokens += result.tokens
                 if not result.applied:  # the data moved on; the step count, the schedule and the loss did not
@@ -506,12 +521,11 @@ class Trainer:
                                     refresh=False)
                     window_start = time.perf_counter()
                 bar.update(1)
-                val_loss = None
+                val_loss, paused = None, time.perf_counter()
                 if p.step % cfg.eval_every == 0 or at_end:
                     last_eval = self.evaluate()
                     val_loss = last_eval["val_loss"]
                     bar.write(evaluation_line(last_eval))
-                    window_start = time.perf_counter()  # evaluation time is not training throughput
                 timed = cfg.checkpoint_minutes and p.step % cfg.log_every == 0  # the clock is asked when logging
                 if p.step % checkpoint_steps == 0 or at_end or (timed and minutes_passed(last_save,
                                                                                          cfg.checkpoint_minutes, rt)):
@@ -520,7 +534,8 @@ class Trainer:
                         raise TrainingDiverged(f"training loss became {p.window_loss} by step {p.step}")
                     self.save(val_loss)
                     last_save = time.monotonic()
-                    window_start = time.perf_counter()
+                # evaluations and checkpoints are not training: the window's clock stops for them (its tokens do not)
+                window_start += time.perf_counter() - paused
         except TrainingDiverged as exc:
             self.saver.wait(raise_error=False)
             kept = latest_checkpoint(self.run_dir)
@@ -542,11 +557,6 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     return Trainer(cfg, data, model, stage).run()
 
 
-def _check_tokenizer(meta: dict[str, Any], tokenizer: Any) -> None:
-    expected = meta.get("tokenizer_hash")
-    if expected and expected != tokenizer.hash:
-        raise UserError(f"the checkpoint was trained with tokenizer {expected}, but the data uses {tokenizer.hash}: "
-                        "prepare the data with the checkpoint's tokenizer")
 
 
 # ----------------------------------------------------------------------------------------------------------------

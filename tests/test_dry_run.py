@@ -30,17 +30,33 @@ def number(text: str, pattern: str) -> float:
 
 
 def test_the_gpt2_recipe_plans_on_a_cpu_only_machine(tmp_path):
-    """The README's command, as a user runs it: no data yet, no GPU; the plan, exit 0, nothing written."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "minigpt", "train", "--config", "gpt2-124m", "--dry-run"],
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    """The README's command, as a user runs it: no data yet, no GPU; the plan, exit 0, nothing written. It answers
+    for the card the recipe names, as minigpt plan does (bf16, the GPU's loss path: 30.8 GiB), not for this CPU
+    (fp32 and the chunked loss: 12.7 GiB, the figure it printed before)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "minigpt", "train", "--config", "gpt2-124m", "--dry-run"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "32 x 1024 tokens x 16 micro-batches x 1 process = 524,288 tokens per step" in out
     assert "19,073 steps = 10.00B tokens" in out
     assert "holds no shards yet: make them first, e.g. minigpt prepare --sources hf:HuggingFaceFW/fineweb-edu" in out
-    assert "1.49 GB each" in out and re.search(r"time: +about [\d,.]+ hours on this CPU", out)
+    assert "1.49 GB each" in out and "planned for: NVIDIA A100 80GB" in out and "bf16 on cuda" in out
+    est = estimate.estimate_run(ModelConfig.from_preset("gpt2"), seq_len=1024, micro_batch=32, grad_accum=16,
+                                world=1, steps=19073, precision="bf16", gpu=estimate.GPUS["A100-80GB"], mfu=None,
+                                checkpointing=False, keep_checkpoints=2)
+    assert f"memory:      {est.memory.total / 2**30:.1f} GiB at the peak per GPU" in out
+    assert f"{est.memory.total / 2**30:.1f} GiB" == "30.8 GiB"  # minigpt plan's figure for this run
+    assert f"about {est.hours:,.1f} hours on 1 x NVIDIA A100 80GB" in out and "this CPU" not in out
     assert list(tmp_path.iterdir()) == []  # no run folder, no data folder
+    # another card by name; this machine's CPU when asked for
+    other = subprocess.run(command + ["--gpu", "H100-SXM"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=300).stdout
+    assert "planned for: NVIDIA H100 SXM 80GB" in other and "30.8 GiB at the peak per GPU" in other
+    cpu = subprocess.run(command + ["--device", "cpu", "--model.n-layer", "1"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300).stdout
+    assert "planned for:" not in cpu and "bf16 on cpu" in cpu and "GiB at the peak per process" in cpu
+    assert re.search(r"time: +about [\d,.]+ hours on this CPU", cpu), cpu
 
 
 def test_a_gpt2_schedule_on_a_small_corpus_warns_about_epochs(tiny_shards):
