@@ -28,7 +28,9 @@ from collections.abc import Iterator, Sequence
 from minigpt.common import UserError
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message, read the same everywhere
 END_OF_TURN = "<|end|>"
+ROLES_HINT = "use system, developer, user or assistant"
 
 
 # How a chatbot decodes by default: `minigpt chat`, its ChatSession, the web page's settings and the quickstart's
@@ -40,8 +42,14 @@ CHAT_DECODING = {"temperature": 0.7, "top_k": 0, "top_p": 0.9, "frequency_penalt
 
 @dataclasses.dataclass
 class Message:
-    role: str  # system, user or assistant
+    role: str  # system, user or assistant ("developer" is read as system)
     content: str
+
+
+def chat_role(role: str) -> str | None:
+    """The role of the chat format a message's role is rendered as (developer -> system), or None if unknown."""
+    role = ROLE_ALIASES.get(role, role)
+    return role if role in ROLE_TOKENS else None
 
 
 def chat_ids(tokenizer) -> dict[str, int]:
@@ -56,11 +64,12 @@ def as_messages(messages: Sequence[Message | dict]) -> list[Message]:
     out = []
     for m in messages:
         m = m if isinstance(m, Message) else Message(m.get("role", ""), m.get("content", ""))
-        if m.role not in ROLE_TOKENS:
-            raise UserError(f"unknown chat role {m.role!r}: use system, user or assistant")
+        role = chat_role(m.role)
+        if role is None:
+            raise UserError(f"unknown chat role {m.role!r}: {ROLES_HINT}")
         if not isinstance(m.content, str):
             raise UserError("message content must be a string")
-        out.append(m)
+        out.append(m if role == m.role else Message(role, m.content))
     return out
 
 
@@ -81,6 +90,28 @@ def render(tokenizer, messages: Sequence[Message | dict], add_generation_prompt:
         ids.append(ids_of[ROLE_TOKENS["assistant"]])
         trained.append(False)
     return ids, trained
+
+
+def chat_template(tokenizer) -> str | None:
+    """The chat format as a Jinja template (what `render` does, as text), or None for a tokenizer without chat
+    tokens: the exported tokenizer_config.json and the server's /tokenizer_info carry it, so every client that
+    renders conversations itself (transformers' apply_chat_template, vLLM, ...) renders them as we train on them.
+
+    `<|endoftext|>`, then `<|role|>content<|end|>` per message, then `<|assistant|>` when asked to prompt a reply.
+    """
+    if not tokenizer.chat_token_ids:
+        return None
+    roles = {**ROLE_TOKENS, **{alias: ROLE_TOKENS[role] for alias, role in ROLE_ALIASES.items()}}
+    table = ", ".join(f"'{role}': '{token}'" for role, token in roles.items())
+    return ("{%- set role_tokens = {" + table + "} -%}"
+            "{{- '" + tokenizer.decode([tokenizer.eot_id]) + "' -}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] not in role_tokens -%}"
+            "{{- raise_exception('unknown chat role ' + message['role'] + ': " + ROLES_HINT + "') -}}"
+            "{%- endif -%}"
+            "{{- role_tokens[message['role']] + message['content'] + '" + END_OF_TURN + "' -}}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- role_tokens['assistant'] -}}{%- endif -%}")
 
 
 def stop_ids(tokenizer) -> list[int]:

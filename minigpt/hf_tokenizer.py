@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt import _bpe
-from minigpt.chat import END_OF_TURN, ROLE_TOKENS
+from minigpt.chat import chat_template
 from minigpt.common import UserError, read_json, write_json
 from minigpt.tokenizer import ENDOFTEXT, PATTERNS, Tokenizer, gpt2_byte_chars
 
@@ -140,25 +140,6 @@ def to_hf_tokenizer(tok: Tokenizer):
     from tokenizers import Tokenizer as HFTokenizer
 
     return HFTokenizer.from_str(json.dumps(tokenizer_json(tok)))
-
-
-def chat_template(tok: Tokenizer) -> str | None:
-    """Jinja rendering our chat format (minigpt/chat.py), or None for a tokenizer without chat tokens.
-
-    `<|endoftext|>`, then `<|role|>content<|end|>` per message, then `<|assistant|>` when asked to prompt a reply.
-    """
-    if not tok.chat_token_ids:
-        return None
-    roles = ", ".join(f"'{role}': '{token}'" for role, token in ROLE_TOKENS.items())
-    return ("{%- set role_tokens = {" + roles + "} -%}"
-            "{{- '" + ENDOFTEXT + "' -}}"
-            "{%- for message in messages -%}"
-            "{%- if message['role'] not in role_tokens -%}"
-            "{{- raise_exception('unknown chat role ' + message['role'] + ': use system, user or assistant') -}}"
-            "{%- endif -%}"
-            "{{- role_tokens[message['role']] + message['content'] + '" + END_OF_TURN + "' -}}"
-            "{%- endfor -%}"
-            "{%- if add_generation_prompt -%}{{- role_tokens['assistant'] -}}{%- endif -%}")
 
 
 def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minigpt.chat import ROLE_TOKENS, Message, end_of_turn_ids, render, special_ids, stop_ids
+from minigpt.chat import ROLES_HINT, Message, chat_role, chat_template, end_of_turn_ids, render, special_ids, stop_ids
 from minigpt.engine import SamplingParams
 from minigpt.scheduler import Choice, Done, Job, JobTimeout, PromptScores, QueueFull, Scheduler, Update
 from minigpt.serve_protocol import (
@@ -262,9 +262,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def _chat_messages(body: ChatRequest) -> list[Message]:
     out = []
     for i, m in enumerate(body.messages):
-        role = "system" if m.role == "developer" else m.role
-        if role not in ROLE_TOKENS:
-            raise APIError(400, f"Unsupported role {m.role!r}: use system, developer, user or assistant.",
+        role = chat_role(m.role)
+        if role is None:
+            raise APIError(400, f"Unsupported role {m.role!r}: {ROLES_HINT}.",
                            param=f"messages.[{i}].role", code="invalid_value")
         content = m.content
         if isinstance(content, list):
@@ -566,9 +566,7 @@ def build_app(model, tokenizer, cfg, name: str) -> FastAPI:  # noqa: C901 (docs/
                 "eos_token": "<|endoftext|>", "bos_token": None, "pad_token": None,
                 "special_tokens": tokenizer.special_tokens}
         if server.chat_stop is not None:  # our chat format as a Jinja template, for clients that render it
-            info["chat_template"] = (
-                "<|endoftext|>{% for m in messages %}<|{{ 'system' if m['role'] == 'developer' else m['role'] }}|>"
-                "{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+            info["chat_template"] = chat_template(tokenizer)
         return info
 
     @app.get("/health")

@@ -371,6 +371,37 @@ def test_tokenizer_endpoints_and_models(chat, client):
     assert client.models.retrieve("chat").id == "chat"
 
 
+def test_one_chat_format_for_the_trainer_the_server_and_the_export(chat, tmp_path):
+    """Every role (developer too) renders to the same tokens through fine-tuning's `render`, the server's
+    /tokenize, the server's published Jinja template and the exported tokenizer's apply_chat_template."""
+    transformers = pytest.importorskip("transformers")
+    jinja2 = pytest.importorskip("jinja2")
+    from minigpt.hf_tokenizer import save_hf_tokenizer
+
+    server, _, tokenizer = chat
+    auth = {"Authorization": f"Bearer {KEY}"}
+    save_hf_tokenizer(tokenizer, tmp_path, 64)
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    template = httpx.get(server.url + "/tokenizer_info", headers=auth).json()["chat_template"]
+    conversations = [
+        [{"role": "developer", "content": "Answer in one line."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Where is Paris?"}],
+        [{"role": "system", "content": "Be kind."}, {"role": "developer", "content": "Be brief."},
+         {"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "The Seine."}],
+    ]
+    for messages in conversations:
+        for prompt in (True, False):
+            ids = render(tokenizer, messages, add_generation_prompt=prompt)[0]
+            served = httpx.post(server.url + "/tokenize", headers=auth, json={
+                "messages": messages, "add_generation_prompt": prompt}).json()["tokens"]
+            text = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=prompt)
+            assert served == ids
+            assert text == tokenizer.decode(ids)
+            assert exported.apply_chat_template(messages, add_generation_prompt=prompt, return_dict=False) == ids
+    with pytest.raises(Exception, match="unknown chat role"):
+        exported.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
 def test_metrics_count_requests_tokens_and_first_token_times(chat, client):
     client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hello"}], temperature=0)
     text = httpx.get(chat[0].url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
