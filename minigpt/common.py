@@ -76,6 +76,7 @@ def rank() -> int:
 
 
 def world_size() -> int:
+    """The processes of this run: the process group's size, else torchrun's WORLD_SIZE (a dry run), else one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from minigpt.common import world_size
 from minigpt.model import GPT, ModelConfig
 
 TOO_MANY_EPOCHS = 4  # more passes than this over the same tokens: memorising more than learning
@@ -240,8 +240,3 @@ def sft_dry_run(cfg, facts: dict) -> str:
                      loss_chunk_rows(cfg.chunked_loss, device, model.padded_vocab_size), gpu, cfg.parallel)
     more, warnings = run_lines(shape, epoch_tokens, "positions of one epoch")
     return "\n".join(lines[:1] + target_line(gpu) + lines[1:] + more + [f"warning: {w}" for w in warnings]) + "\n"
-
-
-def world_size() -> int:
-    """The processes torchrun would start (its WORLD_SIZE), else one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))

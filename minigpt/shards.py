@@ -48,6 +48,7 @@ from minigpt import corpus, hub, pipeline
 from minigpt.common import UserError, progress, read_json, write_json
 from minigpt.config import opt
 from minigpt.pipeline import is_validation  # noqa: F401 - the split rule, used by tasks.py's recall probe
+from minigpt.tokenizer import load_tokenizer
 from minigpt.workdir import JOURNAL, WorkDir, check_out, say
 
 FORMAT_VERSION = 1
@@ -100,16 +101,6 @@ def cpu_count() -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizers
-
-
-def load_tokenizer(spec: str):
-    """`gpt2`, `gpt2-chat`, or the path of a tokenizer file saved by the tokenizer stage (never trained here)."""
-    from minigpt import tokenizer
-
-    if spec not in ("gpt2", "gpt2-chat") and not Path(spec).exists():
-        raise UserError(f"tokenizer {spec} does not exist: train one first (minigpt tokenizer), or pass "
-                        f"--tokenizer gpt2")
-    return tokenizer.load_tokenizer(spec)
 
 
 def shards_tokenizer(directory: str | os.PathLike):

@@ -399,11 +399,15 @@ def _read_gpt2(folder: Path) -> Tokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """A tokenizer named on the command line: `gpt2`, `gpt2-chat`, or the path of a tokenizer file."""
+    """A tokenizer named on the command line: `gpt2`, `gpt2-chat`, or the path of a tokenizer file saved by the
+    tokenizer stage (a missing one is a user error, never trained here)."""
     if spec == "gpt2":
         return Tokenizer.gpt2()
     if spec == "gpt2-chat":
         return Tokenizer.gpt2().with_chat_tokens()
+    if not Path(spec).exists():
+        raise UserError(f"tokenizer {spec} does not exist: train one first (minigpt tokenizer), or pass "
+                        "--tokenizer gpt2")
     return Tokenizer.load(spec)
 
 
