@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -80,6 +81,17 @@ def world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_held_out(key: str, fraction: float, seed: int, byteorder: Literal["little", "big"] = "little") -> bool:
+    """The one split rule of documents and conversations: blake2b of f"{seed}:{key}" as a number in [0, 1) below
+    `fraction`. Stable across runs, processes, machines and Python versions (unlike hash()).
+
+    Pretraining documents read the digest little-endian and conversations big-endian, as they always have: every
+    held-out set made so far stays the same (tests/test_splits.py pins those of the bundled data).
+    """
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, byteorder) / 2**64 < fraction
 
 
 def is_main_process() -> bool:

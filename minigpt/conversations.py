@@ -52,7 +52,11 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.chat import Message
-from minigpt.common import UserError
+from minigpt.common import UserError, is_held_out
+
+# How a conversation's split reads its key's digest (common.is_held_out): big-endian, as since the first release, so
+# every held-out set made so far stays the same.
+SPLIT_BYTEORDER = "big"
 
 BUNDLED = {
     "chatterbot": "chatterbot-corpus: about 2,000 short English dialogues on 20 topics",
@@ -553,11 +557,6 @@ def source_size(source: str) -> int | None:
     return sum(p.stat().st_size for p, _ in source_files(source) or [])
 
 
-def is_held_out(key: str, fraction: float, seed: int = 0) -> bool:
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
-
-
 def load_conversations(sources: Sequence[str], fields: FieldMap | None = None,
                        skipped: Counter | None = None) -> list[Conversation]:
     """Every usable conversation of `sources` in memory (weights ignored): for small sets, scripts and tests.
@@ -585,7 +584,7 @@ def split_conversations(convs: list[Conversation], fraction: float, seed: int = 
                         ) -> tuple[list[Conversation], list[Conversation]]:
     train, held = [], []
     for c in convs:
-        (held if is_held_out(c.key, fraction, seed) else train).append(c)
+        (held if is_held_out(c.key, fraction, seed, SPLIT_BYTEORDER) else train).append(c)
     return train, held
 
 

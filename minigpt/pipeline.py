@@ -22,7 +22,6 @@ whose predecessor went to the other split starts a new stretch with one.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import signal
 from collections import deque
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from minigpt import corpus
+from minigpt.common import is_held_out
 
 LARGE_DOC_CHARS = 2**20  # documents longer than this are split into sections for the train/validation split
 SECTION_CHARS = 2**16  # the most characters of one section
@@ -45,11 +45,6 @@ def split_rule() -> str:
     return (f"blake2b(f'{{seed}}:{{source id}}') < val_fraction per document; documents over {LARGE_DOC_CHARS:,} "
             f"characters go by sections of at most {SECTION_CHARS:,} characters keyed f'{{source id}}#{{n}}'; "
             f"the first document (or section) of the run always goes to validation")
-
-
-def is_validation(source: str, seed: int, val_fraction: float) -> bool:
-    digest = hashlib.blake2b(f"{seed}:{source}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
 def sections(text: str, size: int | None = None) -> list[str]:
@@ -126,7 +121,7 @@ class Splitter:
                 "documents": list(self.documents)}
 
     def _held_out(self, key: str) -> bool:
-        held = (self.first and self.val_fraction > 0) or is_validation(key, self.seed, self.val_fraction)
+        held = (self.first and self.val_fraction > 0) or is_held_out(key, self.val_fraction, self.seed)
         self.first = False
         return held
 

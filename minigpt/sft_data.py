@@ -5,7 +5,7 @@
 
 Data flow (as `minigpt prepare` does for pretraining): the main process streams a source's raw records
 (conversations.py) in chunks of about a megabyte; a pool of workers, each with its own tokenizer, parses them, reads
-their messages, decides each one's split (a hash of its key, as `is_held_out`), renders it in the chat format and
+their messages, decides each one's split (a hash of its key: common.is_held_out), renders it in the chat format and
 returns token arrays; the main process writes them in submission order, so the result is the same whatever the
 number of workers. At most two chunks per worker are in flight, so memory stays flat whatever the source's size.
 
@@ -44,7 +44,7 @@ import numpy as np
 
 from minigpt import conversations as convlib
 from minigpt.chat import render
-from minigpt.common import UserError, progress, read_json, write_json
+from minigpt.common import UserError, is_held_out, progress, read_json, write_json
 from minigpt.shards import ShardWriter, cpu_count, open_shard
 
 FORMAT = "minigpt-sft-data"
@@ -180,7 +180,7 @@ def _encode_chunk(chunk: list[tuple[str, Any, int]]) -> _Encoded:
                 unrecognised = sorted(map(str, parsed)) if isinstance(parsed, dict) else [type(parsed).__name__]
             continue
         ids, trained = render(tokenizer, messages)
-        split = 1 if convlib.is_held_out(key, settings.held_out, settings.seed) else 0
+        split = 1 if is_held_out(key, settings.held_out, settings.seed, convlib.SPLIT_BYTEORDER) else 0
         mask = np.asarray(trained, dtype=bool)
         words[split].append(np.asarray(ids, dtype=np.uint32) | (mask.astype(np.uint32) << 31))
         index[split].append((len(ids), int(mask.argmax()), int(mask.sum())))

@@ -47,7 +47,6 @@ import numpy as np
 from minigpt import corpus, hub, pipeline
 from minigpt.common import UserError, progress, read_json, write_json
 from minigpt.config import opt
-from minigpt.pipeline import is_validation  # noqa: F401 - the split rule, used by tasks.py's recall probe
 from minigpt.tokenizer import load_tokenizer
 from minigpt.workdir import JOURNAL, WorkDir, check_out, say
 

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from minigpt.common import UserError, atomic_path
+from minigpt.common import UserError, atomic_path, is_held_out
 
 VERSION = 1  # bump when a task's cached form or formatting changes: old cache files are then ignored
 SEED = 1234  # the order that subsets and few-shot pools are taken from
@@ -311,7 +311,7 @@ def _recall_docs() -> list[dict[str, Any]]:
 def recall_grouping(shards: str | os.PathLike | None) -> tuple[Callable[[dict[str, Any]], str], str]:
     """Which articles the run trained on, from its shards' split rule; returns (doc -> group, explanation).
 
-    - shards built from the bundled `wiki` corpus: an article is "heldout" where `shards.is_validation` (with the
+    - shards built from the bundled `wiki` corpus: an article is "heldout" where `common.is_held_out` (with the
       seed and fraction in meta.json) put it in validation, or it was the corpus's first document; else "seen".
     - shards from other data: no article was trained on as such, so all are "heldout".
     - no shards known (an imported model): all are reported together as "all".
@@ -327,7 +327,7 @@ def recall_grouping(shards: str | os.PathLike | None) -> tuple[Callable[[dict[st
     first_held = meta["sources"][0] == "wiki" and fraction > 0
 
     def group(doc: dict[str, Any]) -> str:
-        held = (first_held and doc["first"]) or shardslib.is_validation(doc["source"], seed, fraction)
+        held = (first_held and doc["first"]) or is_held_out(doc["source"], fraction, seed)
         return "heldout" if held else "seen"
 
     return group, f"seen/held-out by the split rule of {shards} (seed {seed}, validation fraction {fraction})"

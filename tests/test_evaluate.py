@@ -279,12 +279,12 @@ def test_recall_probe_splits_articles_by_the_shards_rule(tmp_path, tiny_shards):
     task = tasks.load_task("recall", limit=0, distractors=3, shards=wiki)
     held = [e for e in task.examples if e.group == "heldout"]
     assert 50 < len(held) < 0.04 * len(task.examples)
+    from minigpt.common import is_held_out
     from minigpt.corpus import iter_documents
-    from minigpt.shards import is_validation
 
     first = next(iter_documents("wiki")).source  # the split rule holds out the first document too
-    assert all(is_validation(e.id, 0, 0.02) or e.id == first for e in held)
-    assert not any(is_validation(e.id, 0, 0.02) or e.id == first for e in task.examples if e.group == "seen")
+    assert all(is_held_out(e.id, 0.02, 0) or e.id == first for e in held)
+    assert not any(is_held_out(e.id, 0.02, 0) or e.id == first for e in task.examples if e.group == "seen")
     example = task.examples[0]
     assert len(example.requests) == 4 and len({c for _, c in example.requests}) == 4
     result = ev.run_task(small_model(Tokenizer.gpt2(), 64), Tokenizer.gpt2(),

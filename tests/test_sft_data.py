@@ -13,7 +13,8 @@ import pytest
 
 from minigpt import sft_data
 from minigpt.chat import render
-from minigpt.conversations import FieldMap, is_held_out, load_conversations
+from minigpt.common import is_held_out
+from minigpt.conversations import SPLIT_BYTEORDER, FieldMap, load_conversations
 from minigpt.sft_data import PrepareSettings, prepare_source
 from minigpt.tokenizer import Tokenizer
 
@@ -44,8 +45,8 @@ def test_prepared_conversations_are_their_rendering(tmp_path, tokenizer):
     settings = PrepareSettings(held_out=0.1, seed=3, workers=1)
     prepared = prepare_source(str(path), tokenizer, settings, tmp_path / "cache", quiet=True)
     expected = load_conversations([str(path)])
-    held = [c for c in expected if is_held_out(c.key, 0.1, 3)]
-    kept = [c for c in expected if not is_held_out(c.key, 0.1, 3)]
+    held = [c for c in expected if is_held_out(c.key, 0.1, 3, SPLIT_BYTEORDER)]
+    kept = [c for c in expected if not is_held_out(c.key, 0.1, 3, SPLIT_BYTEORDER)]
     assert prepared.meta["skipped"] == {"null_content": 6}
     for split, convs in (("train", kept), ("val", held)):
         data = prepared.split(split)

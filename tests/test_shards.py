@@ -15,7 +15,7 @@ import pytest
 
 from minigpt import pipeline, shards
 from minigpt.cli import main as cli_main
-from minigpt.common import UserError
+from minigpt.common import UserError, is_held_out
 from minigpt.corpus import Document
 from minigpt.shards import (
     HEADER_BYTES,
@@ -23,7 +23,6 @@ from minigpt.shards import (
     PrepareConfig,
     ShardWriter,
     check_tokenizer,
-    is_validation,
     open_shard,
     prepare,
     read_meta,
@@ -82,7 +81,7 @@ def test_round_trip_split_and_meta(tmp_path, tok_path, corpus_dir):
     out = prepare(cfg_for(folder, tok_path, tmp_path / "out", shard_tokens=300, chunk_chars=500))
     tok = Tokenizer.load(tok_path)
     train, val = decode_documents(split_tokens(out, "train"), tok), decode_documents(split_tokens(out, "val"), tok)
-    expect_val = [t for i, t in enumerate(texts) if i == 0 or is_validation(f"doc{i:03d}.txt", 0, 0.1)]
+    expect_val = [t for i, t in enumerate(texts) if i == 0 or is_held_out(f"doc{i:03d}.txt", 0.1, 0)]
     assert val == expect_val  # the first document always, then the hash rule
     assert train == [t for t in texts if t not in expect_val]
     assert 3 < len(val) < 30
@@ -328,7 +327,7 @@ def test_one_large_document_holds_out_about_val_fraction_in_sections(monkeypatch
     pieces = splitter.split(Document(text, "big.txt"))
     assert "".join(t for _, _, t in pieces) == text
     assert all(len(t) <= 400 and t.endswith("\n\n") for _, _, t in pieces)
-    expect = [int(n == 0 or is_validation(f"big.txt#{n}", 0, 0.05)) for n in range(len(pieces))]
+    expect = [int(n == 0 or is_held_out(f"big.txt#{n}", 0.05, 0)) for n in range(len(pieces))]
     assert [split for split, _, _ in pieces] == expect  # section 0 by the first-section rule, then the hash
     assert [starts for _, starts, _ in pieces] == [n == 0 or expect[n] != expect[n - 1] for n in range(len(pieces))]
     held = sum(len(t) for split, _, t in pieces if split) / len(text)
@@ -340,7 +339,7 @@ def test_one_large_document_holds_out_about_val_fraction_in_sections(monkeypatch
     # Documents under the threshold keep the whole-document rule (and so do multi-document corpora).
     small = pipeline.Splitter(seed=0, val_fraction=0.05)
     assert [small.split(Document(f"doc {i}", f"d{i}"))[0][0] for i in range(200)] == \
-        [int(i == 0 or is_validation(f"d{i}", 0, 0.05)) for i in range(200)]
+        [int(i == 0 or is_held_out(f"d{i}", 0.05, 0)) for i in range(200)]
 
 
 def test_a_corpus_of_one_large_file_is_split_by_sections(tmp_path, monkeypatch):
