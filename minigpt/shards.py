@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import mmap
 import os
 import signal
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from minigpt import corpus, hub, pipeline
-from minigpt.common import UserError, progress, read_json, write_json
+from minigpt.common import UserError, disk_full, progress, read_json, write_json
 from minigpt.config import opt
 from minigpt.tokenizer import load_tokenizer
 from minigpt.workdir import JOURNAL, WorkDir, check_out, say
@@ -342,10 +341,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
 class _Run:
     """One run of `prepare`: restores the journal's state (or starts afresh), streams, writes, journals, swaps."""
 
@@ -444,9 +439,10 @@ class _Run:
         if not (self.work.path / JOURNAL).exists():
             return
         kept = f"the work so far is kept in {self.work.path} ({self._summary(self.good)})"
-        if _disk_full(exc):
+        if full := disk_full(exc):
             untouched = f"; {self.cfg.out} is untouched" if Path(self.cfg.out).exists() else ""
-            raise UserError(f"the disk is full ({exc.strerror}); {kept}{untouched}; free some space and run the "
+            why = getattr(full, "strerror", None) or full
+            raise UserError(f"the disk is full ({why}); {kept}{untouched}; free some space and run the "
                             f"same command to continue") from None
         if isinstance(exc, hub.StreamFailed):
             raise hub.StreamFailed(f"{exc}; {kept}; run the same command to continue once the network is "
