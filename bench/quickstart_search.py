@@ -150,7 +150,7 @@ def run_sft_trial(base: Path, sft: str, out: Path, budget_s: float, seconds_per_
     start = time.perf_counter()
     finetune_chat(cfg, base / "base", run)
     wall = time.perf_counter() - start
-    from minigpt.chat import CHAT_DECODING
+    from minigpt.chat_format import CHAT_DECODING
 
     return {"stage": "finetune", "design": design["name"], "sft": sft, **SFT_DESIGNS[sft], "steps": steps,
             "probe_s_per_step": seconds_per_step, "budget_s": budget_s, "wall_s": round(wall, 1),

@@ -51,7 +51,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from minigpt.chat import Message
+from minigpt.chat_format import Message
 from minigpt.common import UserError, is_held_out
 
 # How a conversation's split reads its key's digest (common.is_held_out): big-endian, as since the first release, so

@@ -176,7 +176,7 @@ def generation_config(tokenizer) -> dict[str, Any]:
 
     No `max_length`: transformers warns on every call that also passes `max_new_tokens` when one is set.
     """
-    from minigpt.chat import end_of_turn_ids
+    from minigpt.chat_format import end_of_turn_ids
 
     stops = end_of_turn_ids(tokenizer)
     return {"bos_token_id": tokenizer.eot_id, "eos_token_id": stops if len(stops) > 1 else stops[0],

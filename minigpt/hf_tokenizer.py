@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt import _bpe
-from minigpt.chat import chat_template
+from minigpt.chat_format import chat_template
 from minigpt.common import UserError, read_json, write_json
 from minigpt.tokenizer import ENDOFTEXT, PATTERNS, Tokenizer, gpt2_byte_chars
 

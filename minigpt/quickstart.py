@@ -185,7 +185,7 @@ def sized_for(cfg: QuickstartConfig, root: Path) -> QuickstartConfig:
 
 def chat_sampling():
     """How `minigpt chat` decodes (chat.CHAT_DECODING), as engine sampling parameters."""
-    from minigpt.chat import CHAT_DECODING
+    from minigpt.chat_format import CHAT_DECODING
     from minigpt.engine import SamplingParams
 
     return SamplingParams(**CHAT_DECODING)

@@ -3,21 +3,16 @@
 Built by `build_app` (serve.py calls it; the pieces without FastAPI are in serve_protocol.py). Request bodies
 are pydantic models that accept unknown fields and explicit nulls, as OpenAI's API does; every error, our own or
 FastAPI's, leaves in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad
-input. Generation runs on the scheduler's engine thread (scheduler.py); each request coroutine receives its tokens
-through an asyncio queue that the engine thread fills with `call_soon_threadsafe`. A client that goes away has its
-job cancelled: a stream when Starlette stops the response generator, a plain request when its disconnect watcher
-sees the disconnect.
+input. Requests become engine jobs through serve_jobs.Server; a client that goes away has its job cancelled: a
+stream when Starlette stops the response generator, a plain request when its disconnect watcher sees the
+disconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
-import functools
-import json
 import logging
-import re
 import time
 import uuid
 from typing import Any
@@ -27,19 +22,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minigpt.chat import ROLES_HINT, Message, chat_role, chat_template, end_of_turn_ids, render, special_ids, stop_ids
-from minigpt.engine import SamplingParams
-from minigpt.scheduler import Choice, Done, Job, JobTimeout, PromptScores, QueueFull, Scheduler, Update
+from minigpt.chat_format import (
+    ROLES_HINT,
+    Message,
+    chat_role,
+    chat_template,
+    render,
+)
+from minigpt.scheduler import Choice, Done, Job, PromptScores, Update
+from minigpt.serve_jobs import ClientGone, Server, TextOffsets, sse_event, usage_counts
 from minigpt.serve_protocol import (
-    MAX_CHOICES,
-    MAX_STOP,
     APIError,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
     Gate,
-    Metrics,
-    SamplingRequest,
     TokenizeRequest,
     chat_page,
     validation_error,
@@ -48,211 +45,6 @@ from minigpt.serve_protocol import (
 log = logging.getLogger("minigpt.serve")
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Turning requests into engine jobs
-
-
-class _Channel:
-    """Items from the engine thread, handed to this request's coroutine through an asyncio queue."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[list] = asyncio.Queue()
-        self.started = time.perf_counter()
-
-    def deliver(self, items: list) -> None:  # called on the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, items)
-
-
-class _Gone(Exception):
-    """The client disconnected."""
-
-
-class Server:
-    """Everything the endpoints share: model facts, the scheduler, metrics and settings."""
-
-    def __init__(self, model, tokenizer, cfg, name: str):
-        self.tokenizer, self.cfg, self.name = tokenizer, cfg, name
-        self.scheduler = Scheduler(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.seed)
-        self.window = self.scheduler.window
-        self.vocab_size = self.scheduler.vocab_size
-        self.metrics = Metrics()
-        self.created = int(time.time())
-        self.chat_stop = stop_ids(tokenizer) if tokenizer.chat_token_ids else None
-        self.turn_stop = end_of_turn_ids(tokenizer)  # both endpoints stop where the exported model stops
-        self.special = special_ids(tokenizer)
-        self.token_str = functools.lru_cache(maxsize=1 << 16)(self._token_str)
-
-    def _token_str(self, token: int) -> str:
-        """A token as text, or as `bytes:\\xNN...` when its bytes are not valid UTF-8 on their own (as OpenAI)."""
-        raw = self.tokenizer.token_bytes(token)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise APIError(404, f"The model `{model}` does not exist; this server has `{self.name}`.",
-                           param="model", code="model_not_found")
-
-    def check_prompt(self, ids: list[int], param: str, generating: bool) -> None:
-        if not ids:
-            raise APIError(400, f"The {param} is empty.", param=param, code="invalid_value")
-        limit = self.window - 1 if generating else self.window
-        if len(ids) > limit:
-            room = ", and at least one token must be left for the reply" if generating else ""
-            raise APIError(400, f"This model's maximum context length is {self.window} tokens; the {param} has "
-                                f"{len(ids)} tokens{room}.", param=param, code="context_length_exceeded")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise APIError(400, f"Token ids must be in [0, {self.vocab_size}).", param=param, code="invalid_value")
-
-    def encode(self, text: str) -> list[int]:
-        """Prompt text -> ids; special-token text becomes the special token (as Hugging Face tokenizers do)."""
-        try:
-            return self.tokenizer.encode(text, allowed_special="all")
-        except Exception as exc:  # e.g. lone surrogates from JSON escapes
-            raise APIError(400, f"The text cannot be encoded: {exc}", param="prompt", code="invalid_value"
-                           ) from None
-
-    # -- sampling settings shared by both endpoints --
-
-    def sampling(self, body: SamplingRequest, max_tokens: int, stop_tokens: list[int], top_logprobs: int
-                 ) -> list[SamplingParams]:
-        """One SamplingParams per choice of a prompt: the n choices get seeds seed, seed+1, ... when seeded."""
-        bias = {}
-        for key, value in (body.logit_bias or {}).items():
-            if not re.fullmatch(r"[0-9]{1,9}", key.strip()) or int(key) >= self.vocab_size:
-                raise APIError(400, f"logit_bias keys must be token ids in [0, {self.vocab_size}), not {key!r}.",
-                               param="logit_bias", code="invalid_value")
-            if not -100 <= value <= 100:
-                raise APIError(400, "logit_bias values must be in [-100, 100].", param="logit_bias",
-                               code="invalid_value")
-            bias[int(key)] = float(value)
-        top_k = body.top_k or 0
-        return [SamplingParams(max_new_tokens=max_tokens,
-                               temperature=1.0 if body.temperature is None else body.temperature,
-                               top_k=max(top_k, 0), top_p=1.0 if body.top_p is None else body.top_p,
-                               stop_token_ids=stop_tokens,
-                               seed=None if body.seed is None else (body.seed + i) % 2**64,
-                               presence_penalty=body.presence_penalty or 0.0,
-                               frequency_penalty=body.frequency_penalty or 0.0,
-                               logit_bias=bias, top_logprobs=top_logprobs,
-                               skip_token_ids=() if body.skip_special_tokens is False else self.special)
-                for i in range(body.n or 1)]
-
-    def max_tokens(self, body: SamplingRequest, prompt_tokens: int, default: int, least: int) -> int:
-        """The tokens to generate: as asked, if the longest prompt plus that many fit the window (else a 400, as
-        OpenAI and vLLM answer), or by default `default` cut to the room the window leaves."""
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        value = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if value is None:
-            return max(min(default, self.window - prompt_tokens), least)
-        if value < least or value > self.window:
-            raise APIError(400, f"{param} must be in [{least}, {self.window}] (this model's context window), not "
-                                f"{value}.", param=param, code="invalid_value")
-        if prompt_tokens + value > self.window:
-            raise APIError(400, f"This model's maximum context length is {self.window} tokens. However, you "
-                                f"requested {prompt_tokens + value} tokens ({prompt_tokens} in the prompt, {value} "
-                                f"in the completion). Reduce the prompt or {param}.", param=param,
-                           code="context_length_exceeded")
-        return value
-
-    @staticmethod
-    def stop_strings(body: SamplingRequest) -> list[str]:
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > MAX_STOP:
-            raise APIError(400, f"At most {MAX_STOP} stop strings are allowed.", param="stop", code="invalid_value")
-        return [s for s in stop if s]
-
-    # -- running a job --
-
-    def submit(self, choices: list[Choice], prompt_tokens: int, score_prompts: int | None = None
-               ) -> tuple[Job, _Channel]:
-        if len(choices) > MAX_CHOICES:
-            raise APIError(400, f"A request may ask for at most {MAX_CHOICES} choices (prompts x n).", param="n",
-                           code="invalid_value")
-        channel = _Channel()
-        timeout = self.cfg.request_timeout or None
-        job = Job(choices, channel.deliver, timeout, score_prompts)
-        try:
-            self.scheduler.submit(job)
-        except QueueFull:
-            self.metrics.rejected += 1
-            raise APIError(429, "The server is busy: too many requests are waiting. Retry shortly.",
-                           type="rate_limit_error", code="queue_full") from None
-        except RuntimeError as exc:
-            raise APIError(503, str(exc), type="server_error", code="unavailable") from None
-        self.metrics.prompt_tokens += prompt_tokens
-        return job, channel
-
-    async def items(self, channel: _Channel):
-        """The job's items in order, until Done; engine-side errors become APIErrors."""
-        first = True
-        while True:
-            for item in await channel.queue.get():
-                if isinstance(item, _Gone):
-                    raise item
-                if isinstance(item, BaseException):
-                    raise _engine_error(item)
-                if first and isinstance(item, Update) and item.tokens:
-                    first = False
-                    self.metrics.first_token(time.perf_counter() - channel.started)
-                yield item
-                if isinstance(item, Done):
-                    return
-
-    async def collect(self, request: Request, job: Job, channel: _Channel) -> list:
-        """All items of a job not streamed, cancelling it if the client disconnects meanwhile."""
-
-        async def watch():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            self.scheduler.cancel(job)
-            channel.queue.put_nowait([_Gone()])
-
-        watcher = asyncio.create_task(watch())
-        try:
-            return [item async for item in self.items(channel)]
-        finally:
-            watcher.cancel()
-            self.scheduler.cancel(job)  # a no-op when it finished; frees its rows when it did not
-
-
-def _engine_error(exc: BaseException) -> APIError:
-    if isinstance(exc, JobTimeout):
-        return APIError(503, "The server was too busy to start this request within its time limit.",
-                        type="server_error", code="timeout")
-    if isinstance(exc, ValueError):
-        return APIError(400, str(exc), code="invalid_value")
-    return APIError(500, f"The engine failed: {exc}", type="server_error", code="engine_error")
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
-class _Offsets:
-    """Character offset of each token in the text decoded so far (OpenAI's `text_offset`)."""
-
-    def __init__(self, token_bytes) -> None:
-        self._bytes = token_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.chars = 0
-
-    def take(self, tokens: list[int]) -> list[int]:
-        out = []
-        for t in tokens:
-            out.append(self.chars)
-            self.chars += len(self._utf8.decode(self._bytes(t)))
-        return out
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,7 +110,7 @@ async def chat_completions(server: Server, body: ChatRequest, request: Request):
                         yield {**chunk_head, "choices": [{"index": item.index, "delta": {}, "logprobs": None,
                                                           "finish_reason": item.finish_reason}]}
                 elif isinstance(item, Done) and include_usage:
-                    yield {**chunk_head, "choices": [], "usage": _usage(len(prompt), item.completion_tokens)}
+                    yield {**chunk_head, "choices": [], "usage": usage_counts(len(prompt), item.completion_tokens)}
 
         return _streaming(server, job, chunks())
 
@@ -333,7 +125,7 @@ async def chat_completions(server: Server, body: ChatRequest, request: Request):
                 logprobs[item.index] += logprob_items(item)
             finish[item.index] = item.finish_reason or finish[item.index]
         elif isinstance(item, Done):
-            usage = _usage(len(prompt), item.completion_tokens)
+            usage = usage_counts(len(prompt), item.completion_tokens)
     choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
                 "logprobs": {"content": logprobs[i]} if body.logprobs else None, "finish_reason": finish[i]}
                for i in range(len(params))]
@@ -375,7 +167,7 @@ async def completions(server: Server, body: CompletionRequest, request: Request)
     job, channel = server.submit(choices, prompt_tokens, score_prompts=score)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": ident, "object": "text_completion", "created": created, "model": server.name}
-    offsets = [_Offsets(server.tokenizer.token_bytes) for _ in choices]
+    offsets = [TextOffsets(server.tokenizer.token_bytes) for _ in choices]
     echoed = [not body.echo] * len(choices)
 
     def top_dict(top, token: int, lp: float) -> dict[str, float]:
@@ -421,7 +213,7 @@ async def completions(server: Server, body: CompletionRequest, request: Request)
                         yield {**head, "choices": [{"index": index, "text": text, "logprobs": lp,
                                                     "finish_reason": finish}]}
                 if isinstance(item, Done) and include_usage:
-                    yield {**head, "choices": [], "usage": _usage(prompt_tokens, item.completion_tokens)}
+                    yield {**head, "choices": [], "usage": usage_counts(prompt_tokens, item.completion_tokens)}
 
         return _streaming(server, job, chunks())
 
@@ -440,7 +232,7 @@ async def completions(server: Server, body: CompletionRequest, request: Request)
                     for key in lp:
                         merged[index][key] += lp[key]
         if isinstance(item, Done):
-            usage = _usage(prompt_tokens, item.completion_tokens)
+            usage = usage_counts(prompt_tokens, item.completion_tokens)
     out = [{"index": i, "text": "".join(texts[i]), "logprobs": merged[i] if want_logprobs else None,
             "finish_reason": finish[i]} for i in range(len(choices))]
     for i in range(len(choices)):
@@ -461,13 +253,13 @@ def _streaming(server: Server, job: Job, chunks) -> StreamingResponse:
     async def events():
         try:
             async for chunk in chunks:
-                yield _sse(chunk)
+                yield sse_event(chunk)
             yield "data: [DONE]\n\n"
         except APIError as exc:
-            yield _sse(exc.body())
+            yield sse_event(exc.body())
         except Exception:  # a bug: the client still gets an error event rather than a stream cut without [DONE]
             log.exception("streaming a response failed")
-            yield _sse(APIError(500, "Internal error while streaming.", type="server_error",
+            yield sse_event(APIError(500, "Internal error while streaming.", type="server_error",
                                 code="engine_error").body())
         finally:
             server.scheduler.cancel(job)
@@ -502,8 +294,8 @@ def build_app(model, tokenizer, cfg, name: str) -> FastAPI:  # noqa: C901 (docs/
     async def _invalid(request: Request, exc: RequestValidationError):
         return _json_error(validation_error(list(exc.errors())))
 
-    @app.exception_handler(_Gone)
-    async def _gone(request: Request, exc: _Gone):
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
         return Response(status_code=499)  # nobody reads it: the status nginx logs for "client closed request"
 
     @app.exception_handler(StarletteHTTPException)

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from minigpt.chat import CHAT_DECODING
+from minigpt.chat_format import CHAT_DECODING
 
 # ----------------------------------------------------------------------------------------------------------------
 # Errors in OpenAI's shape

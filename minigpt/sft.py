@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from minigpt import config as configlib
-from minigpt.chat import render, stop_ids
+from minigpt.chat_format import render, stop_ids
 from minigpt.common import UserError, print0
 from minigpt.config import opt
 from minigpt.conversations import (  # noqa: F401  (the names scripts and the quickstart import from here)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from minigpt import conversations as convlib
-from minigpt.chat import render
+from minigpt.chat_format import render
 from minigpt.common import UserError, is_held_out, progress, read_json, write_json
 from minigpt.shards import ShardWriter, cpu_count, open_shard
 

@@ -8,7 +8,8 @@ import sys
 import pexpect
 import pytest
 
-from minigpt.chat import ChatSession, Message, fit_to_window, render
+from minigpt.chat import ChatSession
+from minigpt.chat_format import Message, fit_to_window, render
 from minigpt.checkpoint import load_run
 from minigpt.cli import main as cli_main
 from minigpt.tokenizer import Tokenizer

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from minigpt.chat import Message
+from minigpt.chat_format import Message
 from minigpt.common import UserError
 from minigpt.conversations import (
     FieldMap,

@@ -174,7 +174,7 @@ def test_text_decoder_leaves_out_skipped_tokens():
 
 
 def test_sample_stops_at_a_chat_runs_end_of_turn(chat_run, capsys):
-    from minigpt.chat import end_of_turn_ids
+    from minigpt.chat_format import end_of_turn_ids
     from minigpt.checkpoint import load_run
     from minigpt.cli import main as cli_main
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from minigpt import hf_tokenizer
-from minigpt.chat import render
+from minigpt.chat_format import render
 from minigpt.checkpoint import load_run, resolve_checkpoint, save_checkpoint
 from minigpt.cli import main as cli
 from minigpt.engine import Engine, SamplingParams

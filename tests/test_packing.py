@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.chat import render
+from minigpt.chat_format import render
 from minigpt.model import GPT, ModelConfig, document_attention
 from minigpt.sft_batches import (
     ConversationBatches,

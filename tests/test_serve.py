@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from minigpt.chat import end_of_turn_ids, render, stop_ids  # noqa: E402
+from minigpt.chat_format import end_of_turn_ids, render, stop_ids  # noqa: E402
 from minigpt.checkpoint import load_run  # noqa: E402
 from minigpt.engine import Engine, SamplingParams  # noqa: E402
 from minigpt.model import GPT, ModelConfig  # noqa: E402

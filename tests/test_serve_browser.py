@@ -24,7 +24,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from minigpt.chat import CHAT_DECODING  # noqa: E402
+from minigpt.chat_format import CHAT_DECODING  # noqa: E402
 from minigpt.checkpoint import load_run  # noqa: E402
 from minigpt.model import GPT, ModelConfig  # noqa: E402
 from minigpt.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.chat import Message, render
+from minigpt.chat_format import Message, render
 from minigpt.checkpoint import load_run
 from minigpt.cli import main as cli_main
 from minigpt.conversations import load_conversations

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from minigpt import sft_data
-from minigpt.chat import render
+from minigpt.chat_format import render
 from minigpt.common import is_held_out
 from minigpt.conversations import SPLIT_BYTEORDER, FieldMap, load_conversations
 from minigpt.sft_data import PrepareSettings, prepare_source
