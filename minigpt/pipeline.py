@@ -4,8 +4,8 @@
     splitter = Splitter(seed=0, val_fraction=0.005)                            # the split rule, resumable
     for chunk, resume in chunks(reader, splitter, skipped, chunk_chars=250_000):
         ...                                   # resume: where a later run continues after this chunk, or None
-    with Encoder("gpt2", tokenizer, dtype, workers) as encoder:
-        for (train, val, train_bytes, val_bytes), tag in encoder.map(tagged_chunks): ...
+    with encoder("gpt2", tokenizer, dtype, workers) as pool:                 # workers.OrderedPool
+        for (train, val, train_bytes, val_bytes), tag in pool.map_tagged(tagged_chunks): ...
 
 Everything here runs in the main process except `_encode_chunk`, which runs in worker processes (see shards.py for
 how the results are written, and docs/data.md for the rule below).
@@ -22,20 +22,18 @@ whose predecessor went to the other split starts a new stretch with one.
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from minigpt import corpus
 from minigpt.common import is_held_out
+from minigpt.workers import OrderedPool
 
 LARGE_DOC_CHARS = 2**20  # documents longer than this are split into sections for the train/validation split
 SECTION_CHARS = 2**16  # the most characters of one section
-IN_FLIGHT = 2  # chunks queued per worker
 
 Chunk = list[tuple[int, bool, str]]  # (split index: 0 train, 1 validation; end-of-text before it; text)
 
@@ -207,41 +205,8 @@ def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, int, int]:
     return np.array(out[0], _worker["dtype"]), np.array(out[1], _worker["dtype"]), nbytes[0], nbytes[1]
 
 
-class Encoder:
-    """Chunks -> encoded chunks, in order, on `workers` processes (or in this process when there is one)."""
-
-    def __init__(self, spec: str, tokenizer, dtype: np.dtype, workers: int) -> None:
-        self.spec, self.tokenizer, self.dtype, self.workers = spec, tokenizer, dtype, workers
-        self.pool = None
-
-    def __enter__(self) -> Encoder:
-        if self.workers > 1:
-            # fork starts workers in milliseconds with the tokenizer code already imported; spawn elsewhere.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(
-                self.workers, initializer=_init_worker, initargs=(self.spec, self.dtype.str))
-        else:
-            _worker.update(tokenizer=self.tokenizer, dtype=self.dtype)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-        _worker.clear()
-
-    def map(self, tagged: Iterable[tuple[Chunk, Any]]) -> Iterator[tuple[tuple[np.ndarray, np.ndarray, int, int], Any]]:
-        """(chunk, tag) -> (encoded chunk, tag), in order; the tag rides along untouched."""
-        if self.pool is None:
-            for chunk, tag in tagged:
-                yield _encode_chunk(chunk), tag
-            return
-        pending: deque = deque()
-        for chunk, tag in tagged:
-            pending.append((self.pool.apply_async(_encode_chunk, (chunk,)), tag))
-            if len(pending) >= IN_FLIGHT * self.workers:  # bounded: the corpus is never read ahead of the writer
-                result, tag = pending.popleft()
-                yield result.get(), tag
-        while pending:
-            result, tag = pending.popleft()
-            yield result.get(), tag
+def encoder(spec: str, tokenizer, dtype: np.dtype, workers: int) -> OrderedPool:
+    """Chunks -> (train tokens, val tokens, train bytes, val bytes), in order, on `workers` processes (each loads
+    the tokenizer `spec`), or in this process with `tokenizer` when there is one."""
+    return OrderedPool(_encode_chunk, workers, _init_worker, (spec, dtype.str),
+                       local_init=lambda: _worker.update(tokenizer=tokenizer, dtype=dtype), reset=_worker.clear)

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import multiprocessing
 import os
 import re
 import shutil
 import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from minigpt import conversations as convlib
 from minigpt.chat_format import render
 from minigpt.common import UserError, is_held_out, progress, read_json, write_json
 from minigpt.shards import ShardWriter, cpu_count, open_shard
+from minigpt.workers import OrderedPool
 
 FORMAT = "minigpt-sft-data"
 FORMAT_VERSION = 1
@@ -53,7 +53,6 @@ SPLITS = ("train", "val")
 TRAINED_BIT = np.uint32(1 << 31)
 CHUNK_BYTES = 1 << 20  # raw input handed to a worker at a time
 CHUNK_RECORDS = 2000  # ... or this many records, for sources whose size is not known (bundled, hub)
-IN_FLIGHT = 2  # chunks queued per worker
 ONE_SHARD = 1 << 62  # every conversation of a split in one file: a conversation never spans two shards
 
 
@@ -189,40 +188,6 @@ def _encode_chunk(chunk: list[tuple[str, Any, int]]) -> _Encoded:
     return _Encoded(as_words, as_index, skipped, unrecognised, sum(n for _, _, n in chunk))
 
 
-class _Pool:
-    """Chunks -> encoded chunks, in order, on `workers` processes (or in this process when there is one)."""
-
-    def __init__(self, tokenizer_path: str, settings: PrepareSettings, workers: int):
-        self.args, self.workers, self.pool = (tokenizer_path, settings), workers, None
-
-    def __enter__(self) -> _Pool:
-        if self.workers > 1:
-            # fork starts workers in milliseconds with the code already imported; spawn where there is no fork
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(self.workers, _init_worker, self.args)
-        else:
-            _init_worker(*self.args)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-        _worker.clear()
-
-    def map(self, chunks: Iterable[list]) -> Iterator[_Encoded]:
-        if self.pool is None:
-            yield from map(_encode_chunk, chunks)
-            return
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(self.pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= IN_FLIGHT * self.workers:  # bounded: the source is never read ahead of the writer
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
 def _chunks(records: Iterable[tuple[str, Any, int]]) -> Iterator[list]:
     chunk: list = []
     size = 0
@@ -301,7 +266,8 @@ def _write(source: str, tokenizer, settings: PrepareSettings, tmp: Path, quiet: 
     size = convlib.source_size(source)
     bar_args = dict(unit="B", unit_scale=True, unit_divisor=1000) if size else dict(unit="chunk")
     try:
-        with _Pool(str(tokenizer_path), settings, workers) as pool, \
+        with OrderedPool(_encode_chunk, workers, _init_worker, (str(tokenizer_path), settings),
+                         reset=_worker.clear) as pool, \
                 progress(size, desc=f"prepare {source}", disable=quiet or None, **bar_args) as bar:
             for encoded in pool.map(_chunks(convlib.iter_records(source, settings.fields, skipped))):
                 for s, split in enumerate(SPLITS):

@@ -385,11 +385,11 @@ class _Run:
         self.total = self.journal.get("total_bytes") if self.journal is not None else self._known_total()
         start = time.perf_counter()
         try:
-            with pipeline.Encoder(cfg.tokenizer, self.tokenizer, self.dtype, workers) as encoder, \
+            with pipeline.encoder(cfg.tokenizer, self.tokenizer, self.dtype, workers) as encoder, \
                     progress(self.total, desc="prepare", unit="B", unit_scale=True, unit_divisor=1000,
                              initial=self.resumed_bytes) as bar:
                 chunks = pipeline.chunks(self.reader, self.splitter, self.skipped, cfg.chunk_chars)
-                for (train, val, train_bytes, val_bytes), resume in encoder.map(chunks):
+                for (train, val, train_bytes, val_bytes), resume in encoder.map_tagged(chunks):
                     self._write(train, val, train_bytes, val_bytes, resume)
                     bar.update(train_bytes + val_bytes)
                     if self.total is None:
