@@ -58,23 +58,40 @@ class ScheduleSettings(Protocol):
 # Muon
 
 
-def orthogonalise(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """G -> approximately U V^T of its SVD, by a quintic Newton-Schulz iteration (Keller Jordan's coefficients, as
-    in torch.optim.Muon): the singular values land near 1 (between about 0.7 and 1.2), which is all Muon needs.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, torch.optim.Muon's default
 
-    bf16 on GPUs, where it is fast and Muon is known to tolerate it; fp32 on CPUs, whose bf16 matmuls are slower
-    than fp32 ones (3x here on 2 cores).
-    """
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs, where it is fast and Muon is known to tolerate it (torch.optim.Muon always uses it); fp32 on
+    CPUs, whose bf16 matmuls are slower than fp32 ones (3x here on 2 cores)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def orthogonalise(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """G (m, n) -> approximately U V^T of its SVD, by a quintic Newton-Schulz iteration (torch.optim.Muon's, the
+    same operations in the same order): the singular values land between about 0.6 and 1.3, which is all Muon
+    needs. Computed in `newton_schulz_dtype`; returned in it."""
+    a, b, c = coefficients
+    x = g.to(newton_schulz_dtype(g.device))
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.T
-    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        gram = x @ x.T  # (m, m), m the smaller side
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
     return x.T if tall else x
+
+
+def update_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """What Muon multiplies its lr by for a matrix of `shape` (torch.optim.Muon's two rules). match_rms_adamw
+    (Moonlight, Liu et al. 2025): 0.2 x sqrt(larger side), which gives the orthogonalised update the RMS of an
+    AdamW update, so Muon's lr and weight decay mean what AdamW's do, at any width."""
+    rows, cols = shape
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))  # "original" (Keller Jordan's)
 
 
 class Muon(torch.optim.Muon):
@@ -99,28 +116,26 @@ class Muon(torch.optim.Muon):
                     continue
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)  # fp32, like the parameter
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = _whole_matrix_step(update, group["ns_steps"])
-                # the same update size per element for every shape, and Muon's lr means AdamW's (Moonlight, 2025)
-                rows, cols = p.shape
-                scale = 0.2 * math.sqrt(max(rows, cols))
+                update = _whole_matrix_step(update, group["ns_steps"], group["ns_coefficients"], group["eps"])
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * scale)
+                p.add_(update.to(p.dtype), alpha=-lr * update_scale(p.shape, group["adjust_lr_fn"]))
         return loss
 
 
-def _whole_matrix_step(update: torch.Tensor, steps: int) -> torch.Tensor:
+def _whole_matrix_step(update: torch.Tensor, steps: int, coefficients: tuple[float, float, float],
+                       eps: float) -> torch.Tensor:
     """Orthogonalise `update`; a DTensor (an FSDP shard) is gathered first and its own rows handed back."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(update, DTensor):
-        whole = orthogonalise(update.full_tensor(), steps)
+        whole = orthogonalise(update.full_tensor(), steps, coefficients, eps)
         # every process computed the same matrix: each keeps its rows, nothing is sent
         return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
-    return orthogonalise(update, steps)
+    return orthogonalise(update, steps, coefficients, eps)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -137,9 +152,8 @@ class MuonAdamW(torch.optim.Optimizer):
         self.muon.state = self.adamw.state = self.state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if len(state_dict["param_groups"]) != len(self.param_groups) or any(
-                saved.get("optimizer", "adamw") != group.get("optimizer", "adamw")
-                for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True)):
+        if [optimizer_kind([g]) for g in state_dict["param_groups"]] != [optimizer_kind([g]) for g in
+                                                                          self.param_groups]:
             raise ValueError("the saved optimizer is not Muon with AdamW over the same groups")
         super().load_state_dict(state_dict)  # builds new group dicts and a new state: the two share them again
         self._share()
@@ -153,6 +167,24 @@ class MuonAdamW(torch.optim.Optimizer):
         self.muon.step()
         self.adamw.step()
         return loss
+
+
+def check_optimizer_settings(cfg: OptimizerSettings | ScheduleSettings) -> None:
+    """ValueError (one line for the user) for settings no optimizer or schedule can run with."""
+    if cfg.lr <= 0 or cfg.muon_lr <= 0:
+        raise ValueError(f"lr ({cfg.lr}) and muon_lr ({cfg.muon_lr}) must be positive")
+    if not 0 <= cfg.min_lr_ratio <= 1 or not 0 < cfg.decay_fraction <= 1:
+        raise ValueError("min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
+    if not 0 <= cfg.muon_momentum < 1 or cfg.muon_weight_decay < 0:
+        raise ValueError("muon_momentum must be in [0, 1) and muon_weight_decay at least 0")
+    if cfg.muon_ns_steps < 1 or cfg.muon_momentum_warmup < 0:
+        raise ValueError("muon_ns_steps must be at least 1 and muon_momentum_warmup at least 0")
+
+
+def optimizer_kind(param_groups: list[dict[str, Any]]) -> str:
+    """"muon" when a group is Muon's (make_optimizer marks it), else "adamw": what --optimizer built these groups
+    (live ones or a checkpoint's)."""
+    return "muon" if any(group.get("optimizer") == "muon" for group in param_groups) else "adamw"
 
 
 # ----------------------------------------------------------------------------------------------------------------

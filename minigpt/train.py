@@ -44,7 +44,7 @@ from minigpt.common import UserError, print0, progress, seed_everything, write_j
 from minigpt.config import opt
 from minigpt.log import MetricsLogger, evaluation_line, plot_loss_curves, summary_line
 from minigpt.model import GPT, ModelConfig
-from minigpt.optim import apply_schedule, make_optimizer
+from minigpt.optim import apply_schedule, check_optimizer_settings, make_optimizer
 from minigpt.parallel import accumulation, gathered_copy, global_norm, shard_model
 from minigpt.runtime import (
     Runtime,
@@ -78,9 +78,8 @@ class TrainConfig:
     batch_tokens: int = opt(0, "tokens per optimizer step; gradient accumulation makes up the difference "
                                "(0: one micro-batch per process)")
     max_steps: int = opt(500, "optimizer steps in all (the default takes about 4 minutes on 2 CPU cores)")
-    optimizer: Literal["adamw", "muon"] = opt("adamw", "adamw: AdamW on every parameter (GPT-2's recipe); muon: Muon "
-                                                        "on the blocks' weight matrices, AdamW on the rest "
-                                                        "(docs/training.md)")
+    optimizer: Literal["adamw", "muon"] = opt("adamw", "adamw: AdamW on every parameter (GPT-2's recipe); muon: "
+                                                        "Muon on the blocks' matrices, AdamW on the rest")
     lr: float = opt(3e-3, "peak learning rate (AdamW's)")
     schedule: Literal["cosine", "wsd"] = opt("cosine", "after the warm-up: cosine down to lr x min_lr_ratio, or wsd "
                                                        "(hold the peak, then a straight line down to it over the "
@@ -154,13 +153,7 @@ class TrainConfig:
         if min(self.seq_len, self.batch_tokens, self.warmup_steps, self.eval_batches, self.eval_tasks_limit) < 0:
             raise ValueError("seq_len, batch_tokens, warmup_steps, eval_batches and eval_tasks_limit may not be "
                              "negative")
-        if self.lr <= 0 or self.muon_lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("lr and muon_lr must be positive and min_lr_ratio in [0, 1]")
-        if not 0 < self.decay_fraction <= 1 or not 0 <= self.muon_momentum < 1 or self.muon_weight_decay < 0:
-            raise ValueError("decay_fraction must be in (0, 1], muon_momentum in [0, 1) and muon_weight_decay at "
-                             "least 0")
-        if self.muon_ns_steps < 1 or self.muon_momentum_warmup < 0:
-            raise ValueError("muon_ns_steps must be at least 1 and muon_momentum_warmup at least 0")
+        check_optimizer_settings(self)
         self.tracker = tracker_names(self.tracker)
 
 
@@ -573,8 +566,6 @@ class Trainer:
 def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = None, stage: str = "train") -> Path:
     """Train by `cfg`; returns the run folder. `data` and `model` let fine-tuning supply its own."""
     return Trainer(cfg, data, model, stage).run()
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
