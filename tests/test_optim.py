@@ -219,3 +219,25 @@ def test_resuming_with_the_other_optimizer_is_one_line_naming_the_one_to_pass(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"was trained with --optimizer {first}" in err[0]
     assert f"pass --optimizer {first} to resume it" in err[0]
+
+
+def test_under_bf16_autocast_newton_schulz_runs_outside_it_on_fp32_momentum(monkeypatch):
+    """train_step's autocast covers the forward passes only: Muon's step (its momentum and Newton-Schulz) sees fp32
+    gradients and keeps fp32 buffers, whatever the precision of the matmuls before it."""
+    from minigpt.train import train_step
+
+    seen = []
+    real = optim.orthogonalise
+
+    def recording(g, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), g.dtype))
+        return real(g, *args, **kwargs)
+
+    monkeypatch.setattr(optim, "orthogonalise", recording)
+    model = GPT(ModelConfig(**SMALL))
+    opt = make_optimizer(model, muon_config(), torch.device("cpu"))
+    x = torch.randint(0, SMALL["vocab_size"], (2, SMALL["block_size"]))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_step(model, [(x, x)], opt, scaler, precision="bf16", device=torch.device("cpu"), grad_clip=1.0)
+    assert seen and set(seen) == {(False, torch.float32)}
+    assert {s["momentum_buffer"].dtype for s in opt.state.values() if "momentum_buffer" in s} == {torch.float32}
