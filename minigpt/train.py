@@ -590,7 +590,7 @@ def main(args) -> None:
     if args.dry_run:
         from minigpt.dry_run import train_dry_run
 
-        print(train_dry_run(cfg, builds_default_data=cfg.data == DEFAULT_DATA and bool(cfg.corpus)), end="")
+        print(train_dry_run(cfg, cfg.data == DEFAULT_DATA and bool(cfg.corpus), args.config), end="")
         return
     try:
         train(cfg)
