@@ -337,7 +337,8 @@ def format_plan(p: Plan, cfg: PlanConfig) -> str:
         ("peak memory per GPU", lambda c, r: gib(r.memory.total)),
         ("hours (kept share included)", lambda c, r: f"{c.hours:.2f}"),
         ("dollars", lambda c, r: f"${c.usd:,.2f}" if c.usd is not None else "-"),
-        (f"checkpoint (weights + {cfg.optimizer})", lambda c, r: f"{r.checkpoint_bytes / 1e9:.2f} GB"),
+        (f"checkpoint (weights + {'Muon/AdamW' if muon else 'AdamW'})",
+         lambda c, r: f"{r.checkpoint_bytes / 1e9:.2f} GB"),
         (f"disk, {cfg.keep_last + 2} checkpoints at most", lambda c, r: f"{r.checkpoint_disk_bytes / 1e9:.1f} GB"),
         *[("expected val loss, AdamW (estimate)", lambda c, r: f"{r.adamw_expected_loss:.2f}")] * muon,
         (f"expected val loss{', Muon' * muon} (estimate)", lambda c, r: f"{r.expected_loss:.2f}")]
