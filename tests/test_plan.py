@@ -356,11 +356,12 @@ def test_cli_on_a_cpu_prints_table_commands_and_json():
     assert data["candidates"][0]["run"]["memory"]["total"] > 0
 
 
-def test_worked_example_in_the_docs_is_the_current_output():
+@pytest.mark.parametrize("marker, optimizer", [("plan-example", "adamw"), ("plan-muon-example", "muon")])
+def test_worked_example_in_the_docs_is_the_current_output(marker, optimizer):
     text = (REPO / "docs" / "plan.md").read_text()
-    start = text.index("<!-- plan-example -->\n```\n") + len("<!-- plan-example -->\n```\n")
+    start = text.index(f"<!-- {marker} -->\n```\n") + len(f"<!-- {marker} -->\n```\n")
     shown = text[start:text.index("```", start)]
-    cfg = planlib.PlanConfig(gpu="A100-40GB", usd=15, usd_per_hour=1.29)
+    cfg = planlib.PlanConfig(gpu="A100-40GB", usd=15, usd_per_hour=1.29, optimizer=optimizer)
     assert shown.strip() == planlib.format_plan(planlib.plan(cfg), cfg).strip()
 
 
