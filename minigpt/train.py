@@ -8,7 +8,7 @@
 One optimizer step:
     for each of `grad_accum` micro-batches (B, T):   loss_sum += CE(model(x), y)   (autocast in bf16/fp16)
     loss = loss_sum / (targets counted over the whole step and every rank); backward (all-reduce once, at the last)
-    clip the gradient norm; AdamW step at the warm-up/cosine learning rate; zero the gradients
+    clip the gradient norm; optimizer step (AdamW, or Muon + AdamW: optim.py) at the schedule's lr; zero grads
 
 Normalising by the targets of the whole step makes accumulation and data parallelism exact: 2 ranks x B rows
 give the same update as 1 rank x 2B rows, and masked targets (-100, in fine-tuning) never count.

@@ -167,6 +167,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--muon-lr", "-1"], "muon_lr (-1.0) must be positive"),
     (["--optimizer", "muon", "--muon-params", "h.*"], "Muon steps 2-D weight matrices only"),
     (["--optimizer", "muon", "--muon-params", "blocks.*"], "match no parameter"),
+    (["--optimizer", "muon", "--muon-params", "h.*", "--dry-run"], "Muon steps 2-D weight matrices only"),
 ])
 def test_bad_optimizer_settings_are_one_line_and_exit_2(tmp_path, tiny_shards, flags, says):
     result = run_cli("--run-dir", str(tmp_path / "run"), "--data", str(tiny_shards), "--device", "cpu",
