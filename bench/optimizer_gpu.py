@@ -8,7 +8,7 @@ token-efficiency factor `minigpt plan --optimizer muon` would otherwise take fro
 Each row is `minigpt.train.train()` itself, the real loop, in a temporary run folder, from the same initial weights
 on the same windows of the same shards, with the same batch, steps, warm-up, schedule and clipping; only the
 optimizer differs (AdamW: gpt2-124m's lr 6e-4 scaled by --lr-scale; Muon: gpt2-124m-muon's, muon_lr = lr, the two
-recipes' other settings). The data: shards made with GPT-2's tokenizer (`minigpt prepare --sources wiki,news,bible
+recipes' other settings). The data: shards made with GPT-2's tokenizer (`minigpt prepare --sources wiki news bible
 --tokenizer gpt2 --out data/bundled-gpt2` here, carried to the GPU, which has no network); a few million tokens, so
 a 600-step run sees them a few times: a comparison at equal tokens, not a FineWeb run.
 
