@@ -17,7 +17,7 @@
 # `optimizer DATA`: bench/optimizer_gpu.py (600 steps of each optimizer, same tokens: val-loss curves, tokens/s, the
 # measured token-efficiency factor) into optimizer_gpu.{log,stderr,json}, within TIMEOUT_S (default 270) seconds.
 # DATA: shards made here with GPT-2's tokenizer and carried (the GPU has no network), e.g.
-#     minigpt prepare --sources wiki news bible --tokenizer gpt2 --out data/bundled-gpt2
+#     minigpt prepare --sources wiki news bible --tokenizer gpt2 --val-fraction 0.05 --out data/bundled-gpt2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-random}"
