@@ -4,6 +4,7 @@
 #     bash bench/gpu_session.sh                      # uniform random tokens: needs nothing but torch and minigpt
 #     bash bench/gpu_session.sh data/fineweb-gpt2    # a carried shards folder (minigpt prepare, GPT-2 tokenizer)
 #     bash bench/gpu_session.sh random --only fused,ref --steps 50     # further flags go to train_gpu.py
+#     bash bench/gpu_session.sh optimizer data/bundled-gpt2   # AdamW vs Muon on GPT-2 124M instead (optimizer_gpu.py)
 #
 # Runs from the repository copy without installing anything: PYTHONPATH points at it (the image has torch, numpy,
 # regex, tiktoken, safetensors, tqdm, matplotlib, pyyaml). Writes into $OUT (default ./out):
@@ -13,6 +14,10 @@
 #     train_gpu.json      the rows, rewritten after every row (so a timeout still leaves the finished ones)
 # Time: at most 20 s + 40 s for the checks and TIMEOUT_S (default 480) for the benchmark, 9 minutes in all; rows
 # stop starting after BUDGET_S (default 330) seconds, so the benchmark normally ends by itself with a full table.
+# `optimizer DATA`: bench/optimizer_gpu.py (600 steps of each optimizer, same tokens: val-loss curves, tokens/s, the
+# measured token-efficiency factor) into optimizer_gpu.{log,stderr,json}, within TIMEOUT_S (default 270) seconds.
+# DATA: shards made here with GPT-2's tokenizer and carried (the GPU has no network), e.g.
+#     minigpt prepare --sources wiki news bible --tokenizer gpt2 --val-fraction 0.05 --out data/bundled-gpt2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-random}"
@@ -57,6 +62,14 @@ if missing:
 print("gpu_session: every import the benchmark needs is here")
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+
+if [ "$DATA" = optimizer ]; then
+    timeout -k 10 "${TIMEOUT_S:-270}" "$PY" bench/optimizer_gpu.py --data "${2:?optimizer needs a shards folder}" \
+        --json "$OUT/optimizer_gpu.json" "${@:3}" 2> "$OUT/optimizer_gpu.stderr" | tee "$OUT/optimizer_gpu.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "optimizer_gpu.py exit status $rc"; tail -n 25 "$OUT/optimizer_gpu.stderr"; }
+    exit "$rc"
+fi
 
 timeout -k 10 "${TIMEOUT_S:-480}" "$PY" bench/train_gpu.py --data "$DATA" --json "$OUT/train_gpu.json" \
     --budget-s "${BUDGET_S:-330}" "${@:2}" 2> "$OUT/train_gpu.stderr" | tee "$OUT/train_gpu.log"

@@ -43,6 +43,7 @@ from minigpt.checkpoint import (
     unwrap,
 )
 from minigpt.common import UserError, write_json
+from minigpt.optim import optimizer_kind
 
 
 def _rank() -> tuple[int, int]:
@@ -148,6 +149,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
     a sharded optimizer (each process keeps its rows of each moment), a sharded one into either (each process reads
     the rows it needs from whichever shards hold them).
     """
+    saved_kind, kind = optimizer_kind(saved["param_groups"]), optimizer_kind(optimizer.param_groups)
+    if saved_kind != kind:
+        raise UserError(f"{ckpt} was trained with --optimizer {saved_kind} and this run asks for --optimizer "
+                        f"{kind}: pass --optimizer {saved_kind} to resume it (or --init-from it in a new --run-dir "
+                        f"to start {kind} from its weights)")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if is_sharded(ckpt):
         saved = _read_moments(optimizer, model, saved, ckpt)

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from minigpt.common import UserError, disk_full
 
@@ -50,6 +51,14 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag or value is one line and exit 2, as every other user error (argparse would print the whole
+    usage, dozens of lines, above it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     top = _top_parser()
@@ -59,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parsed = top.parse_args(argv[:1])
     name, module_name, help_ = next(s for s in STAGES if s[0] == parsed.stage)
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"minigpt {name}", description=help_,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog=f"minigpt {name}", description=help_,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
     run = getattr(module, f"{name}_main", None) or module.main
     add_arguments(parser)

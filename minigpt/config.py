@@ -172,6 +172,23 @@ def list_recipes(stage: str | None = None) -> list[tuple[str, str, str]]:
     return out
 
 
+def recipe_expectation(name: str | None) -> str | None:
+    """The `# Expected: ...` paragraph of a shipped recipe's header (continued on lines starting `#   `), as one
+    line: what a run should reach and where the numbers come from, for --dry-run. None for other files."""
+    path = recipe_path(name or "")
+    if path is None:
+        return None
+    found: list[str] = []
+    for line in path.read_text().splitlines():
+        if line.startswith("# Expected:"):
+            found.append(line.removeprefix("# Expected:").strip())
+        elif found and line.startswith("#   "):
+            found.append(line.strip("# ").strip())
+        elif found:
+            break
+    return " ".join(found) or None
+
+
 def format_recipes(stage: str) -> str:
     """`--list-configs`: the shipped recipes of a stage, one per line, name and what it is."""
     rows = list_recipes(stage)

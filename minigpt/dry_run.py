@@ -25,10 +25,14 @@ from pathlib import Path
 import torch
 
 from minigpt.common import world_size
+from minigpt.config import recipe_expectation
 from minigpt.model import GPT, ModelConfig
 
 TOO_MANY_EPOCHS = 4  # more passes than this over the same tokens: memorising more than learning
 GPT2_VOCAB = 50257
+
+
+STATE = {"adamw": "AdamW moments", "muon": "Muon's momentum, AdamW's moments"}  # a checkpoint's optimizer state
 
 
 @dataclasses.dataclass
@@ -49,6 +53,7 @@ class RunShape:
     chunk_rows: int
     gpu: object = None  # estimate.GPUSpec: the card planned for when this machine has none
     parallel: str = "ddp"
+    optimizer: str = "adamw"
 
 
 def _size(n: float) -> str:
@@ -95,7 +100,8 @@ def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tup
                             grad_accum=shape.grad_accum, world=shape.world, steps=shape.steps,
                             precision=shape.precision, gpu=gpu, mfu=None,
                             checkpointing=shape.model.gradient_checkpointing, keep_checkpoints=shape.keep_last,
-                            loss_chunk_rows=shape.chunk_rows, parallel=shape.parallel)
+                            loss_chunk_rows=shape.chunk_rows, parallel=shape.parallel,
+                            optimizer=shape.optimizer)
     lines, warnings = [], []
     lines.append(f"batch:       {shape.micro_batch} x {shape.seq_len} tokens x {shape.grad_accum} micro-batch"
                  f"{'es' if shape.grad_accum > 1 else ''} x {shape.world} process{'es' if shape.world > 1 else ''}"
@@ -113,14 +119,14 @@ def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tup
     saves = math.ceil(shape.steps / every)
     minutes = f" and every {shape.checkpoint_minutes:g} minutes" if shape.checkpoint_minutes else ""
     lines.append(f"checkpoints: every {every:,} steps{minutes} and at the end (about {saves} by steps); "
-                 f"{_bytes(est.checkpoint_bytes)} each (weights and AdamW moments); {shape.keep_last} kept + the "
-                 f"best + the one being written: {_bytes(est.checkpoint_disk_bytes)} on disk at most, about "
+                 f"{_bytes(est.checkpoint_bytes)} each (weights and {STATE[shape.optimizer]}); {shape.keep_last} "
+                 f"kept + the best + the one being written: {_bytes(est.checkpoint_disk_bytes)} on disk at most, about "
                  f"{_bytes(saves * est.checkpoint_bytes)} written")
     mem = est.memory
     card = "this card" if shape.gpu is None else f"the {shape.gpu.name}"
     where = f"per GPU, of {est.usable_bytes / 2**30:.1f} GiB usable on {card}" if est.usable_bytes else "per process"
     lines.append(f"memory:      {mem.total / 2**30:.1f} GiB at the peak {where} (estimate: weights "
-                 f"{mem.weights / 2**30:.2f}, AdamW {mem.optimizer / 2**30:.2f}, activations "
+                 f"{mem.weights / 2**30:.2f}, {shape.optimizer} {mem.optimizer / 2**30:.2f}, activations "
                  f"{mem.activations / 2**30:.2f}, temporaries {mem.temporaries / 2**30:.2f} GiB)")
     if est.fits is False:
         warnings.append(f"{mem.total / 2**30:.1f} GiB will not fit in {card}'s {est.usable_bytes / 2**30:.1f} "
@@ -159,7 +165,7 @@ def target_line(gpu) -> list[str]:
             "--device cpu for this machine)"] if gpu is not None else []
 
 
-def train_dry_run(cfg, builds_default_data: bool = False) -> str:
+def train_dry_run(cfg, builds_default_data: bool = False, recipe: str | None = None) -> str:
     """The plan of `minigpt train` with settings `cfg` (a TrainConfig), as text; `builds_default_data`: train
     would build cfg.data from the bundled corpus on first use."""
     from minigpt.runtime import loss_chunk_rows
@@ -192,13 +198,26 @@ def train_dry_run(cfg, builds_default_data: bool = False) -> str:
     lines.insert(1, f"model:       {model.preset or 'custom'}: {model.n_layer} layers x {model.n_embd} wide, "
                     f"{model.n_head} heads, context {model.block_size}, vocabulary {vocab:,}: {params:,} parameters"
                     + (", gradient checkpointing" if model.gradient_checkpointing else ""))
+    schedule = "cosine" if cfg.schedule == "cosine" else f"held, then the last {cfg.decay_fraction:.0%} linearly"
     lines.insert(2, f"training:    {precision} on {device.type}{' with torch.compile' if cfg.compile else ''}; lr "
-                    f"{cfg.lr:g} after {cfg.warmup_steps:,} warm-up steps, cosine to {cfg.lr * cfg.min_lr_ratio:g}; "
+                    f"{cfg.lr:g} after {cfg.warmup_steps:,} warm-up steps, {schedule} to "
+                    f"{cfg.lr * cfg.min_lr_ratio:g}; "
                     f"AdamW ({cfg.beta1}, {cfg.beta2}), weight decay {cfg.weight_decay:g}, clipping at "
-                    f"{cfg.grad_clip:g}")
+                    f"{cfg.grad_clip:g}" + (f"; Muon on the blocks' matrices: lr {cfg.muon_lr:g} (AdamW-sized "
+                                            f"updates), momentum {cfg.muon_momentum:g}, weight decay "
+                                            f"{cfg.muon_weight_decay:g}" if cfg.optimizer == "muon" else ""))
+    if cfg.optimizer == "muon":
+        from minigpt.optim import muon_parameter_names
+
+        with torch.device("meta"):
+            muon_parameter_names(GPT(model), cfg.muon_params)  # a pattern that takes a LayerNorm: one line now
+    expected = recipe_expectation(recipe)
+    if expected:
+        lines.insert(3, f"expected:    {expected} (the recipe {recipe}'s header)")
     shape = RunShape(model, seq_len, cfg.batch_size, accum, world, cfg.max_steps, precision, device, cfg.keep_last,
                      cfg.checkpoint_every, cfg.checkpoint_minutes,
-                     loss_chunk_rows(cfg.chunked_loss, device, model.padded_vocab_size), gpu, cfg.parallel)
+                     loss_chunk_rows(cfg.chunked_loss, device, model.padded_vocab_size), gpu, cfg.parallel,
+                     cfg.optimizer)
     more, warnings = run_lines(shape, train_tokens, "training tokens")
     return "\n".join(lines[:1] + target_line(gpu) + lines[1:] + more + [f"warning: {w}" for w in warnings]) + "\n"
 

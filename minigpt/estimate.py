@@ -110,6 +110,26 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * (num_params(cfg) - cfg.block_size * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
+def muon_matrix_params(cfg: ModelConfig) -> int:
+    """The weights --optimizer muon steps with Muon (train.py's default muon_params): the blocks' four matrices."""
+    return 12 * cfg.n_embd**2 * cfg.n_layer
+
+
+def optimizer_bytes(cfg: ModelConfig, optimizer: str = "adamw") -> int:
+    """The optimizer's state, fp32: AdamW keeps two moments per parameter; Muon one momentum per matrix entry."""
+    params = stored_params(cfg)
+    return 8 * params if optimizer == "adamw" else 8 * (params - muon_matrix_params(cfg)) + 4 * muon_matrix_params(cfg)
+
+
+def newton_schulz_flops(cfg: ModelConfig, steps: int = 5) -> int:
+    """Muon's Newton-Schulz per optimizer step, every GPU (each orthogonalises every whole matrix: DDP's gradients
+    are all-reduced first, FSDP gathers them). Per iteration on an m x n matrix, m <= n: X X^T (2 m^2 n), its
+    square (2 m^3), that times X (2 m^2 n). A block's matrices, C x 3C, C x C, C x 4C twice: 56 C^3 per iteration."""
+    C = cfg.n_embd
+    sides = [(C, 3 * C), (C, C), (C, 4 * C), (C, 4 * C)]
+    return steps * cfg.n_layer * sum(4 * m * m * n + 2 * m**3 for m, n in sides)
+
+
 def recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """What gradient checkpointing adds: one more forward pass of the blocks, 2 x 12 C^2 L + 4 L C T."""
     return 24 * cfg.n_embd**2 * cfg.n_layer + 4 * cfg.n_layer * cfg.n_embd * seq_len
@@ -125,7 +145,7 @@ class MemoryEstimate:
 
     weights: int  # fp32 master weights
     gradients: int  # fp32, those that exist at the peak
-    optimizer: int  # AdamW's two moments, fp32
+    optimizer: int  # fp32: AdamW's two moments per parameter; with Muon one momentum for its matrices
     weight_copies: int  # autocast's bf16/fp16 copies of the matmul weights alive at the peak
     batch: int  # the step's token ids and targets (int64), all micro-batches at once as train.py takes them
     activations: int  # tensors the forward pass keeps for the backward pass, alive at the peak
@@ -139,7 +159,8 @@ class MemoryEstimate:
 
 
 def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
-                    grad_accum: int = 1, loss_chunk_rows: int = 0, shards: int = 0) -> MemoryEstimate:
+                    grad_accum: int = 1, loss_chunk_rows: int = 0, shards: int = 0,
+                    optimizer: str = "adamw") -> MemoryEstimate:
     """Peak memory of one training step of train.py: fp32 weights, AdamW, fused attention, dropout off.
 
     `precision` is fp32, bf16 or fp16 (autocast). `loss_chunk_rows` > 0 is the chunked head and loss (train.py's
@@ -153,7 +174,7 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
     tok = micro_batch * seq_len
     a = 4 if precision == "fp32" else 2  # bytes per value of a matmul's input or output
     P, g, wte = stored_params(cfg), 4 * block_params(cfg), 4 * Vp * C  # g, wte: a block's, the embedding's grads
-    state = dict(weights=4 * P, optimizer=8 * P, batch=16 * tok * grad_accum)
+    state = dict(weights=4 * P, optimizer=optimizer_bytes(cfg, optimizer), batch=16 * tok * grad_accum)
     # autocast's copies of the matmul weights: cached until the forward pass leaves autocast, then kept by the
     # matmuls that saved them for the backward pass (in a checkpointed block none: it remakes its own in turn);
     # the chunked loss casts a slice of the head for each chunk instead, a temporary
@@ -202,7 +223,7 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
 def sharded_memory(m: MemoryEstimate, cfg: ModelConfig, shards: int, precision: str) -> MemoryEstimate:
     """One moment `m` of a step of train.py, under FSDP over `shards` GPUs (parallel.py, default resharding).
 
-    Each GPU keeps 1/N of the fp32 weights, of AdamW's moments and of the gradients that exist at that moment.
+    Each GPU keeps 1/N of the fp32 weights, of the optimizer's state and of the gradients that exist at that moment.
     Gathered for computing, in the policy's dtype (bf16/fp16, fp32 with --precision fp32): the root's weights
     (embeddings, ln_f) through the whole step, and the block computing with the next one (prefetched) - autocast's
     weight copies are gone, FSDP's policy computes in that dtype. A block's backward pass adds its gradients,
@@ -219,7 +240,7 @@ def sharded_memory(m: MemoryEstimate, cfg: ModelConfig, shards: int, precision: 
     elif m.phase.startswith("end of the backward"):
         temporaries, gathered = (2 * p + 4) * root, p * root
     return MemoryEstimate(weights=-(-4 * params // shards), gradients=-(-m.gradients // shards),
-                          optimizer=-(-8 * params // shards), weight_copies=gathered, batch=m.batch,
+                          optimizer=-(-m.optimizer // shards), weight_copies=gathered, batch=m.batch,
                           activations=m.activations, temporaries=temporaries, phase=m.phase)
 
 
@@ -274,6 +295,26 @@ def shape_near(params: float, block_size: int, vocab_size: int) -> ModelConfig:
                key=lambda cfg: abs(math.log(num_params(cfg) / params)))
 
 
+# Muon's token efficiency: AdamW's tokens to reach a loss / Muon's tokens to reach the same loss. The plan takes the
+# smallest of these (docs/plan.md): what we measured at small scale and what public sources report.
+MEASURED_TOKEN_EFFICIENCY = 1.5  # from bench/optimizer_search.py; see docs/training.md
+TOKEN_EFFICIENCY = {
+    "measured: bench/optimizer_search.py at small scale on CPUs (docs/training.md)": MEASURED_TOKEN_EFFICIENCY,
+    # the README of the release that brought Muon into the speedrun (October 2024): "1.36x faster training" than
+    # a well-tuned AdamW, 3.67B tokens to llm.c's 3.28 on GPT-2 124M (its AdamW record before it: 5B)
+    "modded-nanogpt (K. Jordan, 2024): 1.36x vs tuned AdamW, GPT-2 124M on FineWeb": 1.36,
+    # Liu et al. 2025, "Muon is Scalable for LLM Training" (arXiv:2502.16982): scaling-law fits up to 1.5B
+    # parameters, Muon at about half of AdamW's training FLOPs for the same loss
+    "Moonlight (Liu et al. 2025, arXiv:2502.16982): ~2x compute efficiency": 2.0,
+}
+
+
+def token_efficiency() -> tuple[float, str]:
+    """The factor the plan gives Muon (the smallest in TOKEN_EFFICIENCY) and where it comes from."""
+    source = min(TOKEN_EFFICIENCY, key=TOKEN_EFFICIENCY.get)
+    return TOKEN_EFFICIENCY[source], source
+
+
 # GPT-3's peak learning rates by size (Brown et al. 2020, table 2.1); the recipe's 6e-4 is the 125M row
 GPT3_LR = [(125e6, 6e-4), (350e6, 3e-4), (760e6, 2.5e-4), (1.3e9, 2e-4), (2.7e9, 1.6e-4), (6.7e9, 1.2e-4)]
 
@@ -311,24 +352,31 @@ class RunEstimate:
     checkpoint_disk_bytes: int  # the most on disk at once: the newest kept, the best, the one being written
     expected_loss: float
     parallel: str = "ddp"  # ddp: every GPU holds the whole training state; fsdp: 1/world of it (parallel.py)
+    optimizer: str = "adamw"
+    newton_schulz_flops: int = 0  # per optimizer step, on every GPU (muon)
+    adamw_expected_loss: float = 0.0  # the same tokens with AdamW (equal to expected_loss for adamw)
 
 
 def estimate_run(model: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: int, world: int, steps: int,
                  precision: str, gpu: GPUSpec | None, mfu: float | None, checkpointing: bool,
-                 keep_checkpoints: int, loss_chunk_rows: int = 0, parallel: str = "ddp") -> RunEstimate:
+                 keep_checkpoints: int, loss_chunk_rows: int = 0, parallel: str = "ddp",
+                 optimizer: str = "adamw") -> RunEstimate:
     """Everything that follows from a run's settings: size, FLOPs, memory per GPU, speed, time, disk, loss.
 
     Without a GPU (gpu=None) there is no fit, speed or time; mfu=None takes the card's default (default_mfu).
     Tokens/s = MFU x peak x GPUs / (FLOPs per token + recomputation): checkpointing costs time at the same
-    utilisation (FSDP's gathers are assumed hidden behind compute, as they are within a node). Checkpoints hold
-    12 bytes per stored parameter: fp32 weights and AdamW's two moments (under FSDP 1/world of them per GPU).
+    utilisation (FSDP's gathers are assumed hidden behind compute, as they are within a node). Muon adds its
+    Newton-Schulz FLOPs to every GPU's step at the same utilisation, and its loss is AdamW's with the tokens
+    multiplied by `token_efficiency()`. Checkpoints hold the fp32 weights and the optimizer's state: 12 bytes per
+    stored parameter with AdamW, 8 for Muon's matrices (under FSDP 1/world of them per GPU).
     """
     if seq_len > model.block_size:
         raise UserError(f"seq_len {seq_len} exceeds the model's context window {model.block_size}")
     fpt, extra = flops_per_token(model, seq_len), recompute_flops_per_token(model, seq_len) if checkpointing else 0
     memory = training_memory(model, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
                              checkpointing=checkpointing, grad_accum=grad_accum, loss_chunk_rows=loss_chunk_rows,
-                             shards=world if parallel == "fsdp" and world > 1 else 0)
+                             shards=world if parallel == "fsdp" and world > 1 else 0, optimizer=optimizer)
+    ns = newton_schulz_flops(model) if optimizer == "muon" else 0
     tokens_per_step = micro_batch * seq_len * grad_accum * world
     usable = fits = tokens_per_s = hours = None
     source = "given" if mfu is not None else "no GPU"
@@ -336,18 +384,22 @@ def estimate_run(model: ModelConfig, *, seq_len: int, micro_batch: int, grad_acc
         usable, fits = gpu.usable_bytes, memory.total <= gpu.usable_bytes
         if mfu is None:
             mfu, source = default_mfu(gpu)
-        tokens_per_s = mfu * gpu.peak_flops * world / (fpt + extra)
+        step_seconds = ((fpt + extra) * tokens_per_step / world + ns) / (mfu * gpu.peak_flops)
+        tokens_per_s = tokens_per_step / step_seconds
         hours = steps * tokens_per_step / tokens_per_s / 3600
-    checkpoint = 12 * stored_params(model)  # (plus a few KB: steps, scaler, RNG states, data position, headers)
+    # (plus a few KB: steps, scaler, RNG states, data position, headers)
+    checkpoint = 4 * stored_params(model) + optimizer_bytes(model, optimizer)
+    tokens, factor = steps * tokens_per_step, token_efficiency()[0] if optimizer == "muon" else 1.0
     return RunEstimate(num_params(model), fpt, extra, seq_len, micro_batch, grad_accum, world, tokens_per_step,
-                       steps, steps * tokens_per_step, precision, checkpointing, memory, usable, fits, tokens_per_s,
+                       steps, tokens, precision, checkpointing, memory, usable, fits, tokens_per_s,
                        hours, mfu, source, checkpoint, (keep_checkpoints + 2) * checkpoint,
-                       expected_loss(num_params(model), steps * tokens_per_step), parallel)
+                       expected_loss(num_params(model), tokens * factor), parallel, optimizer, ns,
+                       expected_loss(num_params(model), tokens))
 
 
 def largest_micro_batch(model: ModelConfig, *, seq_len: int, tokens_per_step: int, world: int, precision: str,
-                        gpu: GPUSpec, checkpointing: bool, loss_chunk_rows: int = 0, parallel: str = "ddp"
-                        ) -> int | None:
+                        gpu: GPUSpec, checkpointing: bool, loss_chunk_rows: int = 0, parallel: str = "ddp",
+                        optimizer: str = "adamw") -> int | None:
     """The largest micro-batch (sequences per GPU) that divides a step evenly and fits the card, or None."""
     per_gpu, rest = divmod(tokens_per_step, seq_len * world)
     if rest or not per_gpu:
@@ -355,7 +407,8 @@ def largest_micro_batch(model: ModelConfig, *, seq_len: int, tokens_per_step: in
     for micro in (b for b in range(per_gpu, 0, -1) if per_gpu % b == 0):
         memory = training_memory(model, micro_batch=micro, seq_len=seq_len, precision=precision,
                                  checkpointing=checkpointing, grad_accum=per_gpu // micro,
-                                 loss_chunk_rows=loss_chunk_rows, shards=world if parallel == "fsdp" else 0)
+                                 loss_chunk_rows=loss_chunk_rows, shards=world if parallel == "fsdp" else 0,
+                                 optimizer=optimizer)
         if memory.total <= gpu.usable_bytes:
             return micro
     return None

@@ -29,6 +29,7 @@ from minigpt.estimate import (
     ANCHOR,
     GPUS,
     OPTIMAL_TOKENS_PER_PARAM,
+    TOKEN_EFFICIENCY,
     GiB,
     GPUSpec,
     RunEstimate,
@@ -41,6 +42,7 @@ from minigpt.estimate import (
     num_params,
     recompute_flops_per_token,
     shape_near,
+    token_efficiency,
     training_memory,
 )
 from minigpt.model import PRESETS, ModelConfig
@@ -48,7 +50,8 @@ from minigpt.model import PRESETS, ModelConfig
 # ----------------------------------------------------------------------------------------------------------------
 # The plan: candidates for a budget, the recommended one, its commands
 
-RECIPE = "gpt2-124m"  # the shipped recipe the commands start from (minigpt/recipes/gpt2-124m.toml)
+# the shipped recipes the commands start from (minigpt/recipes/gpt2-124m.toml, gpt2-124m-muon.toml)
+RECIPES = {"adamw": "gpt2-124m", "muon": "gpt2-124m-muon"}
 DATASET_TOKENS = 10e9  # FineWeb-Edu sample-10BT in GPT-2 tokens, as the prepare command makes it
 WARMUP_TOKENS = 375e6  # GPT-3's warm-up: 715 steps of 2^19 tokens in the recipe
 
@@ -62,6 +65,9 @@ class PlanConfig:
     parallel: Literal["auto", "ddp", "fsdp"] = opt("auto", "how the GPUs share the training state: ddp, each holds "
                                                            "all of it; fsdp, each 1/N (train --parallel fsdp); auto: "
                                                            "DDP, or FSDP where only FSDP fits without checkpointing")
+    optimizer: Literal["adamw", "muon"] = opt("adamw", "as train --optimizer: muon's memory and Newton-Schulz time, "
+                                                        "and its loss at the tokens times a token-efficiency factor "
+                                                        "(docs/plan.md)")
     usd: float = opt(0.0, "budget in dollars (with --usd-per-hour)")
     usd_per_hour: float = opt(0.0, "price of one GPU for one hour, in dollars")
     hours: float = opt(0.0, "budget in wall-clock hours")
@@ -175,7 +181,8 @@ def _name(model: ModelConfig) -> str:
 def _candidate(cfg: PlanConfig, model: ModelConfig, gpu: GPUSpec, precision: str, train_s: float,
                hours: float) -> Candidate:
     seq = cfg.seq_len or model.block_size
-    search = dict(seq_len=seq, tokens_per_step=cfg.batch_tokens, world=cfg.gpus, precision=precision, gpu=gpu)
+    search = dict(seq_len=seq, tokens_per_step=cfg.batch_tokens, world=cfg.gpus, precision=precision, gpu=gpu,
+                  optimizer=cfg.optimizer)
     found, fits = {}, {}
     for mode in ("ddp", "fsdp") if cfg.gpus > 1 else ("ddp",):
         plain = largest_micro_batch(model, checkpointing=False, parallel=mode, **search) \
@@ -186,7 +193,7 @@ def _candidate(cfg: PlanConfig, model: ModelConfig, gpu: GPUSpec, precision: str
         if micro:
             memory = training_memory(model, micro_batch=micro, seq_len=seq, precision=precision,
                                      checkpointing=not plain, grad_accum=cfg.batch_tokens // (seq * cfg.gpus * micro),
-                                     shards=cfg.gpus if mode == "fsdp" else 0)
+                                     shards=cfg.gpus if mode == "fsdp" else 0, optimizer=cfg.optimizer)
             fits[mode] = Fit(micro, not plain, memory.total)
     # auto: DDP (the least communication) unless only FSDP fits without recomputing the blocks
     parallel = cfg.parallel if cfg.parallel != "auto" else "fsdp" if (
@@ -199,7 +206,7 @@ def _candidate(cfg: PlanConfig, model: ModelConfig, gpu: GPUSpec, precision: str
     micro = plain or ckpt
     settings = dict(seq_len=seq, micro_batch=micro, grad_accum=cfg.batch_tokens // (seq * cfg.gpus * micro),
                     world=cfg.gpus, precision=precision, gpu=gpu, mfu=cfg.mfu or None, checkpointing=not plain,
-                    keep_checkpoints=cfg.keep_last, parallel=parallel)
+                    keep_checkpoints=cfg.keep_last, parallel=parallel, optimizer=cfg.optimizer)
     if hours:  # as many whole steps as the time buys
         steps = int(train_s * estimate_run(model, steps=1, **settings).tokens_per_s // cfg.batch_tokens)
     else:
@@ -250,7 +257,7 @@ def _parallel_reason(best: Candidate, gpus: int) -> str:
     if ddp is None:
         return (f"FSDP: the whole training state does not fit one card (DDP needs more than the card even at one "
                 f"sequence per micro-batch); sharded over {gpus} GPUs it does")
-    return (f"FSDP: sharding the weights, gradients and AdamW over {gpus} GPUs leaves room for micro-batch "
+    return (f"FSDP: sharding the weights, gradients and optimizer state over {gpus} GPUs leaves room for micro-batch "
             f"{fsdp.micro_batch} without gradient checkpointing, where DDP fits only "
             f"{ddp.micro_batch}{' with it' if ddp.checkpointing else ''}")
 
@@ -259,13 +266,16 @@ def _commands(cfg: PlanConfig, best: Candidate) -> list[str]:
     """`minigpt prepare` and `minigpt train` for the run: the shipped recipe, and a flag wherever the plan differs."""
     from minigpt.config import load_file
 
-    recipe, run, model = load_file(RECIPE), best.run, best.model
+    name = RECIPES[cfg.optimizer]
+    recipe, run, model = load_file(name), best.run, best.model
     more_data = best.epochs > 1 and cfg.dataset_tokens == DATASET_TOKENS
     sample, data = ("sample-100BT", "data/fineweb-edu-100B") if more_data else ("sample-10BT", "data/fineweb-edu-10B")
     settings = {"max_steps": run.steps, "batch_size": run.micro_batch, "seq_len": run.seq_len,
                 "batch_tokens": run.tokens_per_step, "precision": run.precision,
                 "warmup_steps": min(round(WARMUP_TOKENS / run.tokens_per_step), max(run.steps // 10, 1)),
                 "lr": learning_rate_for(run.params), "keep_last": cfg.keep_last, "data": data,
+                # Moonlight's scaling makes Muon's lr AdamW's (the recipe's muon_lr is its lr)
+                **({"muon_lr": learning_rate_for(run.params)} if cfg.optimizer == "muon" else {}),
                 "run_dir": recipe["run_dir"] if best.name == "gpt2" else f"runs/{best.name}"}
     args = [f"--{key.replace('_', '-')} {value}" for key, value in settings.items() if recipe.get(key) != value]
     base = ModelConfig.from_preset(recipe["model"]["preset"])
@@ -280,7 +290,7 @@ def _commands(cfg: PlanConfig, best: Candidate) -> list[str]:
     args += ["--parallel fsdp"] if run.parallel == "fsdp" else []
     launcher = f"torchrun --standalone --nproc_per_node {cfg.gpus} -m minigpt" if cfg.gpus > 1 else "minigpt"
     return [f"minigpt prepare --sources hf:HuggingFaceFW/fineweb-edu:{sample} --tokenizer gpt2 --out {data}",
-            f"{launcher} train --config {RECIPE} {' '.join(args)}".rstrip()]
+            f"{launcher} train --config {name} {' '.join(args)}".rstrip()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,6 +317,7 @@ def format_plan(p: Plan, cfg: PlanConfig) -> str:
         fit = c.fits.get(mode)
         return f"{fit.micro_batch}{' ckpt' * fit.checkpointing}, {gib(fit.memory_bytes)}" if fit else "no fit"
 
+    muon = cfg.optimizer == "muon"
     searched = lambda ckpt, n: "-" if cfg.checkpointing == ("off" if ckpt else "on") else str(n or "no fit")  # noqa: E731
     entries = [
         ("parameters", lambda c, r: _si(r.params)),
@@ -326,9 +337,11 @@ def format_plan(p: Plan, cfg: PlanConfig) -> str:
         ("peak memory per GPU", lambda c, r: gib(r.memory.total)),
         ("hours (kept share included)", lambda c, r: f"{c.hours:.2f}"),
         ("dollars", lambda c, r: f"${c.usd:,.2f}" if c.usd is not None else "-"),
-        ("checkpoint (weights + AdamW)", lambda c, r: f"{r.checkpoint_bytes / 1e9:.2f} GB"),
+        (f"checkpoint (weights + {'Muon/AdamW' if muon else 'AdamW'})",
+         lambda c, r: f"{r.checkpoint_bytes / 1e9:.2f} GB"),
         (f"disk, {cfg.keep_last + 2} checkpoints at most", lambda c, r: f"{r.checkpoint_disk_bytes / 1e9:.1f} GB"),
-        ("expected val loss (estimate)", lambda c, r: f"{r.expected_loss:.2f}")]
+        *[("expected val loss, AdamW (estimate)", lambda c, r: f"{r.adamw_expected_loss:.2f}")] * muon,
+        (f"expected val loss{', Muon' * muon} (estimate)", lambda c, r: f"{r.expected_loss:.2f}")]
     rows = [("", [c.name for c in p.candidates])] + [
         (label, cell if isinstance(cell, list) else [cell(c, c.run) if c.run else "-" for c in p.candidates])
         for label, cell in entries]
@@ -340,11 +353,21 @@ def format_plan(p: Plan, cfg: PlanConfig) -> str:
                     f"to llm.c's GPT-2 124M at 9.9B FineWeb tokens ({ANCHOR['loss']}): an estimate (another tokenizer "
                     "and data than the fit's; FineWeb's validation, not FineWeb-Edu's; a tuned run)"),
                wrap(f"tokens/s: MFU {p.mfu_source}; memory: eager PyTorch (torch.compile usually needs less); "
-                    "docs/plan.md derives every row")]
+                    "docs/plan.md derives every row")] + ([wrap(muon_sources(p))] if muon else [])
     advice = [f"recommended: {p.recommended}"] if p.recommended else ["no plan:"]
     advice += [wrap(f"  - {reason}") for reason in p.reasons]
     commands = ["", "commands:"] + [f"  {command}" for command in p.commands] if p.commands else []
     return "\n".join(head + [""] + table + [""] + sources + [""] + advice + commands)
+
+
+def muon_sources(p: Plan) -> str:
+    """Where Muon's expected loss comes from: the factor taken, and every source it was the smallest of."""
+    factor, source = token_efficiency()
+    others = "; ".join(f"{name}: {value:g}x" for name, value in TOKEN_EFFICIENCY.items() if name != source)
+    ns = next((c.run.newton_schulz_flops for c in p.candidates if c.run), 0)
+    return (f"Muon: the fit at the tokens x {factor:g}, the smallest token-efficiency factor of its sources: "
+            f"{source} (taken); {others}. Newton-Schulz: {_si(ns)} FLOPs per step on every GPU ({p.candidates[0].name}"
+            "), counted in tokens/s")
 
 
 def add_arguments(parser) -> None:

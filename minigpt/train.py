@@ -8,7 +8,7 @@
 One optimizer step:
     for each of `grad_accum` micro-batches (B, T):   loss_sum += CE(model(x), y)   (autocast in bf16/fp16)
     loss = loss_sum / (targets counted over the whole step and every rank); backward (all-reduce once, at the last)
-    clip the gradient norm; AdamW step at the warm-up/cosine learning rate; zero the gradients
+    clip the gradient norm; optimizer step (AdamW, or Muon + AdamW: optim.py) at the schedule's lr; zero grads
 
 Normalising by the targets of the whole step makes accumulation and data parallelism exact: 2 ranks x B rows
 give the same update as 1 rank x 2B rows, and masked targets (-100, in fine-tuning) never count.
@@ -44,7 +44,7 @@ from minigpt.common import UserError, print0, progress, seed_everything, write_j
 from minigpt.config import opt
 from minigpt.log import MetricsLogger, evaluation_line, plot_loss_curves, summary_line
 from minigpt.model import GPT, ModelConfig
-from minigpt.optim import learning_rate, make_optimizer
+from minigpt.optim import apply_schedule, check_optimizer_settings, make_optimizer
 from minigpt.parallel import accumulation, gathered_copy, global_norm, shard_model
 from minigpt.runtime import (
     Runtime,
@@ -78,10 +78,24 @@ class TrainConfig:
     batch_tokens: int = opt(0, "tokens per optimizer step; gradient accumulation makes up the difference "
                                "(0: one micro-batch per process)")
     max_steps: int = opt(500, "optimizer steps in all (the default takes about 4 minutes on 2 CPU cores)")
-    lr: float = opt(3e-3, "peak learning rate")
-    min_lr_ratio: float = opt(0.1, "the cosine decays to lr x this")
+    optimizer: Literal["adamw", "muon"] = opt("adamw", "adamw: AdamW on every parameter (GPT-2's recipe); muon: "
+                                                        "Muon on the blocks' matrices, AdamW on the rest")
+    lr: float = opt(3e-3, "peak learning rate (AdamW's)")
+    schedule: Literal["cosine", "wsd"] = opt("cosine", "after the warm-up: cosine down to lr x min_lr_ratio, or wsd "
+                                                       "(hold the peak, then a straight line down to it over the "
+                                                       "last --decay-fraction of the steps)")
+    decay_fraction: float = opt(0.3, "wsd: the share of the steps spent decaying")
+    min_lr_ratio: float = opt(0.1, "the schedule decays to lr x this")
     warmup_steps: int = opt(50, "linear warm-up steps")
     weight_decay: float = opt(0.1, "AdamW weight decay, on weight matrices only")
+    muon_lr: float = opt(6e-3, "muon: peak learning rate of the weight matrices (scaled by 0.2 x sqrt(larger "
+                               "side), so the same value means AdamW's update size at any width)")
+    muon_momentum: float = opt(0.95, "muon: Nesterov momentum")
+    muon_momentum_warmup: int = opt(0, "muon: steps over which momentum rises from 0.85 to --muon-momentum (0: off)")
+    muon_weight_decay: float = opt(0.1, "muon: decoupled weight decay of the matrices (x lr, as AdamW's)")
+    muon_ns_steps: int = opt(5, "muon: Newton-Schulz iterations per step")
+    muon_params: list[str] = opt(["h.*.attn.*.weight", "h.*.mlp.*.weight"], "muon: the parameters Muon steps, as "
+                                                                            "name patterns (2-D matrices only)")
     decay_embeddings: bool = opt(True, "also decay the token and position embeddings")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
@@ -139,8 +153,7 @@ class TrainConfig:
         if min(self.seq_len, self.batch_tokens, self.warmup_steps, self.eval_batches, self.eval_tasks_limit) < 0:
             raise ValueError("seq_len, batch_tokens, warmup_steps, eval_batches and eval_tasks_limit may not be "
                              "negative")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("lr must be positive and min_lr_ratio in [0, 1]")
+        check_optimizer_settings(self)
         self.tracker = tracker_names(self.tracker)
 
 
@@ -490,9 +503,7 @@ class Trainer:
         last_eval: dict[str, Any] = {}
         try:
             while p.step < cfg.max_steps:
-                lr = learning_rate(p.step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lr = apply_schedule(self.optimizer, p.step, cfg)
                 micro = [data.batch(data.step + i) for i in range(self.accum)]
                 data.step += self.accum
                 result = train_step(self.model, micro, self.optimizer, self.scaler,
@@ -557,8 +568,6 @@ def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = N
     return Trainer(cfg, data, model, stage).run()
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: `minigpt train`
 
@@ -581,7 +590,7 @@ def main(args) -> None:
     if args.dry_run:
         from minigpt.dry_run import train_dry_run
 
-        print(train_dry_run(cfg, builds_default_data=cfg.data == DEFAULT_DATA and bool(cfg.corpus)), end="")
+        print(train_dry_run(cfg, cfg.data == DEFAULT_DATA and bool(cfg.corpus), args.config), end="")
         return
     try:
         train(cfg)

@@ -326,3 +326,47 @@ def test_two_nodes_train_and_resume_after_one_is_killed(tmp_path, tiny_shards):
     single = tmp_path / "single"
     assert cli_main(["train", *args(single, tiny_shards, max_steps=steps, checkpoint_every=1000, min_lr_ratio=1)]) == 0
     assert_close_losses(got, losses(single))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Muon: every process orthogonalises the same whole matrix
+
+
+@pytest.fixture(scope="module")
+def muon_runs(tmp_path_factory, tiny_shards) -> dict[str, Path]:
+    """--optimizer muon: one process 6 steps (reference), 2 DDP processes 4 steps, 2 FSDP processes 4 steps (sharded
+    checkpoints at 2 and 4) and that run resumed by one process to step 6 (the momentum buffers read from shards)."""
+    root = tmp_path_factory.mktemp("muon")
+    out = {name: root / name for name in ("reference", "ddp", "fsdp", "to_one")}
+    muon = {"optimizer": "muon", "muon_momentum_warmup": 4}
+    assert cli_main(["train", *args(out["reference"], tiny_shards, max_steps=6, **muon)]) == 0
+    torchrun(*args(out["ddp"], tiny_shards, max_steps=4, batch_size=4, **muon))
+    torchrun(*args(out["fsdp"], tiny_shards, max_steps=4, batch_size=2, batch_tokens=256, parallel="fsdp", **muon))
+    shutil.copytree(out["fsdp"], out["to_one"])
+    assert cli_main(["train", *args(out["to_one"], tiny_shards, max_steps=6, batch_size=4, batch_tokens=256, **muon),
+                     "--resume"]) == 0
+    return out
+
+
+def test_muon_on_two_ddp_or_fsdp_processes_steps_like_one_process(muon_runs):
+    reference = losses(muon_runs["reference"])
+    for name in ("ddp", "fsdp"):
+        assert sorted(losses(muon_runs[name])) == [1, 2, 3, 4]
+        assert_close_losses(losses(muon_runs[name]), reference)
+    single, _ = load_model(muon_runs["reference"], which="step_00000004")
+    for name in ("ddp", "fsdp"):
+        model, _ = load_model(muon_runs[name])
+        for (key, a), (_, b) in zip(model.state_dict().items(), single.state_dict().items(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"{name}: {key}")
+        # (a shard orthogonalised alone would move the matrices by Muon's whole step, ~1e-3 here, not 1e-5)
+
+
+def test_muon_momentum_is_sharded_in_the_checkpoint_and_resumes_in_one_process(muon_runs):
+    ckpt = latest_checkpoint(muon_runs["fsdp"])
+    files = json.loads((ckpt / "model.json").read_text())["shards"]["optimizer"]
+    keys = set().union(*(load_file(ckpt / f).keys() for f in files))
+    assert "h.0.mlp.c_fc.weight.momentum_buffer" in keys and "wte.weight.exp_avg" in keys
+    assert not any(k.startswith("h.0.mlp.c_fc.weight.exp_avg") for k in keys)  # Muon's matrices: one buffer
+    got, reference = losses(muon_runs["to_one"]), losses(muon_runs["reference"])
+    assert sorted(got) == list(range(1, 7))
+    assert_close_losses(got, reference)

@@ -177,10 +177,11 @@ def test_largest_micro_batch_is_the_largest_divisor_that_fits():
 # Checkpoints on disk
 
 
-def test_checkpoint_size_matches_a_saved_checkpoint(tmp_path):
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
+def test_checkpoint_size_matches_a_saved_checkpoint(tmp_path, optimizer_name):
     cfg = ModelConfig.from_preset("tiny")
     model = GPT(cfg).train()
-    optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    optimizer = make_optimizer(model, TrainConfig(optimizer=optimizer_name), torch.device("cpu"))
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     model(x, x)[1].backward()
     optimizer.step()  # AdamW's moments exist from the first step on
@@ -190,8 +191,11 @@ def test_checkpoint_size_matches_a_saved_checkpoint(tmp_path):
     ckpt = save_checkpoint(tmp_path, model, 1, {"val_loss": 5.0}, state)
     on_disk = sum(f.stat().st_size for f in ckpt.iterdir())
     run = estlib.estimate_run(cfg, seq_len=256, micro_batch=1, grad_accum=1, world=1, steps=1, precision="fp32",
-                               gpu=None, mfu=None, checkpointing=False, keep_checkpoints=2)
+                               gpu=None, mfu=None, checkpointing=False, keep_checkpoints=2,
+                               optimizer=optimizer_name)
     assert run.checkpoint_bytes == pytest.approx(on_disk, rel=0.01)
+    held = sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if v.dim())
+    assert held == estlib.optimizer_bytes(cfg, optimizer_name)  # Muon: one buffer per matrix entry, not two
     assert run.checkpoint_disk_bytes == 4 * run.checkpoint_bytes  # 2 kept + the best + the one being written
     assert run.fits is None and run.tokens_per_s is None and run.hours is None  # no GPU, no speed
 
@@ -352,11 +356,12 @@ def test_cli_on_a_cpu_prints_table_commands_and_json():
     assert data["candidates"][0]["run"]["memory"]["total"] > 0
 
 
-def test_worked_example_in_the_docs_is_the_current_output():
+@pytest.mark.parametrize("marker, optimizer", [("plan-example", "adamw"), ("plan-muon-example", "muon")])
+def test_worked_example_in_the_docs_is_the_current_output(marker, optimizer):
     text = (REPO / "docs" / "plan.md").read_text()
-    start = text.index("<!-- plan-example -->\n```\n") + len("<!-- plan-example -->\n```\n")
+    start = text.index(f"<!-- {marker} -->\n```\n") + len(f"<!-- {marker} -->\n```\n")
     shown = text[start:text.index("```", start)]
-    cfg = planlib.PlanConfig(gpu="A100-40GB", usd=15, usd_per_hour=1.29)
+    cfg = planlib.PlanConfig(gpu="A100-40GB", usd=15, usd_per_hour=1.29, optimizer=optimizer)
     assert shown.strip() == planlib.format_plan(planlib.plan(cfg), cfg).strip()
 
 
@@ -371,3 +376,41 @@ def test_user_errors_are_one_line(args, message, capsys):
     assert cli_main(["plan", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Muon: Newton-Schulz's FLOPs, the token-efficiency factor, both losses
+
+
+def test_newton_schulz_flops_are_those_torch_counts():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minigpt.optim import orthogonalise
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=16, vocab_size=64)
+    model = GPT(cfg)
+    matrices = [p for n, p in model.named_parameters() if n.startswith("h.") and n.endswith("weight") and p.dim() == 2]
+    with FlopCounterMode(display=False) as counter:
+        for p in matrices:
+            orthogonalise(p.detach(), 5)
+    assert counter.get_total_flops() == estlib.newton_schulz_flops(cfg, 5) == 5 * 2 * 56 * 48**3
+
+
+def test_muon_plan_prints_both_losses_the_smallest_factor_and_its_sources():
+    cfg = planlib.PlanConfig(gpu="A100-40GB", usd=15, usd_per_hour=1.29, optimizer="muon")
+    p = planlib.plan(cfg)
+    text = planlib.format_plan(p, cfg)
+    factor, source = estlib.token_efficiency()
+    assert factor == min(estlib.TOKEN_EFFICIENCY.values()) <= estlib.MEASURED_TOKEN_EFFICIENCY
+    gpt2 = next(c for c in p.candidates if c.name == "gpt2").run
+    assert gpt2.expected_loss == pytest.approx(estlib.expected_loss(gpt2.params, gpt2.total_tokens * factor))
+    assert gpt2.adamw_expected_loss == pytest.approx(estlib.expected_loss(gpt2.params, gpt2.total_tokens))
+    assert f"{gpt2.adamw_expected_loss:.2f}" == "3.44" and gpt2.expected_loss < 3.40
+    assert "expected val loss, AdamW (estimate)" in text and "expected val loss, Muon (estimate)" in text
+    assert all(name.split(":")[0] in text.replace("\n    ", " ") for name in estlib.TOKEN_EFFICIENCY)
+    assert f"tokens x {factor:g}" in text and "(taken)" in text
+    assert p.commands[-1].startswith("minigpt train --config gpt2-124m-muon ")
+    # the same money buys a few steps fewer (Newton-Schulz) and the state is lighter
+    adamw = next(c for c in make_plan(gpu="A100-40GB", usd=15, usd_per_hour=1.29).candidates if c.name == "gpt2").run
+    assert 0.99 * adamw.steps < gpt2.steps < adamw.steps
+    assert gpt2.memory.optimizer < adamw.memory.optimizer and gpt2.checkpoint_bytes < adamw.checkpoint_bytes

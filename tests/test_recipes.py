@@ -5,6 +5,7 @@ the same command), a few training steps, a resume, and evaluation. What a real r
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from test_prepare_faults import WORDS, start_slow_run, wait_for_journal
 
 from minigpt.checkpoint import latest_checkpoint, read_checkpoint_meta
@@ -23,7 +25,7 @@ from minigpt.log import read_metrics
 from minigpt.shards import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ["gpt2-124m", "gpt2-124m-a100-40gb"]
+RECIPES = ["gpt2-124m", "gpt2-124m-a100-40gb", "gpt2-124m-muon-a100-40gb"]
 
 
 def minigpt(*args: str) -> subprocess.CompletedProcess:
@@ -78,6 +80,10 @@ def test_a_recipe_trains_resumes_and_evaluates_at_toy_scale(recipe, prepared, tm
     assert config["lr"] == 6e-4 and config["model"]["n_layer"] == 2  # the recipe's schedule, the toy shape
     if recipe.endswith("a100-40gb"):  # the plan's run on that card (tests/test_gpu_paths.py)
         assert config["model"]["gradient_checkpointing"] is False and config["gpu"] == "A100-40GB"
+    if "muon" in recipe:  # Muon at AdamW's lr (Moonlight's scaling) with wsd; its momentum in the checkpoint
+        assert (config["optimizer"], config["muon_lr"], config["schedule"]) == ("muon", 6e-4, "wsd")
+        state = torch.load(latest_checkpoint(run) / "trainer.pt", weights_only=True)["optimizer"]
+        assert any("momentum_buffer" in s for s in state["state"].values())
     second = minigpt("train", *toy, "--max-steps", "6", "--resume")  # the same run, extended
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming" in second.stdout + second.stderr
@@ -90,3 +96,19 @@ def test_a_recipe_trains_resumes_and_evaluates_at_toy_scale(recipe, prepared, tm
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["checkpoints"][-1]["language_model"]["val"]["bpb"] > 0
     assert "hellaswag" in report["checkpoints"][-1]["tasks"]
+
+
+def test_muon_recipes_are_their_adamw_siblings_but_for_the_optimizer_and_the_tokens():
+    from minigpt.config import load_file, recipe_expectation
+
+    for muon, adamw in (("gpt2-124m-muon", "gpt2-124m"), ("gpt2-124m-muon-a100-40gb", "gpt2-124m-a100-40gb")):
+        a, b = load_file(muon), load_file(adamw)
+        differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+        assert differ == {"run_dir", "max_steps", "optimizer", "muon_lr", "muon_weight_decay", "muon_momentum",
+                          "muon_momentum_warmup", "schedule", "decay_fraction"}, differ
+        assert a["max_steps"] == math.ceil(b["max_steps"] / 1.36) and a["muon_lr"] == b["lr"]
+        assert "3.28" in recipe_expectation(muon) and "1.36" in recipe_expectation(muon)
+    dry = minigpt("train", "--config", "gpt2-124m-muon-a100-40gb", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "expected:    validation loss about 3.28" in dry.stdout and "modded-nanogpt" in dry.stdout
+    assert "Muon on the blocks' matrices: lr 0.0006" in dry.stdout

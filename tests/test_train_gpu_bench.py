@@ -182,3 +182,54 @@ def test_gpu_session_names_a_missing_import_before_the_first_row(tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("gpu_session:")]
     assert len(lines) == 1 and "missing before the first row: tiktoken" in lines[0]
     assert not (tmp_path / "out" / "train_gpu.json").exists()  # the benchmark never started
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench/optimizer_gpu.py: AdamW against Muon (the GPU session's second command), smoke-run on the CPU
+
+
+def load_optimizer_bench():
+    spec = importlib.util.spec_from_file_location("optimizer_gpu_bench", ROOT / "bench" / "optimizer_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_optimizer_bench_smoke_prints_both_curves_and_the_factor(tmp_path, tiny_shards):
+    out = tmp_path / "optimizer.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "optimizer_gpu.py"), "--data", str(tiny_shards), "--device", "cpu",
+           "--preset", "tiny", "--batch", "4", "--seq-len", "32", "--steps", "10", "--warmup", "2", "--eval-every",
+           "5", "--eval-batches", "2", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| tokens | adamw val loss | muon val loss |" in proc.stdout and "token efficiency" in proc.stdout
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [t for t, _ in rows["adamw"]["curve"]] == [t for t, _ in rows["muon"]["curve"]] == [640, 1280]
+    assert rows["muon"]["lr"] == rows["adamw"]["lr"] == 6e-4  # gpt2-124m-muon's muon_lr = lr
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["final_val_loss"]) for r in rows.values())
+
+
+def test_token_efficiency_reads_muons_curve_at_adamws_final_loss():
+    bench = load_optimizer_bench()
+    adamw = {"curve": [(100, 5.0), (200, 4.0), (300, 3.5)], "final_val_loss": 3.5}
+    muon = {"curve": [(100, 4.5), (200, 3.0), (300, 2.8)], "final_val_loss": 2.8}
+    assert bench.tokens_to_reach(muon["curve"], 3.5) == pytest.approx(100 + 100 * (4.5 - 3.5) / (4.5 - 3.0))
+    factor, reading = bench.token_efficiency(adamw, muon)
+    assert factor == pytest.approx(300 / (100 + 100 / 1.5)) and reading == f"{factor:.2f}"
+    assert bench.token_efficiency(adamw, {"curve": [(100, 4.5), (300, 3.6)], "final_val_loss": 3.6})[0] is None
+    early = bench.token_efficiency(adamw, {"curve": [(100, 3.0), (300, 2.0)], "final_val_loss": 2.0})
+    assert early == (3.0, "> 3.00 (already below at Muon's first evaluation)")
+
+
+def test_gpu_session_runs_the_optimizer_comparison(tmp_path, tiny_shards):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    smoke = ["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq-len", "32", "--steps", "4", "--warmup",
+             "1", "--eval-every", "2", "--eval-batches", "1"]
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "optimizer", str(tiny_shards), *smoke],
+                            capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "optimizer_gpu.json").read_text())
+    assert set(data["rows"]) == {"adamw", "muon"} and "token efficiency" in (tmp_path / "out" /
+                                                                               "optimizer_gpu.log").read_text()
