@@ -93,7 +93,7 @@ def pretraining_config(cfg: QuickstartConfig, data: Path, run: Path):
 def build_pretraining_data(cfg: QuickstartConfig, data: Path) -> None:
     """The tokenizer and shards of the bundled articles, once (a data folder of another vocabulary is refused)."""
     from minigpt.shards import read_meta
-    from minigpt.train import build_data
+    from minigpt.train_data import build_data
 
     if (data / "meta.json").exists():
         built = read_meta(data)["tokenizer"]["n_vocab"]

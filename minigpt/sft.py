@@ -46,7 +46,8 @@ from minigpt.model import GPT, logit_chunk_rows
 from minigpt.runtime import Runtime, autocast_context, barrier, resolve_precision, setup_runtime
 from minigpt.sft_batches import ConversationBatches, ConversationSet, Part, evaluation_rows, held_out_loss, plan_epoch
 from minigpt.sft_data import PreparedSource, PrepareSettings, open_prepared, prepare_source, prepared_folder
-from minigpt.train import TrainConfig, TrainData, train
+from minigpt.train import TrainConfig, train
+from minigpt.train_data import TrainData
 
 
 @dataclasses.dataclass
