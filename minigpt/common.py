@@ -161,6 +161,21 @@ def disk_full(exc: BaseException) -> BaseException | None:
     return None
 
 
+def pool_worker_signals() -> None:
+    """Signals in a multiprocessing.Pool worker: Ctrl-C is the main process's to handle (it then ends the pool), and
+    SIGTERM exits through Python rather than at once. A Ctrl-C or `timeout` reaches the whole process group; an idle
+    worker waits for its next task holding the pool's queue lock, and a worker killed outright (SIG_DFL) never
+    releases it, so the main process's Pool.terminate() then waited on that lock forever and only kill -9 ended
+    `prepare`. Raising SystemExit unwinds the `with lock:` first."""
+    import signal
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, leave)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Progress bars
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from minigpt import corpus
+from minigpt.common import pool_worker_signals
 
 LARGE_DOC_CHARS = 2**20  # documents longer than this are split into sections for the train/validation split
 SECTION_CHARS = 2**16  # the most characters of one section
@@ -180,9 +180,7 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(spec: str, dtype: str) -> None:
-    # The main process handles Ctrl-C and SIGTERM and then ends the pool; a worker just goes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    pool_worker_signals()  # the main process handles Ctrl-C and SIGTERM and then ends the pool
     # An exception escaping a Pool initializer makes the pool restart the worker forever; keep it for the task.
     try:
         from minigpt.tokenizer import load_tokenizer  # (the main process checked the spec before starting us)

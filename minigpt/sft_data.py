@@ -44,7 +44,7 @@ import numpy as np
 
 from minigpt import conversations as convlib
 from minigpt.chat import render
-from minigpt.common import UserError, progress, read_json, write_json
+from minigpt.common import UserError, pool_worker_signals, progress, read_json, write_json
 from minigpt.shards import ShardWriter, cpu_count, open_shard
 
 FORMAT = "minigpt-sft-data"
@@ -142,6 +142,8 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_path: str, settings: PrepareSettings) -> None:
+    if multiprocessing.parent_process() is not None:  # (also called in this process when there is one worker)
+        pool_worker_signals()
     # An exception escaping a Pool initializer makes the pool restart the worker forever; keep it for the task.
     try:
         from minigpt.tokenizer import Tokenizer

@@ -1,0 +1,130 @@
+"""The surfaces a hostile user tried in issue 32, one section per numbered item: nothing hangs, nothing is silently
+lost, every mistake is one line with exit status 2. The CLI runs as a subprocess, as a user runs it.
+
+The hub tests need no network: the hub is pointed at an unresolvable name (nohost.invalid) or a closed localhost
+port, or `datasets` is replaced by a fake package on PYTHONPATH that streams records and then stalls.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from test_faults import minigpt, one_error_line
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra.pop("PYTHONPATH", ""), str(REPO)]))
+    return {**env, **extra}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The hub: bounded retries, DNS failures at once, SIGINT and SIGTERM stop it
+
+needs_datasets = pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs minigpt[hub]")
+HUB = "hf:HuggingFaceFW/fineweb-edu:sample-10BT"
+
+
+@needs_datasets
+def test_hub_host_that_does_not_resolve_fails_at_once_in_one_line(tmp_path):
+    start = time.monotonic()
+    result = minigpt("prepare", "--sources", HUB, "--out", tmp_path / "p", "--workers", "1",
+                     env=env_with(HF_ENDPOINT="http://nohost.invalid"), timeout=60)
+    elapsed = time.monotonic() - start
+    line = one_error_line(result, "prepare")
+    assert "nohost.invalid does not resolve" in line and "run the same command" in line, line
+    assert "Retrying" not in result.stderr  # not retried like a dropped connection
+    assert elapsed < 20, f"{elapsed:.1f} s"  # the bound: imports (~3 s) + one lookup (at most hub.RESOLVE_TIMEOUT)
+
+
+@needs_datasets
+def test_an_unreachable_hub_gives_up_within_retry_time(tmp_path):
+    """A closed port is retried (by huggingface_hub 5 times per attempt, then by us) but never past --retry-time."""
+    start = time.monotonic()
+    result = minigpt("prepare", "--sources", HUB, "--out", tmp_path / "p", "--workers", "1", "--retry-time", "3",
+                     env=env_with(HF_ENDPOINT="http://127.0.0.1:9"), timeout=60)
+    elapsed = time.monotonic() - start
+    line = one_error_line(result, "prepare")
+    assert "could not reach" in line and "127.0.0.1" in line and "run the same command" in line, line
+    assert elapsed < 3 + 15, f"{elapsed:.1f} s"  # --retry-time plus imports
+
+
+FAKE_DATASETS = '''
+"""A stand-in for `datasets`: FAKE_HUB_RECORDS records, then (with FAKE_HUB_STALL) a stall a signal must break."""
+import os, time
+
+class _Stream:
+    def __init__(self):
+        self.pos = 0
+    def state_dict(self):
+        return {"pos": self.pos}
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+    def __iter__(self):
+        while self.pos < int(os.environ["FAKE_HUB_RECORDS"]):
+            self.pos += 1
+            yield {"text": f"document {self.pos}: " + "the quick brown fox jumps over the lazy dog. " * 20}
+        if os.environ.get("FAKE_HUB_STALL"):
+            time.sleep(3600)
+
+def load_dataset(name, config=None, split="train", streaming=True):
+    return _Stream()
+'''
+
+
+@pytest.fixture
+def fake_hub(tmp_path) -> dict[str, str]:
+    (tmp_path / "fake" / "datasets").mkdir(parents=True)
+    (tmp_path / "fake" / "datasets" / "__init__.py").write_text(textwrap.dedent(FAKE_DATASETS))
+    return env_with(PYTHONPATH=str(tmp_path / "fake"), HF_ENDPOINT="http://127.0.0.1:9", FAKE_HUB_RECORDS="2000")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_stops_a_stalled_hub_prepare_promptly_and_it_resumes(tmp_path, fake_hub, sig):
+    """Sent to the whole group, as Ctrl-C and `timeout` do: the workers used to die holding the pool's queue lock and
+    the main process then waited on it forever."""
+    out = tmp_path / "p"
+    args = [sys.executable, "-m", "minigpt", "prepare", "--sources", "hf:fake/set", "--out", str(out), "--workers",
+            "2", "--shard-tokens", "20000", "--chunk-chars", "20000"]
+    proc = subprocess.Popen(args, env={**fake_hub, "FAKE_HUB_STALL": "1"}, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    journal = out.with_name(".p.partial") / "prepare-journal.json"
+    deadline = time.monotonic() + 60
+    while not journal.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the stall, every record read
+    assert proc.poll() is None, proc.stderr.read()
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("prepare did not stop within 10 s of the signal")
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, stderr
+    assert "run the same command to continue" in stderr and "Traceback" not in stderr, stderr
+    for _ in range(50):  # the workers are gone too (they may take a moment to be reaped)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived prepare")
+    result = minigpt("prepare", "--sources", "hf:fake/set", "--out", out, "--workers", "2", "--shard-tokens",
+                     "20000", "--chunk-chars", "20000", env=fake_hub, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr
+    meta = __import__("json").loads((out / "meta.json").read_text())
+    assert sum(split["documents"] for split in meta["splits"].values()) == 2000  # none lost, none read twice
