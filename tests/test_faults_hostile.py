@@ -8,6 +8,7 @@ port, or `datasets` is replaced by a fake package on PYTHONPATH that streams rec
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -17,9 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import minigpt, one_error_line
+from test_faults import minigpt, one_error_line, snapshot, tiny_config
+
+from minigpt.cli import main as cli_main
+from minigpt.train import train
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, tiny_shards) -> Path:
+    """A run of 8 steps with checkpoints at steps 4 and 8 (tests change copies of it)."""
+    return train(tiny_config(tmp_path_factory.mktemp("hostile") / "run", tiny_shards))
 
 
 def env_with(**extra: str) -> dict[str, str]:
@@ -126,5 +136,83 @@ def test_a_signal_to_the_process_group_stops_a_stalled_hub_prepare_promptly_and_
                      "20000", "--chunk-chars", "20000", env=fake_hub, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stderr
-    meta = __import__("json").loads((out / "meta.json").read_text())
+    meta = json.loads((out / "meta.json").read_text())
     assert sum(split["documents"] for split in meta["splits"].values()) == 2000  # none lost, none read twice
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Export into an earlier export's folder: only minigpt's own files are replaced
+
+
+def cli(capsys, *args: object) -> tuple[int, str, str]:
+    """`minigpt ARGS` in this process (faster than a subprocess for the stages that load a model)."""
+    capsys.readouterr()
+    code = cli_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(code: int, err: str, stage: str) -> str:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith(f"minigpt {stage}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def earlier_export(tmp_path, two_checkpoints, capsys) -> Path:
+    out = tmp_path / "export"
+    code, _, err = cli(capsys, "export", two_checkpoints, out)
+    assert code == 0, err
+    return out
+
+
+def test_reexport_of_an_unchanged_export_replaces_it(earlier_export, two_checkpoints, capsys):
+    sums = (earlier_export / "SHA256SUMS").read_text()
+    assert "model.safetensors" in sums and "README.md" in sums
+    code, _, err = cli(capsys, "export", two_checkpoints, earlier_export, "--checkpoint", "step_4")
+    assert code == 0, err
+    assert "/step_00000004" in json.loads((earlier_export / "config.json").read_text())["minigpt"]["checkpoint"]
+
+
+@pytest.mark.parametrize("change", ["user file", "edited README", "user folder"])
+def test_reexport_refuses_a_folder_with_user_files_or_edits_and_force_keeps_them(earlier_export, two_checkpoints,
+                                                                                  capsys, change):
+    if change == "user file":
+        (earlier_export / "my_eval_results.txt").write_text("mine")
+    elif change == "user folder":
+        (earlier_export / "evals").mkdir()
+    else:
+        (earlier_export / "README.md").write_text("my own model card")
+    before = snapshot(earlier_export)
+    line = one_line(*cli(capsys, "export", two_checkpoints, earlier_export)[::2], "export")
+    assert "refusing" in line and "--force" in line, line
+    assert ("README.md" in line) == (change == "edited README"), line
+    assert snapshot(earlier_export) == before  # nothing touched
+    code, _, err = cli(capsys, "export", two_checkpoints, earlier_export, "--force")
+    assert code == 0, err
+    if change == "user file":
+        assert (earlier_export / "my_eval_results.txt").read_text() == "mine"  # --force keeps other files
+    elif change == "user folder":
+        assert (earlier_export / "evals").is_dir()
+    else:
+        assert (earlier_export / "README.md").read_text() != "my own model card"  # --force overwrites ours
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=earlier_export, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_export_refuses_a_folder_that_never_was_an_export_and_writes_with_the_umask(tmp_path, two_checkpoints,
+                                                                                     capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"minigpt": {"format": "minigpt-hf-export"}}')  # looks like one, isn't
+    line = one_line(*cli(capsys, "export", two_checkpoints, folder)[::2], "export")
+    assert "not a minigpt export" in line, line
+    old = os.umask(0o022)
+    try:
+        code, _, err = cli(capsys, "export", two_checkpoints, tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # item 10: not 0700
+    assert (tmp_path / "shared" / "model.safetensors").stat().st_mode & 0o777 == 0o644
