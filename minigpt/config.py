@@ -101,6 +101,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:  # noqa: C901 (docs/code.md
         if not isinstance(value, (str, int, float)):
             raise UserError(f"{where} must be a string, not {value!r}")
         return str(value)
+    if dataclasses.is_dataclass(tp):  # a table given as a plain value, e.g. `model = "tiny"`
+        hint = f' (e.g. {where}.preset = "{value}")' if "preset" in {f.name for f in dataclasses.fields(tp)} else ""
+        raise UserError(f"{where} must be a table of settings{hint}, not {value!r}")
     if tp is dict or typing.get_origin(tp) is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a table, not {value!r}")

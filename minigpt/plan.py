@@ -81,6 +81,9 @@ class PlanConfig:
     json: bool = opt(False, "print the plan as JSON")
 
     def __post_init__(self) -> None:
+        if not all(math.isfinite(x) for x in (self.usd, self.usd_per_hour, self.hours, self.tokens, self.mfu,
+                                                 self.dataset_tokens)):
+            raise ValueError("budgets, prices and --mfu must be finite numbers (not inf or nan)")
         if sum(1 for budget in (self.usd, self.hours, self.tokens) if budget) != 1:
             raise ValueError("give one budget: --usd (with --usd-per-hour), --hours or --tokens")
         if self.usd and not self.usd_per_hour:

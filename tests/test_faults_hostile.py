@@ -216,3 +216,33 @@ def test_export_refuses_a_folder_that_never_was_an_export_and_writes_with_the_um
     assert code == 0, err
     assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # item 10: not 0700
     assert (tmp_path / "shared" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Tracebacks that were: a table given as a string, infinite budgets, a closed pipe
+
+
+def test_a_config_file_giving_a_string_for_a_table_is_one_line(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('model = "tiny"\n')
+    line = one_line(*cli(capsys, "train", "--config", config, "--run-dir", tmp_path / "run")[::2], "train")
+    assert "model must be a table" in line and 'model.preset = "tiny"' in line, line
+
+
+@pytest.mark.parametrize("usd", ["inf", "nan", "-5", "0"])
+def test_plan_refuses_a_budget_that_is_not_a_positive_number_in_one_line(capsys, usd):
+    line = one_line(*cli(capsys, "plan", "--usd", usd, "--usd-per-hour", "2")[::2], "plan")
+    assert "finite" in line or "negative" in line or "give one budget" in line, line
+
+
+@pytest.mark.parametrize("args", [["plan", "--tokens", "1e9"], ["model", "--preset", "gpt2"], ["--help"]],
+                         ids=["plan", "model", "help"])
+def test_a_closed_pipe_ends_the_command_quietly(args):
+    """`minigpt plan ... | head -1`: the reader has gone before we print (closed before we start, so it always
+    happens, whatever the pipe's buffer holds)."""
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env_with(), text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode in (0, 141) and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
