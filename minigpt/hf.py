@@ -154,7 +154,8 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, which: str = "late
     weights = to_hf_state_dict(model)
     dtype = str(weights["transformer.wte.weight"].dtype).removeprefix("torch.")
     provenance = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "checkpoint": str(ckpt.resolve()),
-                  "step": meta.get("step"), "tokenizer_name": tokenizer.name, "tokenizer_hash": tokenizer.hash}
+                  "step": meta.get("step"), "verified": meta["verified"], "tokenizer_name": tokenizer.name,
+                  "tokenizer_hash": tokenizer.hash}
     eot = tokenizer.eot_id
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import minigpt, one_error_line, snapshot, tiny_config
+from test_faults import STEP4, STEP8, minigpt, one_error_line, snapshot, tiny_config
 
+from minigpt.checkpoint import resolve_checkpoint
 from minigpt.cli import main as cli_main
 from minigpt.train import train
 
@@ -246,3 +248,37 @@ def test_a_closed_pipe_ends_the_command_quietly(args):
     stderr = proc.stderr.read()
     proc.wait(timeout=60)
     assert proc.returncode in (0, 141) and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Weights without their checksums are "unverified", said in one line and in what is written
+
+
+@pytest.fixture
+def run_copy(tmp_path, two_checkpoints) -> Path:
+    return Path(shutil.copytree(two_checkpoints, tmp_path / "run"))
+
+
+def test_a_checkpoint_without_checksums_is_reported_unverified(run_copy, tmp_path, capsys):
+    (run_copy / "checkpoints" / STEP8 / "SHA256SUMS").unlink()
+    code, out, err = cli(capsys, "sample", run_copy, "--prompt", "The", "--max-new-tokens", "2", "--device", "cpu")
+    assert code == 0, err
+    assert err.count("has no SHA256SUMS: its weights are unverified") == 1, err
+    code, _, err = cli(capsys, "export", run_copy, tmp_path / "export")
+    assert code == 0 and "unverified" in err, err
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["minigpt"]["verified"] is False
+    code, _, err = cli(capsys, "eval", run_copy, "--tasks", "none", "--out", tmp_path / "eval", "--max-batches", "1",
+                       "--device", "cpu")
+    assert code == 0 and "unverified" in err, err
+    assert [e["verified"] for e in json.loads((tmp_path / "eval" / "report.json").read_text())["checkpoints"]] \
+        == [False]
+
+
+def test_resume_prefers_the_newest_verified_checkpoint_and_says_why(run_copy, capsys):
+    (run_copy / "checkpoints" / STEP8 / "SHA256SUMS").unlink()
+    assert resolve_checkpoint(run_copy, need_trainer=True).name == STEP4
+    err = capsys.readouterr().err
+    assert f"{STEP8} has no SHA256SUMS" in err and "resuming from the newest verified checkpoint, " in err, err
+    (run_copy / "checkpoints" / STEP4 / "SHA256SUMS").unlink()  # none verified: the newest, said so
+    assert resolve_checkpoint(run_copy, need_trainer=True).name == STEP8
+    assert "no checkpoint of" in capsys.readouterr().err
