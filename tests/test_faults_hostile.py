@@ -282,3 +282,23 @@ def test_resume_prefers_the_newest_verified_checkpoint_and_says_why(run_copy, ca
     (run_copy / "checkpoints" / STEP4 / "SHA256SUMS").unlink()  # none verified: the newest, said so
     assert resolve_checkpoint(run_copy, need_trainer=True).name == STEP8
     assert "no checkpoint of" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. GPU names: one table of what cards report, short names, ambiguity refused, never a bigger card
+
+
+@pytest.mark.parametrize("name,card", [("NVIDIA GH200 480GB", "GH200 96GB HBM3"), ("NVIDIA H100 NVL", "H100 NVL 94GB"),
+                                       ("h100-sxm", "H100 SXM 80GB"), ("nvidia a100-sxm4-80gb", "A100 80GB")])
+def test_plan_reads_the_names_cards_report(capsys, name, card):
+    code, out, err = cli(capsys, "plan", "--gpu", name, "--tokens", "1e9")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith(f"1 x NVIDIA {card}:"), out.splitlines()[0]
+
+
+@pytest.mark.parametrize("name,candidates", [("a100", ["A100-40GB", "A100-80GB"]),
+                                             ("H100", ["H100-SXM", "H100-PCIe", "H100-NVL"]),
+                                             ("GH200", ["GH200-96GB", "GH200-144GB"])])
+def test_plan_refuses_an_ambiguous_gpu_listing_the_candidates(capsys, name, candidates):
+    line = one_line(*cli(capsys, "plan", "--gpu", name, "--tokens", "1e9")[::2], "plan")
+    assert "could be" in line and all(c in line for c in candidates), line
