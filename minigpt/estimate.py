@@ -304,9 +304,28 @@ def chinchilla_loss(params: float, tokens: float) -> float:
     return c["E"] + c["A"] / params ** c["alpha"] + c["B"] / tokens ** c["beta"]
 
 
-def expected_loss(params: float, tokens: float) -> float:
-    """The validation loss the anchored fit expects of `params` trained on `tokens`: an estimate, see docs."""
-    return chinchilla_loss(params, tokens) + ANCHOR["loss"] - chinchilla_loss(ANCHOR["params"], ANCHOR["tokens"])
+# Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models", eq. 5): D tokens drawn from U unique ones
+# are worth U + U R* (1 - exp(-R / R*)) fresh tokens, R = D / U - 1 repetitions, R* = 15.4 fitted: ~4 epochs are
+# nearly as good as fresh data, and past ~16 more passes add almost nothing.
+REPEAT_DECAY = 15.4
+
+
+def effective_tokens(tokens: float, unique_tokens: float | None) -> float:
+    """What `tokens` of training on `unique_tokens` of data are worth in fresh tokens (data-constrained scaling)."""
+    if not unique_tokens or tokens <= unique_tokens:
+        return tokens
+    repeats = tokens / unique_tokens - 1
+    return unique_tokens + unique_tokens * REPEAT_DECAY * (1 - math.exp(-repeats / REPEAT_DECAY))
+
+
+def expected_loss(params: float, tokens: float, unique_tokens: float | None = None,
+                  vocab_size: int | None = None) -> float:
+    """The validation loss the anchored fit expects of `params` trained on `tokens` (of `unique_tokens` of data, if
+    given: repeats count for less): an estimate, see docs. Never above ln(vocab_size), the loss of a uniform guess,
+    which the fit exceeds for tiny token counts it was never meant for."""
+    tokens = effective_tokens(tokens, unique_tokens)
+    loss = chinchilla_loss(params, tokens) + ANCHOR["loss"] - chinchilla_loss(ANCHOR["params"], ANCHOR["tokens"])
+    return min(loss, math.log(vocab_size)) if vocab_size else loss
 
 
 def compute_optimal_params(flops: float) -> float:
@@ -393,7 +412,8 @@ def estimate_run(model: ModelConfig, *, seq_len: int, micro_batch: int, grad_acc
     return RunEstimate(num_params(model), fpt, extra, seq_len, micro_batch, grad_accum, world, tokens_per_step,
                        steps, steps * tokens_per_step, precision, checkpointing, memory, usable, fits, tokens_per_s,
                        hours, mfu, source, checkpoint, (keep_checkpoints + 2) * checkpoint,
-                       expected_loss(num_params(model), steps * tokens_per_step), parallel)
+                       expected_loss(num_params(model), steps * tokens_per_step, vocab_size=model.vocab_size),
+                       parallel)
 
 
 def largest_micro_batch(model: ModelConfig, *, seq_len: int, tokens_per_step: int, world: int, precision: str,

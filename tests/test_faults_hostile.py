@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 from test_faults import STEP4, STEP8, minigpt, one_error_line, snapshot, tiny_config
 
+from minigpt import estimate as estlib
 from minigpt.checkpoint import resolve_checkpoint
 from minigpt.cli import main as cli_main
 from minigpt.train import train
@@ -302,3 +304,40 @@ def test_plan_reads_the_names_cards_report(capsys, name, card):
 def test_plan_refuses_an_ambiguous_gpu_listing_the_candidates(capsys, name, candidates):
     line = one_line(*cli(capsys, "plan", "--gpu", name, "--tokens", "1e9")[::2], "plan")
     assert "could be" in line and all(c in line for c in candidates), line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Plans outside what their numbers know: clamped, penalised, warned about in one line
+
+
+def test_plan_never_expects_a_loss_above_a_uniform_guess_and_says_why(capsys):
+    code, out, err = cli(capsys, "plan", "--tokens", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    losses = [c["run"]["expected_loss"] for c in result["candidates"] if c["run"]]
+    assert losses and max(losses) <= math.log(50257) + 1e-9
+    assert [line for line in err.splitlines() if line.startswith("warning: ")] == [f"warning: {result['warnings'][0]}"]
+    assert "uniform guess" in err
+
+
+def test_plan_counts_repeated_data_for_less_and_warns(capsys):
+    code, out, err = cli(capsys, "plan", "--usd", "1e12", "--usd-per-hour", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    best = next(c for c in result["candidates"] if c["name"] == result["recommended"])
+    fresh = estlib.expected_loss(best["run"]["params"], best["run"]["total_tokens"])
+    assert best["run"]["expected_loss"] > fresh + 0.1  # 1.6e9 epochs are not worth 1.6e9 x the data
+    assert "passes over" in err and "outside the runs the loss fit comes from" in err
+
+
+def test_quickstart_refuses_minutes_past_a_day_in_one_line(tmp_path, capsys):
+    line = one_line(*cli(capsys, "quickstart", "--minutes", "100000", "--run-dir", tmp_path / "q")[::2], "quickstart")
+    assert "at most 1440" in line, line
+
+
+def test_plan_says_which_of_no_fit_or_no_step(capsys):
+    code, out, _ = cli(capsys, "plan", "--gpu", "T4", "--tokens", "1e9", "--model.preset", "gpt2-xl",
+                       "--seq-len", "1024", "--model.block-size", "1024")
+    assert "nothing fits this card" in out and "budget buys no step" not in out
+    code, out, _ = cli(capsys, "plan", "--gpu", "A100-40GB", "--hours", "1e-9")
+    assert "budget buys no step" in out and "nothing fits" not in out
