@@ -422,7 +422,9 @@ def largest_micro_batch(model: ModelConfig, *, seq_len: int, tokens_per_step: in
     """The largest micro-batch (sequences per GPU) that divides a step evenly and fits the card, or None."""
     per_gpu, rest = divmod(tokens_per_step, seq_len * world)
     if rest or not per_gpu:
-        raise UserError(f"{tokens_per_step} tokens per step is not a multiple of seq_len x GPUs = {seq_len * world}")
+        near = max(seq_len * world, round(tokens_per_step / (seq_len * world)) * seq_len * world)
+        raise UserError(f"{tokens_per_step} tokens per step is not a multiple of seq_len x GPUs = {seq_len * world}: "
+                        f"the nearest that is, --batch-tokens {near}")
     for micro in (b for b in range(per_gpu, 0, -1) if per_gpu % b == 0):
         memory = training_memory(model, micro_batch=micro, seq_len=seq_len, precision=precision,
                                  checkpointing=checkpointing, grad_accum=per_gpu // micro,

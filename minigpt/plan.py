@@ -160,12 +160,29 @@ def plan(cfg: PlanConfig) -> Plan:
                   for name in PRESETS if name.startswith("gpt2")]
         shape = shape_near(optimal, block, cfg.vocab_size)
         models += [shape] if all(num_params(m) != num_params(shape) for m in models) else []
+    cfg, batch_note = _valid_batch_tokens(cfg, models)
     candidates = [_candidate(cfg, m, gpu, precision, train_s, hours) for m in models]
     best, reasons = _recommend(candidates, optimal, cfg)
     budget = (f"${cfg.usd:,.2f} at ${cfg.usd_per_hour:,.2f} per GPU-hour = " if cfg.usd else "") + (
         f"{hours:,.2f} hours of {cfg.gpus} GPU{'s' * (cfg.gpus > 1)}" if hours else f"{cfg.tokens:,.0f} tokens")
     return Plan(gpu, cfg.gpus, budget, mfu, mfu_source, compute, optimal, candidates, best and best.name, reasons,
-                _commands(cfg, best) if best else [], _warnings(best, cfg))
+                _commands(cfg, best) if best else [], batch_note + _warnings(best, cfg))
+
+
+def nearest_multiple(n: int, step: int) -> int:
+    return max(step, round(n / step) * step)
+
+
+def _valid_batch_tokens(cfg: PlanConfig, models: list[ModelConfig]) -> tuple[PlanConfig, list[str]]:
+    """--batch-tokens made a whole number of sequences on every GPU (e.g. 2^19 over 3 GPUs is not), saying so."""
+    step = math.lcm(*[(cfg.seq_len or m.block_size) * cfg.gpus for m in models])
+    if cfg.batch_tokens % step == 0:
+        return cfg, []
+    chosen = nearest_multiple(cfg.batch_tokens, step)
+    return dataclasses.replace(cfg, batch_tokens=chosen), [
+        f"--batch-tokens {cfg.batch_tokens:,} is not a whole number of {cfg.seq_len or models[0].block_size}-token "
+        f"sequences on each of {cfg.gpus} GPUs (a multiple of {step:,}): planning with the nearest, --batch-tokens "
+        f"{chosen}"]
 
 
 # Chinchilla's fit was drawn from runs of 70M-16B parameters on 5B-500B tokens; ours is anchored at 124M on 10B.

@@ -341,3 +341,33 @@ def test_plan_says_which_of_no_fit_or_no_step(capsys):
     assert "nothing fits this card" in out and "budget buys no step" not in out
     code, out, _ = cli(capsys, "plan", "--gpu", "A100-40GB", "--hours", "1e-9")
     assert "budget buys no step" in out and "nothing fits" not in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. --gpus that do not divide the step; 8. a port in use
+
+
+@pytest.mark.parametrize("gpus,chosen", [("3", "525312"), ("1000", "1024000")])
+def test_plan_chooses_the_nearest_valid_batch_tokens_and_says_so(capsys, gpus, chosen):
+    code, out, err = cli(capsys, "plan", "--gpus", gpus, "--hours", "1")
+    assert code == 0, err
+    assert f"planning with the nearest, --batch-tokens {chosen}" in err
+    assert f"--batch-tokens {chosen}" in out  # in the train command it prints
+
+
+needs_serve = pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None, reason="needs minigpt[serve]")
+
+
+@needs_serve
+def test_serve_on_a_port_in_use_is_one_line_before_announcing(two_checkpoints):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = minigpt("serve", "--model", two_checkpoints, "--port", port, "--device", "cpu", env=env_with(),
+                         timeout=60)
+    line = one_error_line(result, "serve")
+    assert f"port {port} on 127.0.0.1 is in use" in line, line
+    assert "serving" not in result.stderr
