@@ -371,3 +371,28 @@ def test_serve_on_a_port_in_use_is_one_line_before_announcing(two_checkpoints):
     line = one_error_line(result, "serve")
     assert f"port {port} on 127.0.0.1 is in use" in line, line
     assert "serving" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. The dry run's CPU speed: a warm-up, then the median of several passes of the run's micro-batch
+
+
+def test_dry_run_cpu_speed_skips_the_warm_up_and_takes_the_median(monkeypatch):
+    from minigpt import dry_run
+    from minigpt.model import ModelConfig
+
+    # pass durations: a slow warm-up, then 1 s, 1 s, an outlier, 1 s, 1 s; perf_counter is read twice per pass
+    durations = iter([30.0, 1.0, 1.0, 9.0, 1.0, 1.0])
+    clock = {"now": 0.0, "started": False}
+
+    def perf_counter() -> float:
+        if clock["started"]:
+            clock["now"] += next(durations)
+        clock["started"] = not clock["started"]
+        return clock["now"]
+
+    monkeypatch.setattr(dry_run.time, "perf_counter", perf_counter)
+    model = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=64, vocab_size=64)
+    rate, how = dry_run.cpu_tokens_per_second(model, 64, micro_batch=8)
+    assert rate == pytest.approx(8 * 64 / 1.0)  # 8 sequences of 64 tokens in the median second
+    assert "median of 5" in how and "8 x 64 tokens after a warm-up" in how
