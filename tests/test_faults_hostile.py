@@ -391,7 +391,8 @@ def test_dry_run_cpu_speed_skips_the_warm_up_and_takes_the_median(monkeypatch):
         clock["started"] = not clock["started"]
         return clock["now"]
 
-    monkeypatch.setattr(dry_run.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(dry_run, "_probe_clock", perf_counter)
+    monkeypatch.setattr(dry_run, "PROBE_SECONDS", 1e9)
     model = ModelConfig(n_layer=1, n_head=1, n_embd=16, block_size=64, vocab_size=64)
     rate, how = dry_run.cpu_tokens_per_second(model, 64, micro_batch=8)
     assert rate == pytest.approx(8 * 64 / 1.0)  # 8 sequences of 64 tokens in the median second
