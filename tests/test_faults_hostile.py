@@ -381,15 +381,12 @@ def test_dry_run_cpu_speed_skips_the_warm_up_and_takes_the_median(monkeypatch):
     from minigpt import dry_run
     from minigpt.model import ModelConfig
 
-    # pass durations: a slow warm-up, then 1 s, 1 s, an outlier, 1 s, 1 s; perf_counter is read twice per pass
-    durations = iter([30.0, 1.0, 1.0, 9.0, 1.0, 1.0])
-    clock = {"now": 0.0, "started": False}
+    # the clock's readings: the warm-up's start (it is never timed), then start and end of each timed pass: 1 s,
+    # 1 s, an outlier of 9 s, 1 s, 1 s
+    readings = iter([0.0, 100.0, 101.0, 101.0, 102.0, 102.0, 111.0, 111.0, 112.0, 112.0, 113.0])
 
     def perf_counter() -> float:
-        if clock["started"]:
-            clock["now"] += next(durations)
-        clock["started"] = not clock["started"]
-        return clock["now"]
+        return next(readings)
 
     monkeypatch.setattr(dry_run, "_probe_clock", perf_counter)
     monkeypatch.setattr(dry_run, "PROBE_SECONDS", 1e9)
