@@ -485,7 +485,24 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "latest", need_trai
         return unverified
     if problems:
         raise CorruptCheckpoint(f"{path} holds no intact checkpoint: {'; '.join(problems)}")
-    raise UserError(f"{path} holds no checkpoint: train first (minigpt train --run-dir {path})")
+    raise UserError(_no_checkpoint(path))
+
+
+def _no_checkpoint(path: Path) -> str:
+    """Why a folder without checkpoints cannot be loaded: a run that has not saved one yet, or no run at all."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    stage = config.get("stage") if isinstance(config, dict) else None
+    if stage in ("train", "sft") or (stage is None and (path / "checkpoints").is_dir()):
+        return f"{path} holds no checkpoint yet: train first (minigpt {stage or 'train'} --run-dir {path})"
+    if isinstance(config, dict) and config.get("model_type"):
+        return (f"{path} is a Hugging Face model folder, not a minigpt run: make a run from it with "
+                f"minigpt import {path} RUN")
+    what = "its config.json is not a minigpt run's" if config is not None or (path / "config.json").exists() else \
+        "no config.json, no checkpoints/"
+    return f"{path} is not a minigpt run or checkpoint folder ({what}): give a run folder or a checkpoint folder"
 
 
 def _verified(ckpt: Path, need_trainer: bool) -> Path:

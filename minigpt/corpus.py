@@ -390,7 +390,11 @@ def _files(source: str) -> list[tuple[Path, str]] | None:
         return [(Path(p), p) for p in matches]
     path = Path(source)
     if path.is_dir():
-        return [(p, p.relative_to(path).as_posix()) for p in _walk(path)]
+        found = [(p, p.relative_to(path).as_posix()) for p in _walk(path)]
+        if not found:
+            raise UserError(f"no text files in {source} (text sources are .txt, .md, .jsonl and .parquet files, "
+                            "in subfolders too)")
+        return found
     if path.is_file():
         return [(path, path.name)]
     return None

@@ -149,7 +149,7 @@ def _init_worker(tokenizer_path: str, settings: PrepareSettings) -> None:
         from minigpt.tokenizer import Tokenizer
 
         _worker["tokenizer"] = Tokenizer.load(tokenizer_path)
-    except BaseException as exc:  # noqa: BLE001 - re-raised by the first task
+    except Exception as exc:  # noqa: BLE001 - re-raised by the first task (SystemExit from SIGTERM must leave)
         _worker["error"] = exc
     _worker["settings"] = settings
 
@@ -269,7 +269,7 @@ def prepare_source(source: str, tokenizer, settings: PrepareSettings, cache_dir:
     folder = prepared_folder(source, tokenizer, settings, cache)
     if (folder / "meta.json").is_file():
         prepared = open_prepared(source, folder)
-        if not quiet:
+        if not quiet and not prepared.empty:  # (an empty source is reported once, by the caller)
             print(f"prepared before ({folder}): {prepared.summary()}", file=sys.stderr)
         return prepared
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +288,7 @@ def prepare_source(source: str, tokenizer, settings: PrepareSettings, cache_dir:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     prepared = PreparedSource(source, folder, meta)
-    if not quiet:
+    if not quiet and not prepared.empty:  # (an empty source is reported once, by the caller)
         print(f"prepared {folder}: {prepared.summary()}", file=sys.stderr)
     return prepared
 

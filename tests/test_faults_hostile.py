@@ -394,3 +394,45 @@ def test_dry_run_cpu_speed_skips_the_warm_up_and_takes_the_median(monkeypatch):
     rate, how = dry_run.cpu_tokens_per_second(model, 64, micro_batch=8)
     assert rate == pytest.approx(8 * 64 / 1.0)  # 8 sequences of 64 tokens in the median second
     assert "median of 5" in how and "8 x 64 tokens after a warm-up" in how
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. The smaller points
+
+
+def test_recipes_are_offered_to_their_own_stage(capsys):
+    line = one_line(*cli(capsys, "train", "--config", "gpt2-124m-sft")[::2], "train")
+    assert "gpt2-124m-sft is a recipe for minigpt sft" in line, line
+    line = one_line(*cli(capsys, "train", "--config", "nosuch")[::2], "train")
+    listed = line.split("recipe: ")[1]
+    code, out, _ = cli(capsys, "train", "--list-configs")
+    assert sorted(listed.rstrip(")").split(", ")) == sorted(row.split()[0] for row in out.splitlines())
+    code, out, _ = cli(capsys, "sft", "--list-configs")
+    assert out.split()[0] == "gpt2-124m-sft"
+
+
+def test_prepare_from_a_folder_without_text_files_says_so(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    line = one_line(*cli(capsys, "prepare", "--sources", tmp_path / "empty", "--out", tmp_path / "p")[::2], "prepare")
+    assert f"no text files in {tmp_path / 'empty'}" in line, line
+
+
+@pytest.mark.parametrize("stage", ["serve", "sft"])
+def test_a_user_folder_with_a_config_json_is_not_called_a_run_to_train(tmp_path, capsys, stage):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text('{"learning_rate": 0.1}')
+    flag = "--model" if stage == "serve" else "--base"
+    code, _, err = cli(capsys, stage, flag, tmp_path / "mine", "--run-dir" if stage == "sft" else "--port",
+                       tmp_path / "chat" if stage == "sft" else "0")
+    line = one_line(code, err, stage)
+    assert "is not a minigpt run or checkpoint folder" in line and "minigpt train" not in line, line
+
+
+def test_sft_on_unusable_data_says_so_once_and_caches_nothing(base_run, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"foo": i}) + "\n" for i in range(50)))
+    code, _, err = cli(capsys, "sft", "--base", base_run, "--datasets", bad, "--run-dir", tmp_path / "chat",
+                       "--sft-cache", tmp_path / "cache", "--workers", "2", "--device", "cpu")
+    line = one_line(code, err, "sft")
+    assert "no usable conversations" in line and err.count("no usable conversations") == 1, err
+    assert not any((tmp_path / "cache").rglob("meta.json"))
