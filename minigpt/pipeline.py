@@ -186,7 +186,7 @@ def _init_worker(spec: str, dtype: str) -> None:
         from minigpt.tokenizer import load_tokenizer  # (the main process checked the spec before starting us)
 
         _worker["tokenizer"] = load_tokenizer(spec)
-    except Exception as exc:  # noqa: BLE001 - re-raised by the first task (SystemExit from SIGTERM must leave)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the first task
         _worker["error"] = exc
     _worker["dtype"] = np.dtype(dtype)
 

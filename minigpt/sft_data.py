@@ -149,7 +149,7 @@ def _init_worker(tokenizer_path: str, settings: PrepareSettings) -> None:
         from minigpt.tokenizer import Tokenizer
 
         _worker["tokenizer"] = Tokenizer.load(tokenizer_path)
-    except Exception as exc:  # noqa: BLE001 - re-raised by the first task (SystemExit from SIGTERM must leave)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the first task
         _worker["error"] = exc
     _worker["settings"] = settings
 

@@ -118,6 +118,9 @@ def test_a_signal_to_the_process_group_stops_a_stalled_hub_prepare_promptly_and_
         time.sleep(0.1)
     time.sleep(1.0)  # into the stall, every record read
     assert proc.poll() is None, proc.stderr.read()
+    workers = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+               for pid in (task / "children").read_text().split()]
+    assert len(workers) == 2
     os.killpg(proc.pid, sig)
     try:
         proc.wait(timeout=10)
@@ -128,13 +131,10 @@ def test_a_signal_to_the_process_group_stops_a_stalled_hub_prepare_promptly_and_
     assert proc.returncode == 130, stderr
     assert "run the same command to continue" in stderr and "Traceback" not in stderr, stderr
     for _ in range(50):  # the workers are gone too (they may take a moment to be reaped)
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
+        if not [pid for pid in workers if Path(f"/proc/{pid}").exists()]:
             break
         time.sleep(0.1)
     else:
-        os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("worker processes outlived prepare")
     result = minigpt("prepare", "--sources", "hf:fake/set", "--out", out, "--workers", "2", "--shard-tokens",
                      "20000", "--chunk-chars", "20000", env=fake_hub, timeout=120)
