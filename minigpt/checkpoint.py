@@ -37,7 +37,6 @@ reads it as it reads any other; resuming reads each process's share at whatever 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -52,18 +51,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from minigpt.checksums import CHECKSUMS, CorruptCheckpoint, file_sha256
+from minigpt.checksums import read_checksums as _read_checksums
+from minigpt.checksums import write_checksums as _write_checksums
 from minigpt.common import UserError, atomic_path, disk_full, print0, read_json, write_json
 from minigpt.model import GPT, ModelConfig
 
 FORMAT_VERSION = 1
 SHARDED_VERSION = 2  # model.json of a sharded checkpoint: earlier versions of minigpt cannot read it, and say so
-CHECKSUMS = "SHA256SUMS"
 # What `train` writes at the top of a run folder; a new run replaces them only if an earlier minigpt run wrote them.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "tokenizer.json", "tokenizer.vocab")
-
-
-class CorruptCheckpoint(UserError):
-    """A checkpoint whose files are missing, cut short, garbled or changed since they were written."""
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -233,35 +230,6 @@ def _fsync_dir(path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checksums and structure: what makes a checkpoint intact
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_checksums(folder: Path) -> None:
-    """SHA256SUMS of every file in `folder` and its subfolders (paths relative to it, as sha256sum -c reads them)."""
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    (folder / CHECKSUMS).write_text("".join(f"{file_sha256(folder / p)}  {p}\n" for p in files))
-
-
-def _read_checksums(ckpt: Path) -> dict[str, str] | None:
-    """name -> sha256 from SHA256SUMS (sha256sum's format), or None for a checkpoint written without one."""
-    path = ckpt / CHECKSUMS
-    if not path.exists():
-        return None
-    sums = {}
-    try:
-        lines = path.read_text(encoding="ascii").splitlines()
-    except (UnicodeDecodeError, OSError):
-        raise CorruptCheckpoint(f"{path} is unreadable") from None
-    for lineno, line in enumerate(lines, 1):
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise CorruptCheckpoint(f"{path} is damaged at line {lineno}")
-        sums[name] = digest
-    return sums
 
 
 def verify_checkpoint(ckpt: Path, need_trainer: bool = False) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from minigpt.checkpoint import CHECKSUMS, CorruptCheckpoint, _read_checksums, _write_checksums, file_sha256
+from minigpt.checksums import CHECKSUMS, CorruptCheckpoint, file_sha256, read_checksums, write_checksums
 from minigpt.common import UserError, _umask, read_json, write_json
 from minigpt.model import GPT, ModelConfig
 
@@ -167,7 +167,7 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, which: str = "late
         save_hf_tokenizer(tokenizer, tmp, cfg.block_size)
         (tmp / "README.md").write_text(model_card(model, tokenizer, meta, _run_root(ckpt), out.name),
                                        encoding="utf-8")
-        _write_checksums(tmp)
+        write_checksums(tmp)
         mask = _umask()  # mkdtemp makes an owner-only folder: give the folder and files the usual permissions
         os.chmod(tmp, 0o777 & ~mask)
         for f in tmp.iterdir():
@@ -208,7 +208,7 @@ def _check_export_target(out: Path, force: bool) -> bool:
     if force:
         return True
     try:
-        sums = _read_checksums(out)
+        sums = read_checksums(out)
     except CorruptCheckpoint:
         sums = None
     if sums is None:
