@@ -390,11 +390,7 @@ def _files(source: str) -> list[tuple[Path, str]] | None:
         return [(Path(p), p) for p in matches]
     path = Path(source)
     if path.is_dir():
-        found = [(p, p.relative_to(path).as_posix()) for p in _walk(path)]
-        if not found:
-            raise UserError(f"no text files in {source} (text sources are .txt, .md, .jsonl and .parquet files, "
-                            "in subfolders too)")
-        return found
+        return [(p, p.relative_to(path).as_posix()) for p in _walk(path)]
     if path.is_file():
         return [(path, path.name)]
     return None
@@ -484,6 +480,13 @@ def load_documents(source: str, text_field: str = "text") -> Iterator[str]:
     """Just the texts of `iter_documents` (what tokenizer training reads)."""
     for doc in iter_documents(source, text_field):
         yield doc.text
+
+
+def check_has_text_files(source: str) -> None:
+    """A UserError for a folder holding no file a source can be read from (prepare; the tokenizer says it its way)."""
+    if Path(source).is_dir() and next(_walk(Path(source)), None) is None:
+        raise UserError(f"no text files in {source} (text sources are .txt, .md, .jsonl and .parquet files, in "
+                        "subfolders too)")
 
 
 def check_source(source: str) -> None:

@@ -327,6 +327,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     out = Path(cfg.out)
     for source in cfg.sources:
         corpus.check_source(source)
+        corpus.check_has_text_files(source)
     tokenizer = load_tokenizer(cfg.tokenizer)  # fails here, cleanly, before any worker starts
     out.parent.mkdir(parents=True, exist_ok=True)
     with WorkDir(out) as work:
