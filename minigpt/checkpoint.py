@@ -37,7 +37,6 @@ reads it as it reads any other; resuming reads each process's share at whatever 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -52,18 +51,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from minigpt.checksums import CHECKSUMS, CorruptCheckpoint, file_sha256
+from minigpt.checksums import read_checksums as _read_checksums
+from minigpt.checksums import write_checksums as _write_checksums
 from minigpt.common import UserError, atomic_path, disk_full, print0, read_json, write_json
 from minigpt.model import GPT, ModelConfig
 
 FORMAT_VERSION = 1
 SHARDED_VERSION = 2  # model.json of a sharded checkpoint: earlier versions of minigpt cannot read it, and say so
-CHECKSUMS = "SHA256SUMS"
 # What `train` writes at the top of a run folder; a new run replaces them only if an earlier minigpt run wrote them.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "tokenizer.json", "tokenizer.vocab")
-
-
-class CorruptCheckpoint(UserError):
-    """A checkpoint whose files are missing, cut short, garbled or changed since they were written."""
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -235,40 +232,14 @@ def _fsync_dir(path: Path) -> None:
 # Checksums and structure: what makes a checkpoint intact
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_checksums(folder: Path) -> None:
-    """SHA256SUMS of every file in `folder` and its subfolders (paths relative to it, as sha256sum -c reads them)."""
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    (folder / CHECKSUMS).write_text("".join(f"{file_sha256(folder / p)}  {p}\n" for p in files))
-
-
-def _read_checksums(ckpt: Path) -> dict[str, str] | None:
-    """name -> sha256 from SHA256SUMS (sha256sum's format), or None for a checkpoint written without one."""
-    path = ckpt / CHECKSUMS
-    if not path.exists():
-        return None
-    sums = {}
-    try:
-        lines = path.read_text(encoding="ascii").splitlines()
-    except (UnicodeDecodeError, OSError):
-        raise CorruptCheckpoint(f"{path} is unreadable") from None
-    for lineno, line in enumerate(lines, 1):
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise CorruptCheckpoint(f"{path} is damaged at line {lineno}")
-        sums[name] = digest
-    return sums
-
-
-def verify_checkpoint(ckpt: Path, need_trainer: bool = False) -> None:
-    """Raise CorruptCheckpoint (one line naming the file) unless the files a load needs are intact.
+def verify_checkpoint(ckpt: Path, need_trainer: bool = False) -> bool:
+    """Raise CorruptCheckpoint (one line naming the file) unless the files a load needs are intact; whether they are
+    verified (False: no SHA256SUMS, so damage inside the tensor data could pass unseen).
 
     The structure is checked always (cheap: headers only); checksums too where SHA256SUMS exists.
-    `need_trainer`: trainer.pt too (resuming needs it, loading the model does not).
+    `need_trainer`: trainer.pt too (resuming needs it, loading the model does not), unpickled as load_trainer_state
+    will (weights_only, tensors memory-mapped, so cheap), so that one that would run code is skipped like a damaged
+    one.
     """
     if is_sharded(ckpt):
         needed = _sharded_files(ckpt, need_trainer)
@@ -294,14 +265,22 @@ def verify_checkpoint(ckpt: Path, need_trainer: bool = False) -> None:
         except (zipfile.BadZipFile, OSError):
             raise CorruptCheckpoint(f"{ckpt / 'trainer.pt'} is corrupt: cut short or not written by torch.save") \
                 from None
+        load_trainer_state(ckpt, "cpu", mmap=True)  # raises CorruptCheckpoint for code or damage
     sums = _read_checksums(ckpt)
-    if sums is not None:
-        for name in needed:
-            if name not in sums:
-                raise CorruptCheckpoint(f"{ckpt / CHECKSUMS} has no checksum for {name}")
-            if file_sha256(ckpt / name) != sums[name]:
-                raise CorruptCheckpoint(f"{ckpt / name} is corrupt: its sha256 differs from the one in {CHECKSUMS} "
-                                        "(the file changed after it was written)")
+    if sums is None:
+        return False
+    for name in needed:
+        if name not in sums:
+            raise CorruptCheckpoint(f"{ckpt / CHECKSUMS} has no checksum for {name}")
+        if file_sha256(ckpt / name) != sums[name]:
+            raise CorruptCheckpoint(f"{ckpt / name} is corrupt: its sha256 differs from the one in {CHECKSUMS} "
+                                    "(the file changed after it was written)")
+    return True
+
+
+def unverified_note(ckpt: Path) -> str:
+    return (f"{ckpt} has no {CHECKSUMS}: its weights are unverified (damage inside them could go unnoticed; "
+            "checkpoints minigpt writes carry one)")
 
 
 SHARD_PARTS = ("model", "optimizer")  # the subfolders of a sharded checkpoint
@@ -448,28 +427,60 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "latest", need_trai
         pointed = _read_pointer(root / "LATEST")
     steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
     candidates = ([root / pointed] if pointed else []) + [p for p in steps if p.name != pointed]
-    problems = []
+    problems: list[str] = []
+    unverified: Path | None = None  # the newest intact checkpoint without checksums, used if no verified one
     for ckpt in candidates:
         try:
-            verify_checkpoint(ckpt, need_trainer)
+            verified = verify_checkpoint(ckpt, need_trainer)
         except CorruptCheckpoint as exc:
             problems.append(str(exc))
+            continue
+        if not verified and need_trainer:  # resuming: an older checkpoint that is verified is worth more
+            unverified = unverified or ckpt
             continue
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             print0(f"warning: {problems[0]}{more}: using the newest intact checkpoint, {ckpt}", file=sys.stderr)
+        if unverified is not None:
+            print0(f"warning: {unverified_note(unverified)}: resuming from the newest verified checkpoint, {ckpt}",
+                   file=sys.stderr)
+        elif not verified:
+            print0(f"warning: {unverified_note(ckpt)}", file=sys.stderr)
         return ckpt
+    if unverified is not None:
+        print0(f"warning: {unverified_note(unverified)}; no checkpoint of {path} is verified, so it is used",
+               file=sys.stderr)
+        return unverified
     if problems:
         raise CorruptCheckpoint(f"{path} holds no intact checkpoint: {'; '.join(problems)}")
-    raise UserError(f"{path} holds no checkpoint: train first (minigpt train --run-dir {path})")
+    raise UserError(_no_checkpoint(path))
+
+
+def _no_checkpoint(path: Path) -> str:
+    """Why a folder without checkpoints cannot be loaded: a run that has not saved one yet, or no run at all."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    stage = config.get("stage") if isinstance(config, dict) else None
+    if stage in ("train", "sft") or (stage is None and (path / "checkpoints").is_dir()):
+        return f"{path} holds no checkpoint yet: train first (minigpt {stage or 'train'} --run-dir {path})"
+    if isinstance(config, dict) and config.get("model_type"):
+        return (f"{path} is a Hugging Face model folder, not a minigpt run: make a run from it with "
+                f"minigpt import {path} RUN")
+    what = "its config.json is not a minigpt run's" if config is not None or (path / "config.json").exists() else \
+        "no config.json, no checkpoints/"
+    return f"{path} is not a minigpt run or checkpoint folder ({what}): give a run folder or a checkpoint folder"
 
 
 def _verified(ckpt: Path, need_trainer: bool) -> Path:
     try:
-        verify_checkpoint(ckpt, need_trainer)
+        verified = verify_checkpoint(ckpt, need_trainer)
     except CorruptCheckpoint as exc:
         raise CorruptCheckpoint(f"{exc}; name another checkpoint, or give the run folder to use its newest intact "
                                 "one") from None
+    if not verified:
+        print0(f"warning: {unverified_note(ckpt)}", file=sys.stderr)
     return ckpt
 
 
@@ -516,6 +527,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", whic
     if dtype is not None:
         model = model.to(dtype)
     meta["checkpoint"] = str(ckpt)
+    meta["verified"] = (ckpt / CHECKSUMS).is_file()  # resolve_checkpoint checked the sums where there are any
     return model.eval(), meta
 
 
@@ -540,17 +552,18 @@ def read_shards(folder: Path, targets: dict[str, torch.Tensor]) -> None:
                                 f"({lines[-1].strip() if lines else type(exc).__name__})") from None
 
 
-def load_trainer_state(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Optimizer, scaler, RNG and data state, loaded with weights_only=True: tensors and plain values, never code."""
+def load_trainer_state(ckpt: Path, device: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Optimizer, scaler, RNG and data state, loaded with weights_only=True: tensors and plain values, never code.
+    `mmap`: tensors mapped rather than read (checking the file, cheaply)."""
     path = ckpt / "trainer.pt"
     if not path.exists():
         raise UserError(f"{ckpt} has no trainer state to resume from (weights only)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         # torch's message suggests weights_only=False, i.e. running whatever code the file holds: never.
-        raise UserError(f"{path} holds objects other than tensors and plain values: refused, since loading it "
-                        "could run code; resume from a checkpoint minigpt wrote") from None
+        raise CorruptCheckpoint(f"{path} holds objects other than tensors and plain values: refused, since loading "
+                                "it could run code; resume from a checkpoint minigpt wrote") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CorruptCheckpoint(f"{path} is corrupt ({first})") from None

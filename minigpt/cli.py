@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -60,6 +61,19 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one stage; its exit status. A reader that closed our stdout (`minigpt plan ... | head -1`) ends the stage
+    quietly with 141, as a Unix tool killed by SIGPIPE does, instead of a BrokenPipeError traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would raise once more: point it at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     top = _top_parser()
     if not argv or argv[0] in ("-h", "--help"):
@@ -79,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"minigpt {name}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # (an OSError: not a full disk) handled in main()
     except Exception as exc:
         full = disk_full(exc)
         if full is None:

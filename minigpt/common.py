@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -172,6 +173,36 @@ def disk_full(exc: BaseException) -> BaseException | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def pool_worker_signals() -> None:
+    """Signals in a multiprocessing.Pool worker (its initializer calls this): the worker leaves the terminal's and
+    `timeout`'s process group, so that Ctrl-C or a SIGTERM sent to the group reaches the main process alone, and
+    dies with it (Linux). Before, the signal killed the workers too; an idle worker waits for its next task holding
+    the pool's queue lock, one killed there never releases it, and the main process's Pool.terminate() then waited
+    on that lock forever: only kill -9 ended `prepare` (issue 32). The main process now ends the pool in order."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate()'s own SIGTERM, sent once it holds the lock
+    os.setpgrp()
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Exit once the parent process is gone (kill -9 of the main process no longer reaches a worker through the
+    process group). A thread polling getppid() once a second: portable, where Linux's PR_SET_PDEATHSIG is not (and
+    had no effect in this project's sandbox)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="minigpt-parent-watch").start()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -101,6 +101,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:  # noqa: C901 (docs/code.md
         if not isinstance(value, (str, int, float)):
             raise UserError(f"{where} must be a string, not {value!r}")
         return str(value)
+    if dataclasses.is_dataclass(tp):  # a table given as a plain value, e.g. `model = "tiny"`
+        hint = f' (e.g. {where}.preset = "{value}")' if "preset" in {f.name for f in dataclasses.fields(tp)} else ""
+        raise UserError(f"{where} must be a table of settings{hint}, not {value!r}")
     if tp is dict or typing.get_origin(tp) is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a table, not {value!r}")
@@ -196,14 +199,20 @@ def format_recipes(stage: str) -> str:
     return "".join(f"{name:<{width}}  {text}\n" for name, _, text in rows)
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read settings from a .toml, .yaml/.yml or .json file, or a shipped recipe named without its suffix."""
+def load_file(path: str | Path, stage: str | None = None) -> dict[str, Any]:
+    """Read settings from a .toml, .yaml/.yml or .json file, or a shipped recipe named without its suffix (one made
+    for `stage`, when given: the names offered are that stage's, as its --list-configs shows them)."""
     path = Path(path)
     if not path.is_file():
         recipe = recipe_path(str(path))
+        recipes = {name: made_for for name, made_for, _ in list_recipes()}
         if recipe is None:
-            names = ", ".join(name for name, _, _ in list_recipes()) or "none"
-            raise UserError(f"config file {path} does not exist (and is not a shipped recipe: {names})")
+            names = ", ".join(name for name, made_for in recipes.items() if stage in (None, made_for)) or "none"
+            raise UserError(f"config file {path} does not exist (and is not a shipped {stage + ' ' if stage else ''}"
+                            f"recipe: {names})")
+        if stage is not None and recipes.get(recipe.stem) != stage:
+            raise UserError(f"{recipe.stem} is a recipe for minigpt {recipes.get(recipe.stem)}, not {stage}: run "
+                            f"minigpt {recipes.get(recipe.stem)} --config {recipe.stem}")
         path = recipe
     text = path.read_text()
     suffix = path.suffix.lower()
@@ -249,7 +258,7 @@ def resolve(cls: type[T], file: str | Path | None = None, overrides: dict[str, A
             stage: str | None = None) -> T:
     """Defaults < file < overrides, then validated by the dataclass itself. `stage`: the command a run's saved
     config.json must come from to be accepted."""
-    data = run_settings(load_file(file), file, stage) if file else {}
+    data = run_settings(load_file(file, stage), file, stage) if file else {}
     return from_dict(cls, deep_merge(data, overrides or {}))
 
 

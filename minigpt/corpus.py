@@ -455,6 +455,13 @@ def load_documents(source: str, text_field: str = "text") -> Iterator[str]:
         yield doc.text
 
 
+def check_has_text_files(source: str) -> None:
+    """A UserError for a folder holding no file a source can be read from (prepare; the tokenizer says it its way)."""
+    if Path(source).is_dir() and next(sources.walk(Path(source), SUFFIXES), None) is None:
+        raise UserError(f"no text files in {source} (text sources are .txt, .md, .jsonl and .parquet files, in "
+                        "subfolders too)")
+
+
 def check_source(source: str) -> None:
     """Fail early, before any work, when a source cannot be read (missing path, missing package)."""
     if source in BUNDLED:

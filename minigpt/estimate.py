@@ -49,8 +49,12 @@ GPUS = {spec.key: spec for spec in [
     GPUSpec("A100-80GB", "NVIDIA A100 80GB", 312e12, 80 * GiB, (8, 0)),
     GPUSpec("H100-SXM", "NVIDIA H100 SXM 80GB", 989e12, 80 * GiB, (9, 0)),
     GPUSpec("H100-PCIe", "NVIDIA H100 PCIe 80GB", 756e12, 80 * GiB, (9, 0)),
+    GPUSpec("H100-NVL", "NVIDIA H100 NVL 94GB", 835e12, 94 * GiB, (9, 0)),
     GPUSpec("H200", "NVIDIA H200 141GB", 989e12, 141 * GiB, (9, 0)),
+    GPUSpec("GH200-96GB", "NVIDIA GH200 96GB HBM3", 989e12, 96 * GiB, (9, 0)),
+    GPUSpec("GH200-144GB", "NVIDIA GH200 144GB HBM3e", 989e12, 144 * GiB, (9, 0)),
     GPUSpec("L4", "NVIDIA L4 24GB", 121e12, 24 * GiB, (8, 9)),
+    GPUSpec("L40S", "NVIDIA L40S 48GB", 362e12, 48 * GiB, (8, 9)),
     GPUSpec("A10G", "NVIDIA A10G 24GB", 70e12, 24 * GiB, (8, 6)),
     GPUSpec("RTX-4090", "NVIDIA GeForce RTX 4090 24GB", 165e12, 24 * GiB, (8, 9)),
     GPUSpec("RTX-3090", "NVIDIA GeForce RTX 3090 24GB", 71e12, 24 * GiB, (8, 6)),
@@ -59,24 +63,71 @@ GPUS = {spec.key: spec for spec in [
     GPUSpec("V100-32GB", "NVIDIA V100 SXM2 32GB", 125e12, 32 * GiB, (7, 0)),
 ]}
 
-# torch.cuda.get_device_name() -> key, first match wins: "NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3", "Tesla T4"
-_DEVICE_NAMES = [(r"A100.*80GB", "A100-80GB"), (r"A100", "A100-40GB"), (r"H100.*PCIe", "H100-PCIe"),
-                 (r"H100.*(HBM3|SXM)", "H100-SXM"), (r"H200", "H200"), (r"\bL4\b", "L4"), (r"A10G", "A10G"),
-                 (r"4090", "RTX-4090"), (r"3090", "RTX-3090"), (r"\bT4\b", "T4"), (r"V100.*32GB", "V100-32GB"),
-                 (r"V100", "V100-16GB")]
+# The strings cards really report (torch.cuda.get_device_name(), nvidia-smi) -> key. The GH200 reports its module's
+# memory (480 GB: 96 GB of HBM3 plus 384 GB of CPU memory); the 144 GB HBM3e module reports its GPU memory.
+REPORTED_NAMES = {
+    "NVIDIA A100-SXM4-40GB": "A100-40GB", "NVIDIA A100-PCIE-40GB": "A100-40GB", "NVIDIA A100-SXM4-80GB": "A100-80GB",
+    "NVIDIA A100 80GB PCIe": "A100-80GB", "NVIDIA A100-SXM-80GB": "A100-80GB", "NVIDIA H100 80GB HBM3": "H100-SXM",
+    "NVIDIA H100 PCIe": "H100-PCIe", "NVIDIA H100 NVL": "H100-NVL", "NVIDIA H200": "H200",
+    "NVIDIA GH200 480GB": "GH200-96GB", "NVIDIA GH200 144G HBM3e": "GH200-144GB", "NVIDIA L4": "L4",
+    "NVIDIA L40S": "L40S", "NVIDIA A10G": "A10G", "NVIDIA GeForce RTX 4090": "RTX-4090",
+    "NVIDIA GeForce RTX 3090": "RTX-3090", "Tesla T4": "T4", "Tesla V100-SXM2-16GB": "V100-16GB",
+    "Tesla V100-SXM2-32GB": "V100-32GB", "Tesla V100-PCIE-16GB": "V100-16GB", "Tesla V100-PCIE-32GB": "V100-32GB",
+}
+# Short names people type -> every key they may mean; more than one is ambiguous and refused, listing them.
+SHORT_NAMES = {
+    "A100": ["A100-40GB", "A100-80GB"], "H100": ["H100-SXM", "H100-PCIe", "H100-NVL"],
+    "H100-80GB": ["H100-SXM", "H100-PCIe"], "H100-94GB": ["H100-NVL"], "H100-SXM5": ["H100-SXM"],
+    "H200-141GB": ["H200"], "GH200": ["GH200-96GB", "GH200-144GB"], "V100": ["V100-16GB", "V100-32GB"],
+    "RTX4090": ["RTX-4090"], "4090": ["RTX-4090"], "RTX3090": ["RTX-3090"], "3090": ["RTX-3090"],
+}
+
+
+def _norm(name: str) -> str:
+    """Case, spaces, dashes and the maker's words do not matter: "nvidia a100-sxm4-40gb" == "A100 SXM4 40GB"."""
+    words = re.findall(r"[a-z0-9]+", name.lower())
+    return "".join(w for w in words if w not in ("nvidia", "tesla", "geforce"))
+
+
+_MATCHES: dict[str, list[str]] = {
+    **{_norm(k): [k] for k in GPUS}, **{_norm(n): [k] for n, k in REPORTED_NAMES.items()},
+    **{_norm(n): keys for n, keys in SHORT_NAMES.items()}}
+
+
+def gpu_candidates(name: str) -> list[str]:
+    """The keys `name` may mean: a key, a reported name or a short name exactly (ignoring case and separators); else
+    the cards of a family named as a word in it (H100, A100, GH200, ...), narrowed by a size in GB where it gives
+    one. Never a guess between sizes: several keys mean the name is ambiguous."""
+    exact = _MATCHES.get(_norm(name))
+    if exact:
+        return exact
+    words = re.findall(r"[a-z0-9]+", name.lower())
+    family = next((_MATCHES[w] for w in words if w in _MATCHES and len(_MATCHES[w]) > 1), None)
+    if family is None:
+        return []
+    sizes = {int(m) for w in words for m in re.findall(r"^(\d+)gb?$", w)}
+    sized = [k for k in family if GPUS[k].memory_bytes // GiB in sizes]
+    return sized or family
 
 
 def gpu_for_device(device_name: str) -> GPUSpec | None:
-    """The table's entry for a `torch.cuda.get_device_name()` string, or None for a card it does not know."""
-    return next((GPUS[key] for pattern, key in _DEVICE_NAMES if re.search(pattern, device_name, re.I)), None)
+    """The table's entry for a `torch.cuda.get_device_name()` string, or None for a card it does not know (or cannot
+    tell from its name alone)."""
+    keys = gpu_candidates(device_name)
+    return GPUS[keys[0]] if len(keys) == 1 else None
 
 
 def find_gpu(name: str) -> GPUSpec:
-    """--gpu: a table key in any case, or a device name as torch reports it."""
-    spec = {key.lower(): spec for key, spec in GPUS.items()}.get(name.lower()) or gpu_for_device(name)
-    if spec is None:
-        raise UserError(f"unknown GPU {name!r}: use one of {', '.join(GPUS)}")
-    return spec
+    """--gpu: a table key, a name as cards report it or a short name (any case); ambiguous names are refused."""
+    keys = gpu_candidates(name)
+    if len(keys) > 1:
+        which = ", ".join(f"{k} ({GPUS[k].memory_bytes // GiB} GB, {GPUS[k].peak_flops / 1e12:.0f} TFLOP/s)"
+                          for k in keys)
+        raise UserError(f"--gpu {name!r} could be {which}: name one of them")
+    if not keys:
+        raise UserError(f"unknown GPU {name!r}: use one of {', '.join(GPUS)}, or the name the card reports "
+                        "(nvidia-smi -L)")
+    return GPUS[keys[0]]
 
 
 def precision_for_capability(capability: tuple[int, int]) -> str:
@@ -274,9 +325,28 @@ def chinchilla_loss(params: float, tokens: float) -> float:
     return c["E"] + c["A"] / params ** c["alpha"] + c["B"] / tokens ** c["beta"]
 
 
-def expected_loss(params: float, tokens: float) -> float:
-    """The validation loss the anchored fit expects of `params` trained on `tokens`: an estimate, see docs."""
-    return chinchilla_loss(params, tokens) + ANCHOR["loss"] - chinchilla_loss(ANCHOR["params"], ANCHOR["tokens"])
+# Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models", eq. 5): D tokens drawn from U unique ones
+# are worth U + U R* (1 - exp(-R / R*)) fresh tokens, R = D / U - 1 repetitions, R* = 15.4 fitted: ~4 epochs are
+# nearly as good as fresh data, and past ~16 more passes add almost nothing.
+REPEAT_DECAY = 15.4
+
+
+def effective_tokens(tokens: float, unique_tokens: float | None) -> float:
+    """What `tokens` of training on `unique_tokens` of data are worth in fresh tokens (data-constrained scaling)."""
+    if not unique_tokens or tokens <= unique_tokens:
+        return tokens
+    repeats = tokens / unique_tokens - 1
+    return unique_tokens + unique_tokens * REPEAT_DECAY * (1 - math.exp(-repeats / REPEAT_DECAY))
+
+
+def expected_loss(params: float, tokens: float, unique_tokens: float | None = None,
+                  vocab_size: int | None = None) -> float:
+    """The validation loss the anchored fit expects of `params` trained on `tokens` (of `unique_tokens` of data, if
+    given: repeats count for less): an estimate, see docs. Never above ln(vocab_size), the loss of a uniform guess,
+    which the fit exceeds for tiny token counts it was never meant for."""
+    tokens = effective_tokens(tokens, unique_tokens)
+    loss = chinchilla_loss(params, tokens) + ANCHOR["loss"] - chinchilla_loss(ANCHOR["params"], ANCHOR["tokens"])
+    return min(loss, math.log(vocab_size)) if vocab_size else loss
 
 
 def compute_optimal_params(flops: float) -> float:
@@ -393,8 +463,8 @@ def estimate_run(model: ModelConfig, *, seq_len: int, micro_batch: int, grad_acc
     return RunEstimate(num_params(model), fpt, extra, seq_len, micro_batch, grad_accum, world, tokens_per_step,
                        steps, tokens, precision, checkpointing, memory, usable, fits, tokens_per_s,
                        hours, mfu, source, checkpoint, (keep_checkpoints + 2) * checkpoint,
-                       expected_loss(num_params(model), tokens * factor), parallel, optimizer, ns,
-                       expected_loss(num_params(model), tokens))
+                       expected_loss(num_params(model), tokens * factor, vocab_size=model.vocab_size), parallel,
+                       optimizer, ns, expected_loss(num_params(model), tokens, vocab_size=model.vocab_size))
 
 
 def largest_micro_batch(model: ModelConfig, *, seq_len: int, tokens_per_step: int, world: int, precision: str,
@@ -403,7 +473,9 @@ def largest_micro_batch(model: ModelConfig, *, seq_len: int, tokens_per_step: in
     """The largest micro-batch (sequences per GPU) that divides a step evenly and fits the card, or None."""
     per_gpu, rest = divmod(tokens_per_step, seq_len * world)
     if rest or not per_gpu:
-        raise UserError(f"{tokens_per_step} tokens per step is not a multiple of seq_len x GPUs = {seq_len * world}")
+        near = max(seq_len * world, round(tokens_per_step / (seq_len * world)) * seq_len * world)
+        raise UserError(f"{tokens_per_step} tokens per step is not a multiple of seq_len x GPUs = {seq_len * world}: "
+                        f"the nearest that is, --batch-tokens {near}")
     for micro in (b for b in range(per_gpu, 0, -1) if per_gpu % b == 0):
         memory = training_memory(model, micro_batch=micro, seq_len=seq_len, precision=precision,
                                  checkpointing=checkpointing, grad_accum=per_gpu // micro,

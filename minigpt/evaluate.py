@@ -316,7 +316,7 @@ def _format(metric: str, value: float | None) -> str:
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown table: one row per metric, one column per checkpoint, then chance and GPT-2."""
     entries = report["checkpoints"]
-    heads = [f"step {e['step']}" for e in entries]
+    heads = [f"step {e['step']}" + ("" if e.get("verified", True) else " (unverified)") for e in entries]
     lines = [f"# Evaluation of {report['run']}", "",
              f"{report['date']}, {report['device']}. Accuracies in %, chance = random guessing; GPT-2 124M = "
              "published figures (HellaSwag: lm-evaluation-harness; LAMBADA: the GPT-2 paper).", "",
@@ -464,7 +464,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         entry = evaluate_model(model, tokenizer, task_list, shards or None, cfg.split, cfg.text, cfg.batch_size,
                                cfg.max_batches, cache)
         entries.append({"checkpoint": str(ckpt), "step": int(meta.get("step", 0)),
-                        "tokens_seen": meta.get("tokens_seen"), **entry})
+                        "tokens_seen": meta.get("tokens_seen"), "verified": meta["verified"], **entry})
     report = {"format": REPORT_FORMAT, "version": REPORT_VERSION, "run": str(run),
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "device": str(device), "settings": dataclasses.asdict(cfg), "checkpoints": entries}

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from minigpt.common import UserError, read_json, write_json
+from minigpt.checksums import CHECKSUMS, CorruptCheckpoint, file_sha256, read_checksums, write_checksums
+from minigpt.common import UserError, _umask, read_json, write_json
 from minigpt.model import GPT, ModelConfig
 
 # Weights stored transposed in Hugging Face's Conv1D layers.
@@ -129,11 +130,13 @@ def checkpoint_name(which: str) -> str:
     return f"step_{int(match.group(1)):08d}" if match else which
 
 
-def export_hf(run: str | os.PathLike, out: str | os.PathLike, which: str = "latest") -> Path:
+def export_hf(run: str | os.PathLike, out: str | os.PathLike, which: str = "latest", force: bool = False) -> Path:
     """Write checkpoint `which` of `run` as a Hugging Face GPT-2 folder `out`; returns `out`.
 
-    `out` is built in a temporary folder beside it and renamed into place; an existing folder is replaced only if
-    it is empty or an earlier export (its config.json says so).
+    `out` is built in a temporary folder beside it, with SHA256SUMS listing the files minigpt wrote, and renamed into
+    place. An existing folder is replaced only if it is empty or an earlier export holding nothing but the files its
+    SHA256SUMS lists, unchanged; `force` writes our files into any folder instead, one atomic rename each, keeping
+    the other files there.
     """
     from safetensors.torch import save_file
 
@@ -146,12 +149,13 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, which: str = "late
         raise UserError(f"{ckpt}: the model has {model.config.vocab_size} token ids but its tokenizer "
                         f"{tokenizer.n_vocab}")
     out = Path(out)
-    _check_export_target(out)
+    in_place = _check_export_target(out, force)
     cfg = model.config
     weights = to_hf_state_dict(model)
     dtype = str(weights["transformer.wte.weight"].dtype).removeprefix("torch.")
     provenance = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "checkpoint": str(ckpt.resolve()),
-                  "step": meta.get("step"), "tokenizer_name": tokenizer.name, "tokenizer_hash": tokenizer.hash}
+                  "step": meta.get("step"), "verified": meta["verified"], "tokenizer_name": tokenizer.name,
+                  "tokenizer_hash": tokenizer.hash}
     eot = tokenizer.eot_id
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -163,7 +167,12 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, which: str = "late
         save_hf_tokenizer(tokenizer, tmp, cfg.block_size)
         (tmp / "README.md").write_text(model_card(model, tokenizer, meta, _run_root(ckpt), out.name),
                                        encoding="utf-8")
-        _replace_dir(tmp, out)
+        write_checksums(tmp)
+        mask = _umask()  # mkdtemp makes an owner-only folder: give the folder and files the usual permissions
+        os.chmod(tmp, 0o777 & ~mask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
+        _merge_into(tmp, out) if in_place else _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -187,21 +196,49 @@ def _run_root(ckpt: Path) -> Path | None:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
 
 
-def _check_export_target(out: Path) -> None:
+def _check_export_target(out: Path, force: bool) -> bool:
+    """Refuse (UserError) to overwrite anything but an unchanged earlier export; True where `force` lets us write
+    into a folder that holds other files (they are kept)."""
     if not out.exists():
-        return
+        return False
     if not out.is_dir():
         raise UserError(f"{out} exists and is not a folder: choose another output path")
     if not any(out.iterdir()):
-        return
-    config = out / "config.json"
+        return False
+    if force:
+        return True
     try:
-        previous = json.loads(config.read_text()).get("minigpt", {}).get("format") if config.is_file() else None
-    except (json.JSONDecodeError, AttributeError):
-        previous = None
-    if previous != EXPORT_FORMAT:
-        raise UserError(f"{out} exists and is not an earlier minigpt export: refusing to overwrite it (choose a new "
-                        "or empty folder)")
+        sums = read_checksums(out)
+    except CorruptCheckpoint:
+        sums = None
+    if sums is None:
+        raise UserError(f"{out} is not empty and is not a minigpt export with its {CHECKSUMS} (or is one from before "
+                        f"exports had it): refusing to overwrite it; choose a new or empty folder, or add --force to "
+                        f"write the export's files into it (other files are kept)")
+    others = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    others = [p for p in others if p not in sums and p != CHECKSUMS]
+    edited = [name for name, digest in sums.items() if (out / name).is_file() and file_sha256(out / name) != digest]
+    if others or edited:
+        what = "; ".join(filter(None, [f"files minigpt did not write: {_some(others)}" if others else "",
+                                       f"files edited since the export: {_some(edited)}" if edited else ""]))
+        raise UserError(f"{out} holds {what}: refusing to replace it; move them away or choose another folder, or "
+                        f"add --force to overwrite minigpt's files there (other files are kept)")
+    return False
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _merge_into(tmp: Path, final: Path) -> None:
+    """--force into a folder with other files: each of our files renamed over its namesake, SHA256SUMS last."""
+    names = sorted((f for f in tmp.iterdir()), key=lambda f: f.name == CHECKSUMS)
+    for f in names:
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    for f in names:
+        os.replace(f, final / f.name)
+    tmp.rmdir()
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -382,15 +419,19 @@ FORMATS = ("hf",)
 def add_export_arguments(parser) -> None:
     parser.add_argument("run", metavar="RUN", help="a run folder or a checkpoint folder")
     parser.add_argument("out", metavar="OUT",
-                        help="the folder to write (new, empty, or an earlier export, which is replaced)")
+                        help="the folder to write: new, empty, or an earlier export left as it was (its SHA256SUMS "
+                             "lists minigpt's files), which is replaced")
     parser.add_argument("--format", choices=FORMATS, default="hf",
                         help="hf: config.json, model.safetensors, generation_config.json, tokenizer files, README.md "
                              "(default: hf)")
     parser.add_argument("--checkpoint", default="latest", help="latest, best or step_N (default: latest)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into OUT even when it holds other files or edited ones: minigpt's files are "
+                             "overwritten, the others kept")
 
 
 def export_main(args) -> None:
-    out = export_hf(args.run, args.out, args.checkpoint)
+    out = export_hf(args.run, args.out, args.checkpoint, args.force)
     print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 

@@ -22,14 +22,13 @@ whose predecessor went to the other split starts a new stretch with one.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from minigpt import corpus
-from minigpt.common import is_held_out
+from minigpt.common import is_held_out, pool_worker_signals
 from minigpt.workers import OrderedPool
 
 LARGE_DOC_CHARS = 2**20  # documents longer than this are split into sections for the train/validation split
@@ -173,15 +172,13 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(spec: str, dtype: str) -> None:
-    # The main process handles Ctrl-C and SIGTERM and then ends the pool; a worker just goes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    pool_worker_signals()  # the main process handles Ctrl-C and SIGTERM and then ends the pool
     # An exception escaping a Pool initializer makes the pool restart the worker forever; keep it for the task.
     try:
         from minigpt.tokenizer import load_tokenizer  # (the main process checked the spec before starting us)
 
         _worker["tokenizer"] = load_tokenizer(spec)
-    except BaseException as exc:  # noqa: BLE001 - re-raised by the first task
+    except Exception as exc:  # noqa: BLE001 - re-raised by the first task
         _worker["error"] = exc
     _worker["dtype"] = np.dtype(dtype)
 

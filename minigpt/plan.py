@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import textwrap
 from typing import Literal
 
@@ -36,6 +37,7 @@ from minigpt.estimate import (
     compute_optimal_params,
     default_mfu,
     estimate_run,
+    expected_loss,
     find_gpu,
     largest_micro_batch,
     learning_rate_for,
@@ -87,6 +89,9 @@ class PlanConfig:
     json: bool = opt(False, "print the plan as JSON")
 
     def __post_init__(self) -> None:
+        if not all(math.isfinite(x) for x in (self.usd, self.usd_per_hour, self.hours, self.tokens, self.mfu,
+                                                 self.dataset_tokens)):
+            raise ValueError("budgets, prices and --mfu must be finite numbers (not inf or nan)")
         if sum(1 for budget in (self.usd, self.hours, self.tokens) if budget) != 1:
             raise ValueError("give one budget: --usd (with --usd-per-hour), --hours or --tokens")
         if self.usd and not self.usd_per_hour:
@@ -134,6 +139,7 @@ class Plan:
     recommended: str | None
     reasons: list[str]
     commands: list[str]
+    warnings: list[str] = dataclasses.field(default_factory=list)  # where the numbers leave what they come from
 
 
 def plan(cfg: PlanConfig) -> Plan:
@@ -160,12 +166,55 @@ def plan(cfg: PlanConfig) -> Plan:
                   for name in PRESETS if name.startswith("gpt2")]
         shape = shape_near(optimal, block, cfg.vocab_size)
         models += [shape] if all(num_params(m) != num_params(shape) for m in models) else []
+    cfg, batch_note = _valid_batch_tokens(cfg, models)
     candidates = [_candidate(cfg, m, gpu, precision, train_s, hours) for m in models]
     best, reasons = _recommend(candidates, optimal, cfg)
     budget = (f"${cfg.usd:,.2f} at ${cfg.usd_per_hour:,.2f} per GPU-hour = " if cfg.usd else "") + (
         f"{hours:,.2f} hours of {cfg.gpus} GPU{'s' * (cfg.gpus > 1)}" if hours else f"{cfg.tokens:,.0f} tokens")
     return Plan(gpu, cfg.gpus, budget, mfu, mfu_source, compute, optimal, candidates, best and best.name, reasons,
-                _commands(cfg, best) if best else [])
+                _commands(cfg, best) if best else [], batch_note + _warnings(best, cfg))
+
+
+def nearest_multiple(n: int, step: int) -> int:
+    return max(step, round(n / step) * step)
+
+
+def _valid_batch_tokens(cfg: PlanConfig, models: list[ModelConfig]) -> tuple[PlanConfig, list[str]]:
+    """--batch-tokens made a whole number of sequences on every GPU (e.g. 2^19 over 3 GPUs is not), saying so."""
+    step = math.lcm(*[(cfg.seq_len or m.block_size) * cfg.gpus for m in models])
+    if cfg.batch_tokens % step == 0:
+        return cfg, []
+    chosen = nearest_multiple(cfg.batch_tokens, step)
+    return dataclasses.replace(cfg, batch_tokens=chosen), [
+        f"--batch-tokens {cfg.batch_tokens:,} is not a whole number of {cfg.seq_len or models[0].block_size}-token "
+        f"sequences on each of {cfg.gpus} GPUs (a multiple of {step:,}): planning with the nearest, --batch-tokens "
+        f"{chosen}"]
+
+
+# Chinchilla's fit was drawn from runs of 70M-16B parameters on 5B-500B tokens; ours is anchored at 124M on 10B.
+FIT_TOKENS = (1e9, 1e12)
+FIT_PARAMS_MAX = 16e9
+MANY_EPOCHS = 4  # Muennighoff et al. 2023: up to ~4 passes, repeated tokens are nearly as good as fresh ones
+
+
+def _warnings(best: Candidate | None, cfg: PlanConfig) -> list[str]:
+    """One line for each way the recommended plan leaves the region its numbers come from."""
+    if best is None or best.run is None:
+        return []
+    run, out = best.run, []
+    if run.expected_loss >= math.log(cfg.vocab_size) - 1e-9:
+        out.append(f"{_si(run.total_tokens)} tokens is too few for the loss fit, which predicts worse than a uniform "
+                   f"guess over {cfg.vocab_size:,} tokens: the expected loss is capped at ln {cfg.vocab_size} = "
+                   f"{math.log(cfg.vocab_size):.2f}")
+    elif not FIT_TOKENS[0] <= run.total_tokens <= FIT_TOKENS[1] or run.params > FIT_PARAMS_MAX:
+        out.append(f"{_si(run.params)} parameters on {_si(run.total_tokens)} tokens is outside the runs the loss fit "
+                   f"comes from ({_si(FIT_TOKENS[0])}-{_si(FIT_TOKENS[1])} tokens, up to {_si(FIT_PARAMS_MAX)} "
+                   "parameters): read the expected loss as a rough guess")
+    if best.epochs > MANY_EPOCHS:
+        out.append(f"{best.epochs:,.1f} passes over {_si(cfg.dataset_tokens)} tokens of data: repeats are counted as "
+                   f"worth less (Muennighoff et al. 2023) and past ~16 passes more steps buy almost nothing; give "
+                   f"more data (--dataset-tokens) or a smaller budget")
+    return out
 
 
 def _name(model: ModelConfig) -> str:
@@ -213,6 +262,7 @@ def _candidate(cfg: PlanConfig, model: ModelConfig, gpu: GPUSpec, precision: str
         steps = math.ceil(cfg.tokens / cfg.batch_tokens)
     if steps >= 1:
         run = candidate.run = estimate_run(model, steps=steps, **settings)
+        run.expected_loss = expected_loss(run.params, run.total_tokens, cfg.dataset_tokens, cfg.vocab_size)
         candidate.tokens_per_param = run.total_tokens / run.params
         candidate.epochs = run.total_tokens / cfg.dataset_tokens
         candidate.hours = hours or run.hours / (1 - cfg.overhead)
@@ -225,7 +275,11 @@ def _recommend(candidates: list[Candidate], optimal: float, cfg: PlanConfig) -> 
     reference runs, and it exports to Hugging Face as that very architecture."""
     runnable = [c for c in candidates if c.run is not None]
     if not runnable:
-        return None, ["nothing fits this card at one sequence per micro-batch, or the budget buys no step"]
+        if any(c.micro_batch_plain or c.micro_batch_checkpointing for c in candidates):
+            return None, [f"the budget buys no step of {cfg.batch_tokens:,} tokens for any model that fits: give a "
+                          "larger budget or a smaller --batch-tokens"]
+        return None, ["nothing fits this card, not even one sequence per micro-batch with gradient checkpointing: "
+                      "choose a card with more memory, more GPUs with --parallel fsdp, or a smaller model"]
     best = min(runnable, key=lambda c: c.run.expected_loss)
     reasons = [f"lowest expected loss: {best.name} ({best.run.expected_loss:.3f})"]
     preset = min((c for c in runnable if c.name in PRESETS), key=lambda c: c.run.expected_loss, default=None)
@@ -382,4 +436,6 @@ def main(args) -> None:
 
     cfg = config.config_from_args(PlanConfig, args)
     result = plan(cfg)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps(dataclasses.asdict(result), indent=1) if cfg.json else format_plan(result, cfg))

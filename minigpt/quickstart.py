@@ -42,6 +42,9 @@ def default_model() -> ModelConfig:
     return ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=8192)
 
 
+MAX_MINUTES = 1440  # the design was searched at 10 minutes (docs/quickstart.md); a day is far enough to scale it
+
+
 @dataclasses.dataclass
 class QuickstartConfig:
     """Settings of `minigpt quickstart`: where, how long, and the design (defaults: the search's best)."""
@@ -65,6 +68,9 @@ class QuickstartConfig:
     def __post_init__(self) -> None:
         if self.minutes < 0 or not math.isfinite(self.minutes):
             raise ValueError("minutes must be 0 (the default design) or a positive number")
+        if self.minutes > MAX_MINUTES:
+            raise ValueError(f"--minutes is at most {MAX_MINUTES} (a day): the quickstart's probe and design are made "
+                             "for minutes to hours on a CPU; for longer runs use minigpt plan, then minigpt train")
         for name in ("vocab_size", "batch_size", "pretrain_steps", "sft_batch_size", "sft_steps", "questions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -22,6 +22,7 @@ other stage work without them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import os
 import socket
@@ -172,16 +173,44 @@ def add_arguments(parser) -> None:
     configlib.add_arguments(parser, ServeConfig)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a one-line UserError (a port in use, a privileged port, an address this
+    machine does not have). Bound before the model loads and before the address is announced."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (socket.gaierror, OSError) as exc:
+        raise UserError(f"cannot serve on {host}: {exc.strerror or exc}; check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (a port in TIME_WAIT; a listener still fails)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (another server?): stop it or choose another --port") \
+                from None
+        if exc.errno == errno.EACCES:
+            raise UserError(f"port {port} needs administrator rights: choose one above 1023 with --port") from None
+        raise UserError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; check --host and --port") from None
+    return sock
+
+
 def main(args) -> None:
     cfg = configlib.config_from_args(ServeConfig, args)
     if not cfg.api_key and os.environ.get(API_KEY_ENV):
         cfg = dataclasses.replace(cfg, api_key=os.environ[API_KEY_ENV])
-    app, name = load_app(cfg)
     _, uvicorn = _server_modules()
+    sock = bind(cfg.host, cfg.port)
+    app, name = load_app(cfg)
     if not _is_loopback(cfg.host) and not cfg.api_key:
         print(f"warning: serving on {cfg.host} without an API key: anyone who can reach this port can use the "
               f"model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    print(f"serving {name} at http://{shown}:{cfg.port}/ (web chat) and /v1 (OpenAI API); Ctrl-C stops",
+    print(f"serving {name} at http://{shown}:{sock.getsockname()[1]}/ (web chat) and /v1 (OpenAI API); Ctrl-C stops",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,8 +114,14 @@ def prepare_data(cfg: SFTConfig, tokenizer, rt: Runtime | None = None, quiet: bo
 
             cache = Path(cfg.sft_cache) if cfg.sft_cache else default_cache_dir()
             prepared = [open_prepared(s, prepared_folder(s, tokenizer, settings, cache)) for s in sources]
-    if all(p.empty for p in prepared):  # an empty source beside others is only a warning (printed as prepared)
+    if all(p.empty for p in prepared):
+        if rt is None or rt.local_rank == 0:  # nothing worth keeping: no cache of unusable data
+            for p in prepared:
+                shutil.rmtree(p.folder, ignore_errors=True)
         raise UserError("; ".join(dict.fromkeys(p.problem() for p in prepared)))
+    if not quiet and (rt is None or rt.rank == 0):
+        for problem in dict.fromkeys(p.problem() for p in prepared if p.empty):  # beside usable sources: a warning
+            print(f"warning: {problem}", file=sys.stderr)
     return prepared
 
 

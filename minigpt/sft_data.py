@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import multiprocessing
 import os
 import re
 import shutil
@@ -43,7 +44,7 @@ import numpy as np
 
 from minigpt import conversations as convlib
 from minigpt.chat_format import render
-from minigpt.common import UserError, is_held_out, progress, read_json, write_json
+from minigpt.common import UserError, is_held_out, pool_worker_signals, progress, read_json, write_json
 from minigpt.shards import ShardWriter, cpu_count, open_shard
 from minigpt.workers import OrderedPool
 
@@ -141,12 +142,14 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_path: str, settings: PrepareSettings) -> None:
+    if multiprocessing.parent_process() is not None:  # (also called in this process when there is one worker)
+        pool_worker_signals()
     # An exception escaping a Pool initializer makes the pool restart the worker forever; keep it for the task.
     try:
         from minigpt.tokenizer import Tokenizer
 
         _worker["tokenizer"] = Tokenizer.load(tokenizer_path)
-    except BaseException as exc:  # noqa: BLE001 - re-raised by the first task
+    except Exception as exc:  # noqa: BLE001 - re-raised by the first task
         _worker["error"] = exc
     _worker["settings"] = settings
 
@@ -232,7 +235,7 @@ def prepare_source(source: str, tokenizer, settings: PrepareSettings, cache_dir:
     folder = prepared_folder(source, tokenizer, settings, cache)
     if (folder / "meta.json").is_file():
         prepared = open_prepared(source, folder)
-        if not quiet:
+        if not quiet and not prepared.empty:  # (an empty source is reported once, by the caller)
             print(f"prepared before ({folder}): {prepared.summary()}", file=sys.stderr)
         return prepared
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +254,7 @@ def prepare_source(source: str, tokenizer, settings: PrepareSettings, cache_dir:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     prepared = PreparedSource(source, folder, meta)
-    if not quiet:
+    if not quiet and not prepared.empty:  # (an empty source is reported once, by the caller)
         print(f"prepared {folder}: {prepared.summary()}", file=sys.stderr)
     return prepared
 

@@ -75,6 +75,8 @@ class PrepareConfig:
     chunk_chars: int = opt(250_000, "characters of text handed to a worker at a time")
     force: bool = opt(False, "replace --out even when it holds files prepare did not write (they are deleted)")
     retries: int = opt(8, "failed attempts in a row at an hf: stream before giving up (the work is kept)")
+    retry_time: float = opt(600.0, "seconds an hf: stream may go without a record before giving up, however many "
+                                   "attempts are left (the libraries' own retries included; the work is kept)")
     retry_wait: float = opt(1.0, "seconds before retrying an hf: stream; doubles per failure, with jitter")
 
     def __post_init__(self) -> None:
@@ -86,8 +88,8 @@ class PrepareConfig:
             raise ValueError(f"workers must be 0 (one per core) or more, not {self.workers}")
         if self.shard_tokens < 1 or self.chunk_chars < 1:
             raise ValueError("shard_tokens and chunk_chars must be positive")
-        if self.retries < 1 or self.retry_wait < 0:
-            raise ValueError("retries must be 1 or more and retry_wait 0 or more")
+        if self.retries < 1 or self.retry_wait < 0 or not self.retry_time > 0:
+            raise ValueError("retries must be 1 or more, retry_wait 0 or more and retry_time above 0")
 
 
 def cpu_count() -> int:
@@ -314,6 +316,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     out = Path(cfg.out)
     for source in cfg.sources:
         corpus.check_source(source)
+        corpus.check_has_text_files(source)
     tokenizer = load_tokenizer(cfg.tokenizer)  # fails here, cleanly, before any worker starts
     out.parent.mkdir(parents=True, exist_ok=True)
     with WorkDir(out) as work:
@@ -326,7 +329,9 @@ def prepare(cfg: PrepareConfig) -> Path:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler stopping the job) stops the run like Ctrl-C does: cleanly, keeping its work."""
+    """SIGTERM (a scheduler stopping the job) stops the run like Ctrl-C does: cleanly, keeping its work. SIGINT is
+    made to interrupt even where the shell started us with it ignored (a background job of a script): a signal
+    sent on purpose stops the run."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -334,11 +339,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     def stop(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _Run:
@@ -362,7 +368,7 @@ class _Run:
         j = self.journal or {}
         self.skipped = corpus.Skipped(**j.get("skipped", {}))
         self.splitter = pipeline.Splitter(cfg.seed, cfg.val_fraction, j.get("splitter"))
-        retry = hub.RetryPolicy(cfg.retries, cfg.retry_wait)
+        retry = hub.RetryPolicy(cfg.retries, cfg.retry_wait, cfg.retry_time)
         self.reader = pipeline.Sources(list(cfg.sources), cfg.text_field, self.skipped, j.get("position"), retry)
         self.reader.expected = {int(k): v for k, v in j.get("expected_records", {}).items()}
         self.text_bytes = list(j.get("text_bytes", [0, 0]))
@@ -437,6 +443,8 @@ class _Run:
         with contextlib.suppress(OSError):  # a full disk may refuse the journal too: the previous one stands
             self._save()
         if not (self.work.path / JOURNAL).exists():
+            if isinstance(exc, hub.StreamFailed):
+                raise hub.StreamFailed(f"{exc}; run the same command again once the network is back") from None
             return
         kept = f"the work so far is kept in {self.work.path} ({self._summary(self.good)})"
         if full := disk_full(exc):

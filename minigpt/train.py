@@ -274,8 +274,9 @@ class Trainer:
             shard_model(model, self.precision, cfg.fsdp_reshard)  # before the optimizer: it steps the shards
         tokens_per_micro = cfg.batch_size * self.seq_len * rt.world
         if cfg.batch_tokens % tokens_per_micro:
+            near = max(tokens_per_micro, round(cfg.batch_tokens / tokens_per_micro) * tokens_per_micro)
             raise UserError(f"batch_tokens {cfg.batch_tokens} is not a multiple of batch_size x seq_len x processes "
-                            f"= {tokens_per_micro}")
+                            f"= {tokens_per_micro}: the nearest that is, --batch-tokens {near}")
         self.accum = max(cfg.batch_tokens // tokens_per_micro, 1)
         self.optimizer = make_optimizer(model, cfg, rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=self.precision == "fp16")

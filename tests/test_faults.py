@@ -262,13 +262,17 @@ def test_checkpoints_without_checksums_still_load(run_copy):
         load_model(run_copy / "checkpoints" / STEP4)
 
 
-def test_a_tampered_trainer_state_is_refused_in_one_line(run_copy, tiny_shards):
-    """A trainer.pt holding objects torch will not load without running code: refused, never unpickled."""
-    ckpt = run_copy / "checkpoints" / STEP8
-    state = torch.load(ckpt / "trainer.pt", weights_only=True)
-    state["when"] = datetime.datetime(2026, 12, 1)
-    torch.save(state, ckpt / "trainer.pt")
-    ckptlib._write_checksums(ckpt)  # whoever changed the file also updated the checksums
+def test_a_tampered_trainer_state_is_refused_and_resume_falls_back(run_copy, tiny_shards):
+    """A trainer.pt holding objects torch will not load without running code: never unpickled; resume falls back to
+    the older intact checkpoint saying why, as for a damaged one, and refuses in one line when none is left."""
+    for step in (STEP8, STEP4):
+        ckpt = run_copy / "checkpoints" / step
+        state = torch.load(ckpt / "trainer.pt", weights_only=True)
+        state["when"] = datetime.datetime(2026, 12, 1)
+        torch.save(state, ckpt / "trainer.pt")
+        ckptlib._write_checksums(ckpt)  # whoever changed the file also updated the checksums
+        if step == STEP8:
+            assert resolve_checkpoint(run_copy, need_trainer=True).name == STEP4
     line = one_error_line(minigpt("train", *train_args(run_copy, tiny_shards, max_steps=10), "--resume"), "train")
     assert "trainer.pt holds objects other than tensors" in line and "weights_only" not in line
 

@@ -279,7 +279,9 @@ def test_precision_rule_and_bf16_refused_below_ampere():
     ("NVIDIA H100 80GB HBM3", "H100-SXM"), ("NVIDIA H100 PCIe", "H100-PCIe"), ("NVIDIA H200", "H200"),
     ("NVIDIA L4", "L4"), ("NVIDIA A10G", "A10G"), ("NVIDIA GeForce RTX 4090", "RTX-4090"),
     ("NVIDIA GeForce RTX 3090", "RTX-3090"), ("Tesla T4", "T4"), ("Tesla V100-SXM2-16GB", "V100-16GB"),
-    ("Tesla V100-PCIE-32GB", "V100-32GB"), ("NVIDIA L40S", None), ("NVIDIA A10", None), ("AMD Instinct MI300X", None),
+    ("Tesla V100-PCIE-32GB", "V100-32GB"), ("NVIDIA L40S", "L40S"), ("NVIDIA H100 NVL", "H100-NVL"),
+    ("NVIDIA GH200 480GB", "GH200-96GB"), ("NVIDIA A100-SXM4-64GB", None), ("NVIDIA A10", None),
+    ("AMD Instinct MI300X", None),
 ])
 def test_gpu_for_device_names(device_name, key):
     spec = estlib.gpu_for_device(device_name)
