@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 COMMON = dict(vocab_size=8192, block_size=256, batch_size=8)
 SIZES: dict[str, dict[str, int]] = {"S": dict(n_layer=4, n_head=4, n_embd=128),
                                     "M": dict(n_layer=6, n_head=5, n_embd=320)}
-STEPS = {"S": 600, "M": 250}
+STEPS = {"S": 400, "M": 150}
 ADAMW_LR = {"S": 4e-3, "M": 2e-3}  # the embeddings' (AdamW's) lr in Muon trials: the AdamW sweep's best per size
 NAME = re.compile(r"^(?P<size>[SM])_(?P<optimizer>adamw|muon)_(?P<lr>[0-9.e-]+)_(?P<schedule>cosine|wsd)"
                   r"(?P<mw>_mw)?(?:_a(?P<adamw_lr>[0-9.e-]+))?_(?P<seed>\d+)$")
@@ -188,7 +188,8 @@ def relative_cost(size: str, threads: int, rounds: int = 7, steps: int = 3) -> d
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return {"costs": size, "threads": threads, "muon_over_adamw": round(median(ratios), 4),
             "ratio_spread": [round(min(ratios), 4), round(max(ratios), 4)],
-            "adamw_s_per_step": round(median(seconds["adamw"]), 4), "muon_s_per_step": round(median(seconds["muon"]), 4)}
+            "adamw_s_per_step": round(median(seconds["adamw"]), 4),
+            "muon_s_per_step": round(median(seconds["muon"]), 4)}
 
 
 def cmd_costs(args) -> None:
@@ -213,8 +214,8 @@ def tokens_to_reach(curve: list[list[float]], loss: float, tokens_per_step: int)
         if value <= loss:
             if previous is None:
                 return step * tokens_per_step
-            (s0, v0), (s1, v1) = previous, (step, value)
-            return (s0 + (s1 - s0) * (v0 - loss) / (v0 - value)) * tokens_per_step
+            (s0, v0) = previous
+            return (s0 + (step - s0) * (v0 - loss) / (v0 - value)) * tokens_per_step
         previous = (step, value)
     return None
 

@@ -27,7 +27,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -52,8 +52,13 @@ class QuickstartConfig:
     vocab_size: int = opt(8192, "BPE vocabulary trained on the bundled articles")
     model: ModelConfig = dataclasses.field(default_factory=default_model)
     batch_size: int = opt(8, "pretraining sequences per step")
-    lr: float = opt(4e-3, "pretraining peak learning rate")
-    pretrain_steps: int = opt(1950, "pretraining steps")
+    optimizer: Literal["adamw", "muon"] = opt("muon", "pretraining optimizer: muon (Muon on the blocks' matrices, "
+                                                      "AdamW on the rest) or adamw (docs/quickstart.md)")
+    lr: float = opt(4e-3, "pretraining peak learning rate (AdamW's: with muon, of the embeddings, biases and norms)")
+    muon_lr: float = opt(8e-3, "pretraining peak learning rate of Muon's matrices")
+    schedule: Literal["cosine", "wsd"] = opt("wsd", "pretraining schedule after the warm-up: wsd (hold the peak, "
+                                                    "then decay over the last 3/10 of the steps) or cosine")
+    pretrain_steps: int = opt(1000, "pretraining steps")
     sft_datasets: list[str] = opt(["chatterbot", "wiki-qa-short"], "conversations to fine-tune on (minigpt sft --list)")
     sft_batch_size: int = opt(4, "fine-tuning rows per step (packed with conversations)")
     sft_lr: float = opt(6e-3, "fine-tuning peak learning rate")
@@ -84,7 +89,8 @@ def pretraining_config(cfg: QuickstartConfig, data: Path, run: Path):
 
     model = dataclasses.replace(cfg.model, vocab_size=cfg.vocab_size)
     return TrainConfig(run_dir=str(run), data=str(data), corpus=["wiki"], vocab_size=cfg.vocab_size, model=model,
-                       batch_size=cfg.batch_size, lr=cfg.lr, max_steps=cfg.pretrain_steps,
+                       batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr,
+                       schedule=cfg.schedule, max_steps=cfg.pretrain_steps,
                        warmup_steps=max(min(50, cfg.pretrain_steps // 10), 1),
                        eval_every=max(cfg.pretrain_steps // 5, 1), checkpoint_every=max(cfg.pretrain_steps // 5, 1),
                        device=cfg.device, seed=cfg.seed, resume=True)
