@@ -12,8 +12,10 @@ A trial is named by what it sets, `SIZE_OPTIMIZER_LR_SCHEDULE[_mw][_aLR]_SEED`:
   LayerNorms at `aLR` (default: ADAMW_LR, the AdamW sweep's best at that size).
 - SCHEDULE: cosine or wsd (the decay over the last 30% of the steps); `mw`: Muon's momentum warm-up (0.85 -> 0.95)
   over the first 30% of the steps.
-- the steps are fixed per size (STEPS), the warm-up is the quickstart's (a tenth of the steps, at most 50), the
-  validation split (the held-out 2% of the articles, 25,575 tokens) is scored whole every tenth of the steps.
+- the steps are fixed per size (STEPS: what fits the search into about 90 minutes of a shared 2-core machine), the
+  warm-up is the quickstart's (a tenth of the steps, at most 50), the validation split (the held-out 2% of the
+  articles, 25,575 tokens) is scored whole EVALS times per trial (S: every tenth of the steps; M: every fifth,
+  where ten evaluations would cost 40% of the training).
 
 Results do not depend on what else the machine does: every trial runs a fixed number of steps, and time enters
 only through `costs`, which times a Muon step against an AdamW step of the same shape in turns (a few steps of
@@ -46,7 +48,8 @@ sys.path.insert(0, str(ROOT))
 COMMON = dict(vocab_size=8192, block_size=256, batch_size=8)
 SIZES: dict[str, dict[str, int]] = {"S": dict(n_layer=4, n_head=4, n_embd=128),
                                     "M": dict(n_layer=6, n_head=5, n_embd=320)}
-STEPS = {"S": 400, "M": 150}
+STEPS = {"S": 400, "M": 100}
+EVALS = {"S": 10, "M": 5}  # validation points per trial, each over the whole split
 ADAMW_LR = {"S": 4e-3, "M": 2e-3}  # the embeddings' (AdamW's) lr in Muon trials: the AdamW sweep's best per size
 NAME = re.compile(r"^(?P<size>[SM])_(?P<optimizer>adamw|muon)_(?P<lr>[0-9.e-]+)_(?P<schedule>cosine|wsd)"
                   r"(?P<mw>_mw)?(?:_a(?P<adamw_lr>[0-9.e-]+))?_(?P<seed>\d+)$")
@@ -71,7 +74,7 @@ def train_command(name: str, out: Path) -> list[str]:
            "--vocab-size", str(COMMON["vocab_size"]), *[f"--model.{k.replace('_', '-')}={v}" for k, v in shape.items()],
            "--batch-size", str(COMMON["batch_size"]), "--max-steps", str(steps), "--device", "cpu",
            "--seed", str(t["seed"]), "--schedule", t["schedule"], "--warmup-steps", str(max(min(50, steps // 10), 1)),
-           "--eval-every", str(steps // 10), "--eval-batches", "0", "--checkpoint-every", str(steps),
+           "--eval-every", str(steps // EVALS[t["size"]]), "--eval-batches", "0", "--checkpoint-every", str(steps),
            "--keep-last", "1", "--log-every", str(steps // 10), "--sample-tokens", "0", "--no-resume"]
     if t["optimizer"] == "adamw":
         cmd += ["--optimizer", "adamw", "--lr", f"{t['lr']:g}"]
