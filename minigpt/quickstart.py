@@ -1,6 +1,6 @@
 """`minigpt quickstart`: the whole pipeline on a CPU in minutes, in one folder, resumable.
 
-    minigpt quickstart                         # runs/quickstart/{data,base,chat,report.md}, about 9 minutes on 2 cores
+    minigpt quickstart                         # runs/quickstart/{data,base,chat,report.md}, about 7 minutes on 2 cores
     minigpt quickstart --minutes 30            # the same pipeline sized to 30 minutes on this machine
 
 1. data   a BPE vocabulary (chat tokens included) trained on the bundled Wikipedia summaries, then token shards
@@ -48,7 +48,7 @@ class QuickstartConfig:
 
     run_dir: str = opt("runs/quickstart", "folder for everything the quickstart makes")
     minutes: float = opt(0.0, "size the pipeline to this many minutes on this machine: a short speed probe picks "
-                              "the model and the steps (0: the default design below, about 9 minutes on 2 cores)")
+                              "the model and the steps (0: the default design below, about 7 minutes on 2 cores)")
     vocab_size: int = opt(8192, "BPE vocabulary trained on the bundled articles")
     model: ModelConfig = dataclasses.field(default_factory=default_model)
     batch_size: int = opt(8, "pretraining sequences per step")
