@@ -12,9 +12,9 @@
           `minigpt chat` decodes them): how often an answer ends its turn, names the subject asked about, or
           loops; a handful of real answers                                                      -> RUN/report.md
 
-The default design (vocabulary, shape, batch, learning rates, steps, the split of the time between pretraining and
-fine-tuning) is the best of a measured search at a fixed wall-clock budget on 2 CPU cores: docs/quickstart.md has
-every configuration tried and the command that reproduces the table. `--minutes M` measures this machine's speed
+The default design (vocabulary, shape, batch, optimizer, learning rates, steps, the split of the time between
+pretraining and fine-tuning) is the best of measured searches on 2 CPU cores: docs/quickstart.md has every
+configuration tried and the commands that reproduce the tables. `--minutes M` measures this machine's speed
 with a short probe and scales the design to M minutes (docs/quickstart.md says how).
 
 A second call finds what is done and goes on from there (finished stages are skipped, an interrupted one resumes
