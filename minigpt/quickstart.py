@@ -1,6 +1,6 @@
 """`minigpt quickstart`: the whole pipeline on a CPU in minutes, in one folder, resumable.
 
-    minigpt quickstart                         # runs/quickstart/{data,base,chat,report.md}, about 9 minutes on 2 cores
+    minigpt quickstart                         # runs/quickstart/{data,base,chat,report.md}, about 7 minutes on 2 cores
     minigpt quickstart --minutes 30            # the same pipeline sized to 30 minutes on this machine
 
 1. data   a BPE vocabulary (chat tokens included) trained on the bundled Wikipedia summaries, then token shards
@@ -12,9 +12,9 @@
           `minigpt chat` decodes them): how often an answer ends its turn, names the subject asked about, or
           loops; a handful of real answers                                                      -> RUN/report.md
 
-The default design (vocabulary, shape, batch, learning rates, steps, the split of the time between pretraining and
-fine-tuning) is the best of a measured search at a fixed wall-clock budget on 2 CPU cores: docs/quickstart.md has
-every configuration tried and the command that reproduces the table. `--minutes M` measures this machine's speed
+The default design (vocabulary, shape, batch, optimizer, learning rates, steps, the split of the time between
+pretraining and fine-tuning) is the best of measured searches on 2 CPU cores: docs/quickstart.md has every
+configuration tried and the commands that reproduce the tables. `--minutes M` measures this machine's speed
 with a short probe and scales the design to M minutes (docs/quickstart.md says how).
 
 A second call finds what is done and goes on from there (finished stages are skipped, an interrupted one resumes
@@ -27,7 +27,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -51,12 +51,17 @@ class QuickstartConfig:
 
     run_dir: str = opt("runs/quickstart", "folder for everything the quickstart makes")
     minutes: float = opt(0.0, "size the pipeline to this many minutes on this machine: a short speed probe picks "
-                              "the model and the steps (0: the default design below, about 9 minutes on 2 cores)")
+                              "the model and the steps (0: the default design below, about 7 minutes on 2 cores)")
     vocab_size: int = opt(8192, "BPE vocabulary trained on the bundled articles")
     model: ModelConfig = dataclasses.field(default_factory=default_model)
     batch_size: int = opt(8, "pretraining sequences per step")
-    lr: float = opt(4e-3, "pretraining peak learning rate")
-    pretrain_steps: int = opt(1950, "pretraining steps")
+    optimizer: Literal["adamw", "muon"] = opt("muon", "pretraining optimizer: muon (Muon on the blocks' matrices, "
+                                                      "AdamW on the rest) or adamw (docs/quickstart.md)")
+    lr: float = opt(4e-3, "pretraining peak learning rate (AdamW's: with muon, of the embeddings, biases and norms)")
+    muon_lr: float = opt(8e-3, "pretraining peak learning rate of Muon's matrices")
+    schedule: Literal["cosine", "wsd"] = opt("wsd", "pretraining schedule after the warm-up: wsd (hold the peak, "
+                                                    "then decay over the last 3/10 of the steps) or cosine")
+    pretrain_steps: int = opt(1000, "pretraining steps")
     sft_datasets: list[str] = opt(["chatterbot", "wiki-qa-short"], "conversations to fine-tune on (minigpt sft --list)")
     sft_batch_size: int = opt(4, "fine-tuning rows per step (packed with conversations)")
     sft_lr: float = opt(6e-3, "fine-tuning peak learning rate")
@@ -90,7 +95,8 @@ def pretraining_config(cfg: QuickstartConfig, data: Path, run: Path):
 
     model = dataclasses.replace(cfg.model, vocab_size=cfg.vocab_size)
     return TrainConfig(run_dir=str(run), data=str(data), corpus=["wiki"], vocab_size=cfg.vocab_size, model=model,
-                       batch_size=cfg.batch_size, lr=cfg.lr, max_steps=cfg.pretrain_steps,
+                       batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr,
+                       schedule=cfg.schedule, max_steps=cfg.pretrain_steps,
                        warmup_steps=max(min(50, cfg.pretrain_steps // 10), 1),
                        eval_every=max(cfg.pretrain_steps // 5, 1), checkpoint_every=max(cfg.pretrain_steps // 5, 1),
                        device=cfg.device, seed=cfg.seed, resume=True)

@@ -10,7 +10,7 @@ import pytest
 from minigpt import quickstart_budget
 from minigpt.cli import main as cli_main
 from minigpt.model import ModelConfig
-from minigpt.quickstart import QuickstartConfig, quickstart, sized_for
+from minigpt.quickstart import QuickstartConfig, pretraining_config, quickstart, sized_for
 
 
 def toy(tmp_path, **changes) -> QuickstartConfig:
@@ -67,6 +67,34 @@ def test_more_minutes_buy_more_steps_then_a_larger_model(tmp_path, monkeypatch):
     first = sized_for(cfg, tmp_path / "qs")
     fake_speed(monkeypatch, 1e-6)
     assert sized_for(cfg, tmp_path / "qs") == first
+
+
+def test_pretraining_runs_the_designs_optimizer_and_schedule(tmp_path):
+    for cfg in (QuickstartConfig(), QuickstartConfig(optimizer="adamw", schedule="cosine", lr=3e-3, muon_lr=5e-3)):
+        train = pretraining_config(cfg, tmp_path / "data", tmp_path / "base")
+        assert (train.optimizer, train.schedule, train.lr, train.muon_lr, train.max_steps) == (
+            cfg.optimizer, cfg.schedule, cfg.lr, cfg.muon_lr, cfg.pretrain_steps)
+    assert (QuickstartConfig().optimizer, QuickstartConfig().schedule) == ("muon", "wsd")  # the search's winner
+
+
+def test_the_speed_probe_times_the_designs_optimizer(monkeypatch):
+    import minigpt.optim
+
+    built = []
+    make = minigpt.optim.make_optimizer
+    monkeypatch.setattr(minigpt.optim, "make_optimizer", lambda model, cfg, device: (
+        built.append(cfg.optimizer), make(model, cfg, device))[1])
+    quickstart_budget.seconds_per_step(512, 1, 2, 32, 64, 2, steps=1, warmup=0, optimizer="muon")
+    assert built == ["muon"]  # a real step of Muon with AdamW was timed, not AdamW's
+
+    probed = []
+    monkeypatch.setattr(quickstart_budget, "seconds_per_step", lambda *a, optimizer="adamw", **_: (
+        probed.append(optimizer), 0.25)[1])
+    monkeypatch.setattr(quickstart_budget, "sft_seconds_per_step", lambda *a: 0.25)
+    for optimizer in ("muon", "adamw"):
+        probed.clear()
+        quickstart_budget.design_for_minutes(QuickstartConfig(minutes=10, optimizer=optimizer))
+        assert probed and set(probed) == {optimizer}
 
 
 def test_too_few_minutes_is_one_line(tmp_path, capsys):
