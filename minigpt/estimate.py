@@ -367,7 +367,7 @@ def shape_near(params: float, block_size: int, vocab_size: int) -> ModelConfig:
 
 # Muon's token efficiency: AdamW's tokens to reach a loss / Muon's tokens to reach the same loss. The plan takes the
 # smallest of these (docs/plan.md): what we measured at small scale and what public sources report.
-MEASURED_TOKEN_EFFICIENCY = 1.5  # from bench/optimizer_search.py; see docs/training.md
+MEASURED_TOKEN_EFFICIENCY = 1.55  # bench/optimizer_search.py: the quickstart's model, 2 seeds (docs/training.md)
 TOKEN_EFFICIENCY = {
     "measured: bench/optimizer_search.py at small scale on CPUs (docs/training.md)": MEASURED_TOKEN_EFFICIENCY,
     # the README of the release that brought Muon into the speedrun (October 2024): "1.36x faster training" than
