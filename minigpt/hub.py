@@ -231,7 +231,7 @@ def check_hub_resolves(source: str) -> None:
     dropped connection is worth retrying; a name that does not resolve fails the same way every retry (and
     `huggingface_hub` alone spends 23 s retrying it). Behind a proxy the proxy resolves names, so we do not."""
     host = hub_host()
-    if host is None or _behind_proxy():
+    if host is None or _behind_proxy() or _offline():  # offline mode reads the local cache: no name to look up
         return
     outcome: list[BaseException | None] = []
 
