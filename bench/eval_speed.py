@@ -13,7 +13,7 @@ Ways to score the same (context, continuation) token pairs with the same weights
                       the same without the prepacked weights: what batching and sharing alone give
   ours, batch 1       score_pairs one question at a time
   lm-eval hf, batch N the reference: lm-evaluation-harness's `HFLM` (what `lm_eval --model hf` runs) on the same
-                      weights, exported to a Hugging Face folder (`minigpt.hf.export_hf`, the code of `minigpt
+                      weights, exported to a Hugging Face folder (`minigpt.interop.hf.export_hf`, the code of `minigpt
                       export`; a random model is saved the way bench/eval_parity.py saves it), float32, its default
                       float32 log-softmax, `batch_size=N`, scoring through `HFLM._loglikelihood_tokens`, the batched
                       scorer behind its `loglikelihood`: sequences sorted longest first, N per padded forward pass,
@@ -77,10 +77,10 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
-    from minigpt import evaluate, reference, scoring, tasks
-    from minigpt.checkpoint import load_run
-    from minigpt.model import GPT, ModelConfig
-    from minigpt.tokenizer import Tokenizer
+    from minigpt.eval import evaluate, reference, scoring, tasks
+    from minigpt.model.gpt import GPT, ModelConfig
+    from minigpt.runs.checkpoint import load_run
+    from minigpt.text.tokenizer import Tokenizer
 
     if args.run:
         model, tokenizer, _ = load_run(args.run)
@@ -94,7 +94,7 @@ def main() -> int:
     if not args.no_lm_eval:
         from lm_eval.models.huggingface import HFLM
 
-        from minigpt.hf import export_hf
+        from minigpt.interop.hf import export_hf
 
         hf_dir = work / "hf_model"
         if args.run:

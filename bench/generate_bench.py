@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from minigpt.cpu_inference import prepacked
-from minigpt.engine import Engine, SamplingParams
-from minigpt.hf import hf_config_dict, to_hf_state_dict
-from minigpt.model import GPT, ModelConfig
+from minigpt.chat.engine import Engine, SamplingParams
+from minigpt.interop.hf import hf_config_dict, to_hf_state_dict
+from minigpt.model.cpu_inference import prepacked
+from minigpt.model.gpt import GPT, ModelConfig
 
 
 def main() -> None:

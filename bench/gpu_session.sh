@@ -41,7 +41,7 @@ print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", 
 "$PY" - <<'PY' 2>&1 | tee -a "$OUT/env.txt"
 import importlib, shutil, sys
 needed = ["torch", "numpy", "regex", "tiktoken", "safetensors", "tqdm", "matplotlib", "yaml",
-          "minigpt.train", "minigpt.dataloader", "minigpt.shards", "minigpt.tokenizer", "minigpt.log"]
+          "minigpt.train.train", "minigpt.data.loader", "minigpt.data.prepare", "minigpt.text.tokenizer", "minigpt.runs.log"]
 missing = []
 for name in needed:
     try:

@@ -5,7 +5,7 @@ token-efficiency factor `minigpt plan --optimizer muon` would otherwise take fro
     python bench/optimizer_gpu.py --data DIR --device cpu --preset tiny --batch 4 --seq-len 64 --steps 30 \\
         --eval-every 10 --eval-batches 2 --no-compile      # CPU smoke (tests/test_train_gpu_bench.py)
 
-Each row is `minigpt.train.train()` itself, the real loop, in a temporary run folder, from the same initial weights
+Each row is `minigpt.train.train.train()`, the real loop, in a temporary run folder, from the same initial weights
 on the same windows of the same shards, with the same batch, steps, warm-up, schedule and clipping; only the
 optimizer differs (AdamW: gpt2-124m's lr 6e-4 scaled by --lr-scale; Muon: gpt2-124m-muon's, muon_lr = lr, the two
 recipes' other settings). The data: shards made with GPT-2's tokenizer, here, then carried to the GPU (which has
@@ -34,10 +34,10 @@ ROWS = ("adamw", "muon")
 
 def run_row(name: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """Train one optimizer; its validation curve (tokens, loss) and tokens/s from the run's metrics."""
-    from minigpt.config import load_file
-    from minigpt.log import read_metrics
-    from minigpt.model import ModelConfig
-    from minigpt.train import TrainConfig, train
+    from minigpt.common.config import load_file
+    from minigpt.model.gpt import ModelConfig
+    from minigpt.runs.log import read_metrics
+    from minigpt.train.train import TrainConfig, train
 
     recipe = load_file("gpt2-124m-muon")
     lr = recipe["lr"] * args.lr_scale

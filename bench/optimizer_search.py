@@ -96,7 +96,7 @@ def records(out: Path) -> list[dict]:
 
 
 def run_trial(name: str, out: Path, threads: int) -> dict:
-    from minigpt.log import read_metrics
+    from minigpt.runs.log import read_metrics
 
     cmd = train_command(name, out)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
@@ -119,7 +119,7 @@ def cmd_run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in args.trials:
         parse(name)
-    from minigpt.quickstart import QuickstartConfig, build_pretraining_data
+    from minigpt.quickstart.quickstart import QuickstartConfig, build_pretraining_data
 
     build_pretraining_data(QuickstartConfig(device="cpu", vocab_size=COMMON["vocab_size"]), out / "data")
     done = {r["trial"] for r in records(out) if "trial" in r}
@@ -158,9 +158,9 @@ def relative_cost(size: str, threads: int, rounds: int = 7, steps: int = 3) -> d
     rounds' ratios, so that a machine whose speed drifts over minutes gives the same ratio."""
     import torch
 
-    from minigpt.model import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.optim import make_optimizer
-    from minigpt.train import TrainConfig
+    from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
+    from minigpt.train.optim import make_optimizer
+    from minigpt.train.train import TrainConfig
 
     torch.set_num_threads(threads)
     cfg = ModelConfig(**SIZES[size], block_size=COMMON["block_size"], vocab_size=COMMON["vocab_size"])

@@ -3,7 +3,7 @@
     python bench/prepare_bench.py                          # bundled Wikipedia summaries, one worker per core
     python bench/prepare_bench.py --sources wiki shakespeare news bible --workers 2 --repeats 5
 
-Every side tokenizes with GPT-2's tokenizer, reads the same documents through minigpt.corpus in the main process,
+Every side tokenizes with GPT-2's tokenizer, reads the same documents through minigpt.text.corpus in the main process,
 and writes uint16 token files; all must produce the same number of tokens (checked):
 - reference, pool: the fineweb.py recipe of nanoGPT / build-nanogpt, written here: a `multiprocessing.Pool` of
   `--workers` processes (fork), each holding tiktoken's `gpt2` encoding; `imap(..., chunksize=16)` over the
@@ -11,7 +11,7 @@ and writes uint16 token files; all must produce the same number of tokens (check
   arrays into a preallocated shard buffer and writes each full buffer (and the last) with one `tofile`. Nothing
   else: no split, no headers, no metadata, no resumability.
 - reference, 1 process: the same encode-and-write in one process (no pool): what the workers buy.
-- ours: `minigpt.shards.prepare` with the same `--workers` (train/validation split, shards with headers,
+- ours: `minigpt.data.prepare.prepare` with the same `--workers` (train/validation split, shards with headers,
   meta.json, a journal, an atomic swap into place).
 
 Each side builds its tokenizer once before the timed runs (a one-time cost, printed separately; the pool's workers
@@ -39,9 +39,9 @@ import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
 
-from minigpt import corpus
-from minigpt.shards import PrepareConfig, cpu_count, prepare, read_meta
-from minigpt.tokenizer import Tokenizer
+from minigpt.data.prepare import PrepareConfig, cpu_count, prepare, read_meta
+from minigpt.text import corpus
+from minigpt.text.tokenizer import Tokenizer
 
 SHARD_TOKENS = 100_000_000  # the reference's shard size: fineweb.py's, and `minigpt prepare`'s default
 _pool_encoder: dict[str, tiktoken.Encoding] = {}  # the encoder of a reference worker process

@@ -114,8 +114,8 @@ def drop_from_cache(path: Path) -> None:
 
 def cold_read(args) -> None:
     from minigpt.common import write_json
-    from minigpt.dataloader import TokenLoader
-    from minigpt.shards import FORMAT_VERSION, HEADER_BYTES, ShardWriter
+    from minigpt.data.loader import TokenLoader
+    from minigpt.data.prepare import FORMAT_VERSION, HEADER_BYTES, ShardWriter
 
     n_tokens = args.gb * 2**30 // 2
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -220,8 +220,8 @@ def resume(args) -> None:
 
 
 def split(args) -> None:
-    from minigpt import pipeline
-    from minigpt.corpus import Document
+    from minigpt.data import pipeline
+    from minigpt.text.corpus import Document
 
     rng = np.random.default_rng(0)
     paragraphs, size = [], 0

@@ -87,8 +87,8 @@ DECODINGS: dict[str, dict] = {
 
 
 def design_config(name: str, out: Path, budget_s: float, seconds_per_step: float):
-    from minigpt.model import ModelConfig
-    from minigpt.quickstart import QuickstartConfig
+    from minigpt.model.gpt import ModelConfig
+    from minigpt.quickstart.quickstart import QuickstartConfig
 
     d = {k: v for k, v in DESIGNS[name].items() if k != "train"}
     model = ModelConfig(**{k: d.pop(k) for k in ("n_layer", "n_head", "n_embd", "block_size")},
@@ -105,9 +105,9 @@ def log_trial(out: Path, record: dict) -> None:
 def run_pretrain_trial(name: str, out: Path, budget_s: float, seconds_per_step: float) -> dict:
     import dataclasses
 
-    from minigpt import quickstart
-    from minigpt.checkpoint import load_run
-    from minigpt.quickstart import held_out_bits_per_byte, pretrain
+    from minigpt.quickstart import quickstart
+    from minigpt.quickstart.quickstart import held_out_bits_per_byte, pretrain
+    from minigpt.runs.checkpoint import load_run
 
     cfg = design_config(name, out, budget_s, seconds_per_step)
     data = out / f"data-{cfg.vocab_size}"
@@ -126,9 +126,9 @@ def run_pretrain_trial(name: str, out: Path, budget_s: float, seconds_per_step: 
 
 
 def answer_rates(chat: Path, decoding: dict, questions: int = 100, seed: int = 1337) -> dict:
-    from minigpt.checkpoint import load_run
-    from minigpt.engine import SamplingParams
-    from minigpt.sft import answer_quality, load_conversations, split_conversations
+    from minigpt.chat.engine import SamplingParams
+    from minigpt.runs.checkpoint import load_run
+    from minigpt.train.sft import answer_quality, load_conversations, split_conversations
 
     model, tokenizer, _ = load_run(chat)
     _, held = split_conversations(load_conversations(["wiki-qa"]), 0.05, seed)
@@ -141,7 +141,7 @@ def answer_rates(chat: Path, decoding: dict, questions: int = 100, seed: int = 1
 
 
 def run_sft_trial(base: Path, sft: str, out: Path, budget_s: float, seconds_per_step: float) -> dict:
-    from minigpt.quickstart import QuickstartConfig, finetune_chat
+    from minigpt.quickstart.quickstart import QuickstartConfig, finetune_chat
 
     design = json.loads((base / "design.json").read_text())
     steps = max(int(budget_s / seconds_per_step), 10)
@@ -150,7 +150,7 @@ def run_sft_trial(base: Path, sft: str, out: Path, budget_s: float, seconds_per_
     start = time.perf_counter()
     finetune_chat(cfg, base / "base", run)
     wall = time.perf_counter() - start
-    from minigpt.chat_format import CHAT_DECODING
+    from minigpt.text.chat_format import CHAT_DECODING
 
     return {"stage": "finetune", "design": design["name"], "sft": sft, **SFT_DESIGNS[sft], "steps": steps,
             "probe_s_per_step": seconds_per_step, "budget_s": budget_s, "wall_s": round(wall, 1),
@@ -170,9 +170,9 @@ def relative_costs(names: list[str], rounds: int = 7) -> dict[str, float]:
     ratio over rounds): this VM's speed drifts by 2-5x over minutes, which a ratio taken within a round cancels."""
     import torch
 
-    from minigpt.model import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.optim import make_optimizer
-    from minigpt.train import TrainConfig
+    from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
+    from minigpt.train.optim import make_optimizer
+    from minigpt.train.train import TrainConfig
 
     shape = lambda name: tuple(DESIGNS[name][k] for k in SHAPE_KEYS)  # noqa: E731 - designs of one shape, one cost
     by_shape = {shape(name): name for name in reversed(["T0", *names])}
@@ -215,7 +215,7 @@ def cmd_pretrain(args) -> None:
     probes = {name: costs[name] * args.t0_s_per_step for name in names}
     for name in names:
         print(f"cost {name}: {costs[name]:.2f} x T0 -> {int(args.budget_s / probes[name])} steps", flush=True)
-    from minigpt.quickstart import build_pretraining_data
+    from minigpt.quickstart.quickstart import build_pretraining_data
 
     for name in names:  # each vocabulary's tokenizer and shards once, before trials share them
         build_pretraining_data(design_config(name, out, args.budget_s, probes[name]),
@@ -249,7 +249,7 @@ def cmd_trial(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from minigpt.quickstart_budget import sft_seconds_per_step
+    from minigpt.quickstart.budget import sft_seconds_per_step
 
     out, base = Path(args.out), Path(args.base)
     design = json.loads((base / "design.json").read_text())

@@ -180,9 +180,9 @@ def start_server(args, folder: Path) -> tuple[subprocess.Popen, str, str]:
     """Write a random-weight run and serve it with `minigpt serve` in another process."""
     import torch
 
-    from minigpt.checkpoint import save_checkpoint
-    from minigpt.model import GPT, ModelConfig
-    from minigpt.tokenizer import DEFAULT_SPECIALS, Tokenizer
+    from minigpt.model.gpt import GPT, ModelConfig
+    from minigpt.runs.checkpoint import save_checkpoint
+    from minigpt.text.tokenizer import DEFAULT_SPECIALS, Tokenizer
 
     gpt2 = Tokenizer.gpt2()
     ranks = min(args.vocab - len(DEFAULT_SPECIALS), gpt2.eot_id)

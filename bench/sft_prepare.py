@@ -24,8 +24,8 @@ from pathlib import Path
 
 CHILD = """
 import json, resource, sys, time
-from minigpt.sft_data import PrepareSettings, prepare_source
-from minigpt.tokenizer import Tokenizer
+from minigpt.data.sft_data import PrepareSettings, prepare_source
+from minigpt.text.tokenizer import Tokenizer
 path, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tokenizer = Tokenizer.gpt2().with_chat_tokens()
 start = time.perf_counter()
@@ -40,7 +40,7 @@ print(json.dumps({"seconds": seconds, "conversations": sum(s["conversations"] fo
 
 
 def write_conversations(path: Path, megabytes: float, seed: int = 0) -> None:
-    from minigpt.corpus import iter_documents
+    from minigpt.text.corpus import iter_documents
 
     sentences = [s for doc in iter_documents("wiki") for s in re.split(r"(?<=[.!?])\s+", doc.text) if len(s) > 20]
     rng = random.Random(seed)

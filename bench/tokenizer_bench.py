@@ -45,8 +45,8 @@ import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
 
-from minigpt import _bpe
-from minigpt.tokenizer import DEFAULT_SPECIALS, PATTERNS, Tokenizer
+from minigpt.text import _bpe
+from minigpt.text.tokenizer import DEFAULT_SPECIALS, PATTERNS, Tokenizer
 
 
 def wiki_extracts() -> list[str]:

@@ -6,13 +6,13 @@
 
 Three loops train the same GPT module class from the same initial weights on the same shards, in this process:
 
-  minigpt train        `minigpt.train.train` (its defaults: fused AdamW, the chunked head and loss on CPUs), with
+  minigpt train        `minigpt.train.train.train` (its defaults: fused AdamW, the chunked head and loss on CPUs), with
                        evaluation and checkpoints moved to the end and left out of the timing
   plain, same tricks   the reference: a nanoGPT-style loop (a random batch sliced from the memory-mapped training
                        shard each step, forward, backward, gradient clipping, AdamW, a learning rate set by hand)
                        given the two one-line settings ours uses: `torch.optim.AdamW(..., fused=True)` and the
                        chunked loss, by calling the model as `model(x, y, chunk_rows=...)`, whose forward pass then
-                       computes head and loss with `minigpt.model.chunked_cross_entropy`
+                       computes head and loss with `minigpt.model.gpt.chunked_cross_entropy`
   plain, defaults      the same loop with PyTorch's default AdamW (foreach) and the plain `F.cross_entropy` over
                        the full (B, T, V) logits: what the two settings buy
 
@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.log import read_metrics
-from minigpt.model import GPT, ModelConfig, logit_chunk_rows
-from minigpt.shards import open_shard, read_meta
-from minigpt.train import TrainConfig, build_data, learning_rate, train
+from minigpt.data.prepare import open_shard, read_meta
+from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
+from minigpt.runs.log import read_metrics
+from minigpt.train.train import TrainConfig, build_data, learning_rate, train
 
 OURS, SAME, DEFAULTS = "minigpt train", "plain, same tricks", "plain, defaults"
 

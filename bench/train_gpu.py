@@ -5,7 +5,7 @@
     python bench/train_gpu.py --only fused,ref --steps 50      # a subset of the rows (keys below)
     python bench/train_gpu.py --device cpu --preset tiny --steps 3 --warmup 1 --no-compile --threads 1    # CPU smoke
 
-Rows (key: what runs). "ours" is `minigpt.train.train()` itself, the real loop, given a temporary run folder; its
+Rows (key: what runs). "ours" is `minigpt.train.train.train()` itself, the real loop, given a temporary run folder; its
 throughput is read back from the run's metrics.jsonl. Each row builds its model, optimizer and compiled graph anew.
     eager     ours, bf16 autocast, eager, foreach AdamW
     compile   ours, bf16, torch.compile, foreach AdamW
@@ -23,8 +23,8 @@ gradient clipping and number of steps, one after the other on one card. The firs
 allocator warm-up) are left out of tokens/s; both sides synchronise with the GPU once every --warmup steps
 to read their loss, as a logging loop does. Peak memory is torch.cuda.max_memory_allocated, reset before each row.
 MFU is training FLOPs (GPT.flops_per_token: 6N + 12 L C T) x tokens/s over the card's dense bf16 peak
-(minigpt.estimate.GPUS, through minigpt.runtime.peak_flops). "loss first" and "loss @N" are the mean training loss
-over the first --warmup steps and over the last logging window (up to step N); on --data random (uniform
+(minigpt.model.estimate.GPUS, through minigpt.runs.runtime.peak_flops). "loss first" and "loss @N" are the mean
+training loss over the first --warmup steps and over the last logging window (up to step N); on --data random (uniform
 tokens) nothing can be learned, and both stay near ln(vocab).
 
 The largest micro-batch is searched by doubling --batch until CUDA runs out of memory (or --search-s / --max-batch
@@ -55,15 +55,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import minigpt.train as trainlib
-from minigpt import corpus, shards
+import minigpt.train.train as trainlib
 from minigpt.common import seed_everything, write_json
-from minigpt.dataloader import TokenLoader
-from minigpt.log import read_metrics
-from minigpt.model import GPT, ModelConfig
-from minigpt.optim import learning_rate, make_optimizer
-from minigpt.runtime import peak_flops
-from minigpt.tokenizer import ENDOFTEXT, PATTERNS, Tokenizer
+from minigpt.data import prepare as shards
+from minigpt.data.loader import TokenLoader
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.runs.log import read_metrics
+from minigpt.runs.runtime import peak_flops
+from minigpt.text import corpus
+from minigpt.text.tokenizer import ENDOFTEXT, PATTERNS, Tokenizer
+from minigpt.train.optim import learning_rate, make_optimizer
 
 ROW_ORDER = ["eager", "compile", "fused", "ckpt", "fp16", "ref", "max", "max-ckpt"]  # as the table shows them
 RUN_ORDER = ["eager", "fused", "ref", "compile", "ckpt", "fp16", "max", "max-ckpt"]  # most wanted first
@@ -76,7 +77,7 @@ class Row:
     compile: bool = True
     fused: bool = True
     checkpointing: bool = False
-    plain: bool = False  # the reference loop instead of minigpt.train
+    plain: bool = False  # the reference loop instead of minigpt.train.train
     batch: int = 0  # 0: --batch; max rows fill it in after the search
     status: str = "pending"
     result: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -267,7 +268,7 @@ def plain_loop(row: Row, args: argparse.Namespace, model_cfg: ModelConfig, devic
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ours: minigpt.train.train() in a temporary run folder
+# Ours: minigpt.train.train.train() in a temporary run folder
 
 
 def our_loop(row: Row, args: argparse.Namespace, model_cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
@@ -460,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="random", help="shards folder (minigpt prepare; GPT-2's tokenizer for "
                         "the gpt2 preset), or 'random' for uniform random tokens written to a temporary folder")
-    parser.add_argument("--preset", default="gpt2", help="model shape (minigpt.model.PRESETS)")
+    parser.add_argument("--preset", default="gpt2", help="model shape (minigpt.model.gpt.PRESETS)")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (cpu: a smoke run)")
     parser.add_argument("--batch", type=int, default=16, help="sequences per micro-batch (and the search's start)")
     parser.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (0: the preset's context)")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from minigpt import corpus, shards
-from minigpt.tokenizer import Tokenizer
+from minigpt.data import prepare as shards
+from minigpt.text import corpus
+from minigpt.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,8 +54,8 @@ GREETINGS = [("Hello", "Hi there!"), ("How are you?", "I am fine, thank you."), 
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory, tiny_shards) -> Path:
     """A small model pretrained for a few steps on `tiny_shards` (its tokenizer has the chat tokens)."""
-    from minigpt.model import ModelConfig
-    from minigpt.train import TrainConfig, train
+    from minigpt.model.gpt import ModelConfig
+    from minigpt.train.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("base") / "run"
     return train(TrainConfig(run_dir=str(run), data=str(tiny_shards), model=ModelConfig(**TINY_MODEL), batch_size=8,
@@ -75,7 +76,7 @@ def greetings_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chat_run(tmp_path_factory, base_run, greetings_file) -> Path:
     """`base_run` fine-tuned on `greetings_file` until it has learnt the answers."""
-    from minigpt.sft import SFTConfig, finetune
+    from minigpt.train.sft import SFTConfig, finetune
 
     run = tmp_path_factory.mktemp("chat") / "run"
     return finetune(SFTConfig(base=str(base_run), run_dir=str(run), datasets=[str(greetings_file)], held_out=0.2,

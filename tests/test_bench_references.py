@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt import shards
+from minigpt.data import prepare as shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ import sys
 import pexpect
 import pytest
 
-from minigpt.chat import ChatSession
-from minigpt.chat_format import Message, fit_to_window, render
-from minigpt.checkpoint import load_run
+from minigpt.chat.session import ChatSession
 from minigpt.cli import main as cli_main
-from minigpt.tokenizer import Tokenizer
+from minigpt.runs.checkpoint import load_run
+from minigpt.text.chat_format import Message, fit_to_window, render
+from minigpt.text.tokenizer import Tokenizer
 
 
 def test_history_keeps_the_system_prompt_and_drops_the_oldest_turns(tiny_shards):
@@ -50,7 +50,7 @@ def test_one_shot_prompt(chat_run, capsys):
 
 
 def test_chat_needs_chat_tokens(base_run, tmp_path, capsys):
-    from minigpt.checkpoint import checkpoints_dir
+    from minigpt.runs.checkpoint import checkpoints_dir
 
     # a base run whose tokenizer lacks chat tokens: GPT-2's own
     gpt2_run = tmp_path / "gpt2run"

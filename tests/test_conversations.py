@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
-from minigpt import hub
-from minigpt.chat_format import Message
 from minigpt.common import UserError
-from minigpt.conversations import (
+from minigpt.text import hub
+from minigpt.text.chat_format import Message
+from minigpt.text.conversations import (
     FieldMap,
     SourceSpec,
     chatterbot_conversations,

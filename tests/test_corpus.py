@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from minigpt import corpus, hub
 from minigpt.common import UserError
-from minigpt.corpus import (
+from minigpt.text import corpus, hub
+from minigpt.text.corpus import (
     BUNDLED,
     Document,
     DocumentStream,

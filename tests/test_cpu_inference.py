@@ -7,10 +7,10 @@ from unittest import mock
 import pytest
 import torch
 
-from minigpt.cpu_inference import available, is_packed, prepacked
-from minigpt.engine import Engine, SamplingParams
-from minigpt.hf import hf_config_dict, to_hf_state_dict
-from minigpt.model import GPT, ModelConfig
+from minigpt.chat.engine import Engine, SamplingParams
+from minigpt.interop.hf import hf_config_dict, to_hf_state_dict
+from minigpt.model.cpu_inference import available, is_packed, prepacked
+from minigpt.model.gpt import GPT, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not available(), reason="no oneDNN on this machine: nothing is packed")

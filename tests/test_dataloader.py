@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from minigpt.common import UserError, write_json
-from minigpt.dataloader import TokenLoader
-from minigpt.shards import FORMAT_VERSION, PrepareConfig, ShardWriter, prepare
-from minigpt.tokenizer import Tokenizer
+from minigpt.data.loader import TokenLoader
+from minigpt.data.prepare import FORMAT_VERSION, PrepareConfig, ShardWriter, prepare
+from minigpt.text.tokenizer import Tokenizer
 
 
 def write_split(folder, n_tokens: int, shard_tokens: int, split: str = "train", text_bytes: int | None = None):

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minigpt import config as configlib
-from minigpt import estimate
-from minigpt.dry_run import sft_dry_run, train_dry_run
-from minigpt.model import ModelConfig
-from minigpt.sft import SFTConfig, dataset_facts
-from minigpt.shards import read_meta
-from minigpt.train import TrainConfig
+from minigpt.common import config as configlib
+from minigpt.data.prepare import read_meta
+from minigpt.model import estimate
+from minigpt.model.gpt import ModelConfig
+from minigpt.plan.dry_run import sft_dry_run, train_dry_run
+from minigpt.train.sft import SFTConfig, dataset_facts
+from minigpt.train.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

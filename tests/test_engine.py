@@ -6,10 +6,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from minigpt import reference
-from minigpt.cpu_inference import is_packed, prepacked
-from minigpt.engine import Engine, Generation, SamplingParams, TextDecoder, sample
-from minigpt.model import GPT, ModelConfig
+from minigpt.chat.engine import Engine, Generation, SamplingParams, TextDecoder, sample
+from minigpt.eval import reference
+from minigpt.model.cpu_inference import is_packed, prepacked
+from minigpt.model.gpt import GPT, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +174,9 @@ def test_text_decoder_leaves_out_skipped_tokens():
 
 
 def test_sample_stops_at_a_chat_runs_end_of_turn(chat_run, capsys):
-    from minigpt.chat_format import end_of_turn_ids
-    from minigpt.checkpoint import load_run
     from minigpt.cli import main as cli_main
+    from minigpt.runs.checkpoint import load_run
+    from minigpt.text.chat_format import end_of_turn_ids
 
     model, tokenizer, _ = load_run(chat_run)
     prompt = [tokenizer.eot_id] + tokenizer.encode_ordinary("Hello")

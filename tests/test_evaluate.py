@@ -18,13 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt import cpu_inference, reference, scoring, tasks
-from minigpt import evaluate as ev
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
-from minigpt.log import read_metrics
-from minigpt.model import GPT, ModelConfig
-from minigpt.tokenizer import Tokenizer
+from minigpt.eval import evaluate as ev
+from minigpt.eval import reference, scoring, tasks
+from minigpt.model import cpu_inference
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.runs.log import read_metrics
+from minigpt.text.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_benchmarks = pytest.mark.skipif(
@@ -280,7 +281,7 @@ def test_recall_probe_splits_articles_by_the_shards_rule(tmp_path, tiny_shards):
     held = [e for e in task.examples if e.group == "heldout"]
     assert 50 < len(held) < 0.04 * len(task.examples)
     from minigpt.common import is_held_out
-    from minigpt.corpus import iter_documents
+    from minigpt.text.corpus import iter_documents
 
     first = next(iter_documents("wiki")).source  # the split rule holds out the first document too
     assert all(is_held_out(e.id, 0.02, 0) or e.id == first for e in held)
@@ -312,7 +313,7 @@ def test_generation_stops_at_the_stop_strings(tokenizer):
 
 @needs_benchmarks
 def test_eval_cli_writes_reports_and_plots(tmp_path, tiny_shards, capsys):
-    from minigpt.train import TrainConfig, train
+    from minigpt.train.train import TrainConfig, train
 
     mine = tmp_path / "mine.jsonl"
     mine.write_text("".join(json.dumps({"context": f"The {w}", "choices": ["cat", "dog", "of the"], "label": i % 3})
@@ -346,7 +347,7 @@ def test_eval_cli_writes_reports_and_plots(tmp_path, tiny_shards, capsys):
         assert [r[key] for r in logged] == [e["metrics"][key] for e in report["checkpoints"]], key
     assert (run / "eval" / "plots" / "mine_acc_norm.png").stat().st_size > 1000
 
-    from minigpt.checkpoint import load_run
+    from minigpt.runs.checkpoint import load_run
 
     model, tok, _ = load_run(run)
     model.train()

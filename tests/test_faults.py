@@ -22,14 +22,14 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 
-from minigpt import checkpoint as ckptlib
-from minigpt.checkpoint import CorruptCheckpoint, latest_checkpoint, load_model, resolve_checkpoint
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
-from minigpt.log import MetricsLogger, read_metrics
-from minigpt.model import ModelConfig
-from minigpt.tokenizer import Tokenizer
-from minigpt.train import TrainConfig, train
+from minigpt.model.gpt import ModelConfig
+from minigpt.runs import checkpoint as ckptlib
+from minigpt.runs.checkpoint import CorruptCheckpoint, latest_checkpoint, load_model, resolve_checkpoint
+from minigpt.runs.log import MetricsLogger, read_metrics
+from minigpt.text.tokenizer import Tokenizer
+from minigpt.train.train import TrainConfig, train
 
 WALL_CLOCK = ("time", "tokens_per_s", "mfu")  # differ between any two runs
 
@@ -210,7 +210,7 @@ def test_eval_and_chat_fall_back_and_name_the_checkpoint(run_copy):
 
 def test_serve_falls_back_and_names_the_checkpoint(run_copy, capsys):
     pytest.importorskip("fastapi")
-    from minigpt.serve import ServeConfig, load_app
+    from minigpt.serve.serve import ServeConfig, load_app
 
     truncate(run_copy / "checkpoints" / STEP8 / "model.safetensors")
     _, name = load_app(ServeConfig(model=str(run_copy)))
@@ -405,7 +405,7 @@ def test_injected_enospc_in_a_checkpoint_write_keeps_the_previous_one(run_copy, 
 
 
 def test_cli_turns_any_disk_full_error_into_one_line(monkeypatch, capsys):
-    from minigpt import tokenizer
+    from minigpt.text import tokenizer
 
     def full(args):
         raise RuntimeError("writer failed") from OSError(errno.ENOSPC, "No space left on device", "/x/y.json")
@@ -563,8 +563,8 @@ def test_tokenizer_json_equals_what_the_tokenizers_library_builds(wiki_sample, p
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-    from minigpt import hf_tokenizer
-    from minigpt.tokenizer import PATTERNS
+    from minigpt.interop import hf_tokenizer
+    from minigpt.text.tokenizer import PATTERNS
 
     texts = [json.loads(line)["text"] for line in wiki_sample.read_text().splitlines()[:100]]
     tok = Tokenizer.train(texts, 400, pattern=pattern, progress=False, workers=1)

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from test_faults import STEP4, STEP8, minigpt, one_error_line, snapshot, tiny_config
 
-from minigpt import estimate as estlib
-from minigpt.checkpoint import resolve_checkpoint
 from minigpt.cli import main as cli_main
-from minigpt.train import train
+from minigpt.model import estimate as estlib
+from minigpt.runs.checkpoint import resolve_checkpoint
+from minigpt.train.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -378,8 +378,8 @@ def test_serve_on_a_port_in_use_is_one_line_before_announcing(two_checkpoints):
 
 
 def test_dry_run_cpu_speed_skips_the_warm_up_and_takes_the_median(monkeypatch):
-    from minigpt import dry_run
-    from minigpt.model import ModelConfig
+    from minigpt.model.gpt import ModelConfig
+    from minigpt.plan import dry_run
 
     # the clock's readings: the warm-up's start (it is never timed), then start and end of each timed pass: 1 s,
     # 1 s, an outlier of 9 s, 1 s, 1 s

@@ -25,10 +25,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt import checkpoint as ckptlib
-from minigpt.checkpoint import CorruptCheckpoint, latest_checkpoint, load_model, resolve_checkpoint
 from minigpt.cli import main as cli_main
-from minigpt.log import read_metrics
+from minigpt.runs import checkpoint as ckptlib
+from minigpt.runs.checkpoint import CorruptCheckpoint, latest_checkpoint, load_model, resolve_checkpoint
+from minigpt.runs.log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -128,10 +128,10 @@ def test_fsdp_in_bf16_keeps_fp32_master_weights_and_trains_like_autocast(runs):
 
 FP16_CHILD = """
 import torch, torch.distributed as dist
-from minigpt.model import GPT, ModelConfig
-from minigpt.optim import make_optimizer
-from minigpt.parallel import accumulation, shard_model
-from minigpt.train import TrainConfig, train_step
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.train.optim import make_optimizer
+from minigpt.runs.parallel import accumulation, shard_model
+from minigpt.train.train import TrainConfig, train_step
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
@@ -208,7 +208,7 @@ def test_sharded_checkpoints_resume_in_one_process_and_one_in_two(runs):
 
 
 def test_export_of_a_sharded_checkpoint_is_that_of_a_whole_one(runs, tmp_path):
-    from minigpt.hf import export_hf
+    from minigpt.interop.hf import export_hf
 
     copy = tmp_path / "whole"
     copy.mkdir()

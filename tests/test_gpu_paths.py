@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minigpt import estimate as estlib
-from minigpt import model as modellib
-from minigpt import train as trainlib
-from minigpt.engine import Engine, SamplingParams
-from minigpt.log import read_metrics
-from minigpt.model import GPT, ModelConfig
-from minigpt.train import TrainConfig
+from minigpt.chat.engine import Engine, SamplingParams
+from minigpt.model import estimate as estlib
+from minigpt.model import gpt as modellib
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.runs.log import read_metrics
+from minigpt.train import train as trainlib
+from minigpt.train.train import TrainConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # tokens/s: the window's tokens over the window's training time, evaluations and checkpoints left out
@@ -176,9 +176,9 @@ def test_padded_batches_take_a_few_widths_and_the_same_loss(tmp_path, tiny_shard
     """One conversation per row used to be padded to the longest of its batch: a new width almost every step, a
     new compilation each time. Now widths are powers of two from 64 up to the window, and the padding (targets
     -100 to the right of every real token) leaves the loss as it was."""
-    from minigpt.sft_batches import ConversationBatches, ConversationSet, Part, assemble
-    from minigpt.sft_data import PrepareSettings, prepare_source
-    from minigpt.tokenizer import Tokenizer
+    from minigpt.data.sft_batches import ConversationBatches, ConversationSet, Part, assemble
+    from minigpt.data.sft_data import PrepareSettings, prepare_source
+    from minigpt.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tiny_shards / "tokenizer.json").with_chat_tokens()
     rng = np.random.default_rng(0)
@@ -214,8 +214,8 @@ def test_the_a100_recipe_is_what_the_plan_lays_out_for_that_card():
     """The plan on an A100 40GB: bf16 (the card computes it natively), no gradient checkpointing (30.8 of 35.1 GiB
     fit without; recomputing would cost 24% more compute), 8,717 steps for $15. The recipe was fp16 with
     checkpointing and said 7,383 / 9,175 steps."""
-    from minigpt import config as configlib
-    from minigpt import plan as planlib
+    from minigpt.common import config as configlib
+    from minigpt.plan import plan as planlib
 
     recipe = configlib.load_file("gpt2-124m-a100-40gb")
     cfg = planlib.PlanConfig(gpu=recipe["gpu"], usd=15, usd_per_hour=1.29, model=ModelConfig.from_preset("gpt2"))

@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from minigpt import hf_tokenizer
-from minigpt.chat_format import render
-from minigpt.checkpoint import load_run, resolve_checkpoint, save_checkpoint
+from minigpt.chat.engine import Engine, SamplingParams
 from minigpt.cli import main as cli
-from minigpt.engine import Engine, SamplingParams
-from minigpt.hf import export_hf, import_hf
-from minigpt.model import GPT, ModelConfig
-from minigpt.tokenizer import Tokenizer, _gpt2_folder
+from minigpt.interop import hf_tokenizer
+from minigpt.interop.hf import export_hf, import_hf
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.runs.checkpoint import load_run, resolve_checkpoint, save_checkpoint
+from minigpt.text.chat_format import render
+from minigpt.text.tokenizer import Tokenizer, _gpt2_folder
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -112,7 +112,7 @@ def test_derived_merges_are_gpt2_vocab_bpe():
 def test_gpt4_pattern_keeps_digits_in_threes_in_hf_dialect():
     from tokenizers import Regex, pre_tokenizers
 
-    from minigpt.tokenizer import PATTERNS
+    from minigpt.text.tokenizer import PATTERNS
 
     split = pre_tokenizers.Split(Regex(hf_tokenizer.hf_pattern(PATTERNS["gpt4"])), behavior="isolated")
     assert [p for p, _ in split.pre_tokenize_str("x 1234567")] == ["x", " ", "123", "456", "7"]
@@ -292,9 +292,9 @@ def hf_gpt2_folder(folder: Path, gpt2_files: Path, vocab_size: int = 50257, **co
 
 def test_imported_gpt2_computes_hf_logits_and_trains_tunes_chats(gpt2_files, tmp_path, wiki_sample, greetings_file,
                                                                  capsys):
-    from minigpt import shards
-    from minigpt.sft import SFTConfig, finetune
-    from minigpt.train import TrainConfig, train
+    from minigpt.data import prepare as shards
+    from minigpt.train.sft import SFTConfig, finetune
+    from minigpt.train.train import TrainConfig, train
 
     source = hf_gpt2_folder(tmp_path / "hf", gpt2_files, vocab_size=50304)  # embedding padded past 50257 ids
     assert cli(["import", str(source), str(tmp_path / "run")]) == 0
@@ -392,7 +392,7 @@ def test_cli_user_errors_exit_2(case, gpt2_files, tmp_path, capsys):
 
 
 def test_importing_minigpt_hf_loads_no_hf_library():
-    code = ("import sys, minigpt.hf, minigpt.hf_tokenizer; "
+    code = ("import sys, minigpt.interop.hf, minigpt.interop.hf_tokenizer; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'tokenizers')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"

@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.checkpoint import load_run
 from minigpt.cli import main as cli_main
-from minigpt.inspect_model import (
+from minigpt.eval.inspect import (
     capture_attention,
     classify_heads,
     logit_lens,
@@ -25,8 +24,9 @@ from minigpt.inspect_model import (
     token_surprise,
     token_texts,
 )
-from minigpt.model import GPT, ModelConfig
-from minigpt.train import TrainConfig, train
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.runs.checkpoint import load_run
+from minigpt.train.train import TrainConfig, train
 
 
 def random_model(**shape) -> GPT:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt import optim
-from minigpt.model import GPT, ModelConfig
-from minigpt.optim import (
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.train import optim
+from minigpt.train.optim import (
     Muon,
     MuonAdamW,
     apply_schedule,
@@ -22,7 +22,7 @@ from minigpt.optim import (
     muon_momentum,
     orthogonalise,
 )
-from minigpt.train import TrainConfig
+from minigpt.train.train import TrainConfig
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
@@ -225,7 +225,7 @@ def test_resuming_with_the_other_optimizer_is_one_line_naming_the_one_to_pass(tm
 def test_under_bf16_autocast_newton_schulz_runs_outside_it_on_fp32_momentum(monkeypatch):
     """train_step's autocast covers the forward passes only: Muon's step (its momentum and Newton-Schulz) sees fp32
     gradients and keeps fp32 buffers, whatever the precision of the matmuls before it."""
-    from minigpt.train import train_step
+    from minigpt.train.train import train_step
 
     seen = []
     real = optim.orthogonalise

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.chat_format import render
-from minigpt.model import GPT, ModelConfig, document_attention
-from minigpt.sft_batches import (
+from minigpt.data.sft_batches import (
     ConversationBatches,
     ConversationSet,
     Part,
@@ -22,8 +20,10 @@ from minigpt.sft_batches import (
     pack,
     plan_epoch,
 )
-from minigpt.sft_data import PrepareSettings, prepare_source
-from minigpt.tokenizer import Tokenizer
+from minigpt.data.sft_data import PrepareSettings, prepare_source
+from minigpt.model.gpt import GPT, ModelConfig, document_attention
+from minigpt.text.chat_format import render
+from minigpt.text.tokenizer import Tokenizer
 
 WINDOW = 64
 

@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from minigpt import config as configlib
-from minigpt import estimate as estlib
-from minigpt import plan as planlib
-from minigpt.checkpoint import save_checkpoint
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
-from minigpt.model import GPT, PRESETS, ModelConfig
-from minigpt.optim import make_optimizer
-from minigpt.runtime import loss_chunk_rows
-from minigpt.train import TrainConfig
+from minigpt.common import config as configlib
+from minigpt.model import estimate as estlib
+from minigpt.model.gpt import GPT, PRESETS, ModelConfig
+from minigpt.plan import plan as planlib
+from minigpt.runs.checkpoint import save_checkpoint
+from minigpt.runs.runtime import loss_chunk_rows
+from minigpt.train.optim import make_optimizer
+from minigpt.train.train import TrainConfig
 
 GPT2_PARAMS = 124_439_808  # GPT-2 124M by GPT-2's count (docs/walkthrough.md)
 GPT2_FLOPS = 741_920_256 + 113_246_208  # 6N + 12 L C T at T = 1024 (docs/walkthrough.md)
@@ -335,7 +335,7 @@ def test_train_command_parses_to_the_planned_run():
     assert command.startswith("minigpt train --config gpt2-124m ")
     import argparse
 
-    from minigpt import train
+    from minigpt.train import train
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
@@ -387,7 +387,7 @@ def test_user_errors_are_one_line(args, message, capsys):
 def test_newton_schulz_flops_are_those_torch_counts():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from minigpt.optim import orthogonalise
+    from minigpt.train.optim import orthogonalise
 
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=16, vocab_size=64)
     model = GPT(cfg)

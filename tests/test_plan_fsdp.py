@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from minigpt import estimate as estlib
-from minigpt import plan as planlib
-from minigpt.model import GPT, PRESETS, ModelConfig
-from minigpt.optim import make_optimizer
-from minigpt.train import TrainConfig
+from minigpt.model import estimate as estlib
+from minigpt.model.gpt import GPT, PRESETS, ModelConfig
+from minigpt.plan import plan as planlib
+from minigpt.train.optim import make_optimizer
+from minigpt.train.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_WIDE_2_LAYERS = dict(n_layer=2, n_head=12, n_embd=768, block_size=128, vocab_size=50257)
@@ -41,7 +41,7 @@ def measured_fsdp_peak(cfg: ModelConfig, micro_batch: int, seq_len: int, precisi
                        trace: Path) -> tuple[int, int]:
     """(peak bytes of a training step, bytes of the sharded weights and AdamW state) of rank 0 of an FSDP run,
     the way train.py steps it: the policy's precision without autocast, two steps (AdamW's moments exist)."""
-    from minigpt.parallel import shard_model
+    from minigpt.runs.parallel import shard_model
 
     torch.manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
@@ -129,8 +129,8 @@ def test_where_only_fsdp_fits_the_plan_shards_and_says_so():
     assert any(r.startswith("FSDP: the whole training state does not fit one card") for r in p.reasons)
     import argparse
 
-    from minigpt import config as configlib
-    from minigpt import train
+    from minigpt.common import config as configlib
+    from minigpt.train import train
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
@@ -154,8 +154,8 @@ def test_fsdp_on_one_gpu_is_one_line(capsys):
 
 def test_a_dry_run_under_fsdp_counts_the_sharded_state(monkeypatch, tiny_shards):
     """`torchrun --nproc_per_node 8 ... --parallel fsdp --dry-run`: memory per GPU as plan's FSDP figure."""
-    from minigpt import config as configlib
-    from minigpt.dry_run import train_dry_run
+    from minigpt.common import config as configlib
+    from minigpt.plan.dry_run import train_dry_run
 
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -18,10 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minigpt import corpus, hub, shards, workdir
 from minigpt.cli import main as cli_main
-from minigpt.shards import PrepareConfig, prepare, read_meta
-from minigpt.workdir import JOURNAL
+from minigpt.data import prepare as shards
+from minigpt.data import workdir
+from minigpt.data.prepare import PrepareConfig, prepare, read_meta
+from minigpt.data.workdir import JOURNAL
+from minigpt.text import corpus, hub
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "past", "quickly", "and", "birds", "sang",
          "songs", "of", "spring", "over", "green", "hills", "near", "rivers", "where", "fish", "swam"]
@@ -63,7 +65,7 @@ def reference(parquet_dir, tmp_path_factory) -> dict[str, bytes]:
 
 SLOW_CLI = """
 import sys, time
-from minigpt import corpus
+from minigpt.text import corpus
 real = corpus._read_file
 def slow(*args, **kwargs):  # a slow disk: this run can be stopped part-way, after a few shards
     for item in real(*args, **kwargs):

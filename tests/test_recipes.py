@@ -19,10 +19,10 @@ import pytest
 import torch
 from test_prepare_faults import WORDS, start_slow_run, wait_for_journal
 
-from minigpt.checkpoint import latest_checkpoint, read_checkpoint_meta
-from minigpt.config import list_recipes
-from minigpt.log import read_metrics
-from minigpt.shards import read_meta
+from minigpt.common.config import list_recipes
+from minigpt.data.prepare import read_meta
+from minigpt.runs.checkpoint import latest_checkpoint, read_checkpoint_meta
+from minigpt.runs.log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["gpt2-124m", "gpt2-124m-a100-40gb", "gpt2-124m-muon-a100-40gb"]
@@ -99,7 +99,7 @@ def test_a_recipe_trains_resumes_and_evaluates_at_toy_scale(recipe, prepared, tm
 
 
 def test_muon_recipes_are_their_adamw_siblings_but_for_the_optimizer_and_the_tokens():
-    from minigpt.config import load_file, recipe_expectation
+    from minigpt.common.config import load_file, recipe_expectation
 
     for muon, adamw in (("gpt2-124m-muon", "gpt2-124m"), ("gpt2-124m-muon-a100-40gb", "gpt2-124m-a100-40gb")):
         a, b = load_file(muon), load_file(adamw)

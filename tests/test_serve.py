@@ -22,12 +22,12 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from minigpt.chat_format import end_of_turn_ids, render, stop_ids  # noqa: E402
-from minigpt.checkpoint import load_run  # noqa: E402
-from minigpt.engine import Engine, SamplingParams  # noqa: E402
-from minigpt.model import GPT, ModelConfig  # noqa: E402
-from minigpt.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402
-from minigpt.tokenizer import Tokenizer  # noqa: E402
+from minigpt.chat.engine import Engine, SamplingParams  # noqa: E402
+from minigpt.model.gpt import GPT, ModelConfig  # noqa: E402
+from minigpt.runs.checkpoint import load_run  # noqa: E402
+from minigpt.serve.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402
+from minigpt.text.chat_format import end_of_turn_ids, render, stop_ids  # noqa: E402
+from minigpt.text.tokenizer import Tokenizer  # noqa: E402
 
 KEY = "test-key"
 
@@ -155,7 +155,7 @@ def test_greedy_completions_stop_where_the_exported_model_stops(chat, chat_run, 
     """/v1/completions on a chat run against Hugging Face `generate` on its export (generation_config.json):
     the same tokens, the same end of turn, and no special token in the text."""
     transformers = pytest.importorskip("transformers")
-    from minigpt.hf import export_hf
+    from minigpt.interop.hf import export_hf
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _, _, tokenizer = chat
@@ -376,7 +376,7 @@ def test_one_chat_format_for_the_trainer_the_server_and_the_export(chat, tmp_pat
     /tokenize, the server's published Jinja template and the exported tokenizer's apply_chat_template."""
     transformers = pytest.importorskip("transformers")
     jinja2 = pytest.importorskip("jinja2")
-    from minigpt.hf_tokenizer import save_hf_tokenizer
+    from minigpt.interop.hf_tokenizer import save_hf_tokenizer
 
     server, _, tokenizer = chat
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -494,7 +494,7 @@ def test_lm_eval_local_completions_matches_our_scores(chat, tmp_path, monkeypatc
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    from minigpt.scoring import encode_pair, score_pairs
+    from minigpt.eval.scoring import encode_pair, score_pairs
 
     server, model, tokenizer = chat
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -533,7 +533,7 @@ def test_lm_eval_local_completions_matches_our_scores(chat, tmp_path, monkeypatc
 
 
 def test_import_minigpt_does_not_pull_in_the_web_stack():
-    code = ("import sys, minigpt, minigpt.cli, minigpt.serve, minigpt.engine; "
+    code = ("import sys, minigpt, minigpt.cli, minigpt.serve.serve, minigpt.chat.engine; "
             "print(any(m in sys.modules for m in ('fastapi', 'uvicorn', 'starlette', 'pydantic')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

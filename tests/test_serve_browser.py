@@ -24,11 +24,11 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from minigpt.chat_format import CHAT_DECODING  # noqa: E402
-from minigpt.checkpoint import load_run  # noqa: E402
-from minigpt.model import GPT, ModelConfig  # noqa: E402
-from minigpt.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402
-from minigpt.tokenizer import Tokenizer  # noqa: E402
+from minigpt.model.gpt import GPT, ModelConfig  # noqa: E402
+from minigpt.runs.checkpoint import load_run  # noqa: E402
+from minigpt.serve.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402
+from minigpt.text.chat_format import CHAT_DECODING  # noqa: E402
+from minigpt.text.tokenizer import Tokenizer  # noqa: E402
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(DRIVER)),

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.chat_format import Message, render
-from minigpt.checkpoint import load_run
 from minigpt.cli import main as cli_main
-from minigpt.conversations import load_conversations
-from minigpt.log import read_metrics
-from minigpt.model import GPT, ModelConfig
-from minigpt.sft import SFTConfig, answer_quality, dataset_facts, grow_vocabulary
-from minigpt.tokenizer import Tokenizer
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.runs.checkpoint import load_run
+from minigpt.runs.log import read_metrics
+from minigpt.text.chat_format import Message, render
+from minigpt.text.conversations import load_conversations
+from minigpt.text.tokenizer import Tokenizer
+from minigpt.train.sft import SFTConfig, answer_quality, dataset_facts, grow_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +146,8 @@ def test_dataset_facts_and_epochs(tmp_path, base_run, greetings_file):
 
 
 def test_the_shipped_recipe_resolves():
-    from minigpt import config
-    from minigpt.conversations import FieldMap, parse_source
+    from minigpt.common import config
+    from minigpt.text.conversations import FieldMap, parse_source
 
     cfg = config.resolve(SFTConfig, "gpt2-124m-sft")
     assert ("gpt2-124m-sft", "sft") in [(name, stage) for name, stage, _ in config.list_recipes("sft")]

@@ -11,12 +11,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from minigpt import sft_data
-from minigpt.chat_format import render
 from minigpt.common import is_held_out
-from minigpt.conversations import SPLIT_BYTEORDER, FieldMap, load_conversations
-from minigpt.sft_data import PrepareSettings, prepare_source
-from minigpt.tokenizer import Tokenizer
+from minigpt.data import sft_data
+from minigpt.data.sft_data import PrepareSettings, prepare_source
+from minigpt.text.chat_format import render
+from minigpt.text.conversations import SPLIT_BYTEORDER, FieldMap, load_conversations
+from minigpt.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,8 @@ def test_a_source_with_nothing_usable_says_why(tmp_path, tokenizer, capsys):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     from pathlib import Path
-    from minigpt.sft_data import PrepareSettings, prepare_source
-    from minigpt.tokenizer import Tokenizer
+    from minigpt.data.sft_data import PrepareSettings, prepare_source
+    from minigpt.text.tokenizer import Tokenizer
     tokenizer, path, cache = Tokenizer.load(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     prepared = prepare_source(str(path), tokenizer, PrepareSettings(workers=2), cache, quiet=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt import pipeline, shards
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError, is_held_out
-from minigpt.corpus import Document
-from minigpt.shards import (
+from minigpt.data import pipeline
+from minigpt.data import prepare as shards
+from minigpt.data.prepare import (
     HEADER_BYTES,
     SPLITS,
     PrepareConfig,
@@ -28,7 +28,8 @@ from minigpt.shards import (
     read_meta,
     token_dtype,
 )
-from minigpt.tokenizer import Tokenizer
+from minigpt.text.corpus import Document
+from minigpt.text.tokenizer import Tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "past", "quickly", "and", "birds", "sang",
          "songs", "of", "spring", "over", "green", "hills", "near", "rivers", "where", "fish", "swam"]

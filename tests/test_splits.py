@@ -8,8 +8,8 @@ import hashlib
 
 import pytest
 
-from minigpt import conversations, corpus
 from minigpt.common import is_held_out
+from minigpt.text import conversations, corpus
 
 
 def digest(keys: list[str]) -> str:

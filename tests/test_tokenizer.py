@@ -1,4 +1,4 @@
-"""Tests for minigpt.tokenizer: GPT-2 parity with tiktoken, round trips, training, the file format, the CLI."""
+"""Tests for minigpt.text.tokenizer: GPT-2 parity with tiktoken, round trips, training, the file format, the CLI."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt import _bpe, cli, reference
+from minigpt import cli
 from minigpt.common import UserError
-from minigpt.tokenizer import CHAT_TOKENS, ENDOFTEXT, PATTERNS, Tokenizer
+from minigpt.eval import reference
+from minigpt.text import _bpe
+from minigpt.text.tokenizer import CHAT_TOKENS, ENDOFTEXT, PATTERNS, Tokenizer
 
 HAS_C = _bpe._bpe_c is not None
 

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from conftest import TINY_MODEL
 
-from minigpt.checkpoint import latest_checkpoint
 from minigpt.cli import main as cli_main
-from minigpt.log import read_metrics
-from minigpt.model import ModelConfig
-from minigpt.runs import summarize
-from minigpt.tracking import TensorBoardTracker, read_state, wandb_history, wandb_records
-from minigpt.train import TrainConfig, train
+from minigpt.model.gpt import ModelConfig
+from minigpt.runs.checkpoint import latest_checkpoint
+from minigpt.runs.compare import summarize
+from minigpt.runs.log import read_metrics
+from minigpt.runs.tracking import TensorBoardTracker, read_state, wandb_history, wandb_records
+from minigpt.train.train import TrainConfig, train
 
 WALL_CLOCK = ("time", "tokens_per_s", "mfu")  # differ between any two runs
 CADENCES = dict(max_steps=24, log_every=1, checkpoint_every=7, eval_every=10)

@@ -15,13 +15,13 @@ from unittest import mock
 import pytest
 import torch
 
-from minigpt.checkpoint import latest_checkpoint, load_model, load_run
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
-from minigpt.log import read_metrics
-from minigpt.model import GPT, ModelConfig
-from minigpt.optim import learning_rate
-from minigpt.train import TrainConfig, train
+from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.runs.checkpoint import latest_checkpoint, load_model, load_run
+from minigpt.runs.log import read_metrics
+from minigpt.train.optim import learning_rate
+from minigpt.train.train import TrainConfig, train
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
@@ -205,7 +205,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_shards, capsys):
 @pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
                                                   ((9, 0), "bf16")])
 def test_auto_precision_is_bf16_only_where_the_card_has_it(monkeypatch, capability, expected):
-    from minigpt.runtime import resolve_precision
+    from minigpt.runs.runtime import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts: must not decide
@@ -214,7 +214,7 @@ def test_auto_precision_is_bf16_only_where_the_card_has_it(monkeypatch, capabili
 
 
 def test_explicit_bf16_on_a_pre_ampere_card_warns(monkeypatch, capsys):
-    from minigpt.runtime import resolve_precision
+    from minigpt.runs.runtime import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
@@ -266,7 +266,7 @@ def test_shard_token_beyond_the_vocabulary_is_one_line(tmp_path, tiny_shards, ca
 
     import numpy as np
 
-    from minigpt.shards import HEADER_BYTES
+    from minigpt.data.prepare import HEADER_BYTES
 
     data = tmp_path / "data"
     shutil.copytree(tiny_shards, data)
@@ -287,7 +287,7 @@ def test_background_checkpoint_holds_the_state_of_its_step(tmp_path, monkeypatch
     write is in flight (as the next optimizer step does) does not reach the files; a writer's error surfaces."""
     import threading
 
-    from minigpt import checkpoint as ckptlib
+    from minigpt.runs import checkpoint as ckptlib
 
     model = GPT(ModelConfig(**SMALL, vocab_size=64))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -329,7 +329,7 @@ def test_background_checkpoint_holds_the_state_of_its_step(tmp_path, monkeypatch
 
 def test_two_micro_batches_of_b_rows_step_like_one_of_2b_rows():
     """The step normalises by the targets of the whole step: accumulation is exact, masked targets included."""
-    from minigpt.train import train_step
+    from minigpt.train.train import train_step
 
     torch.manual_seed(0)
     x = torch.randint(0, 64, (4, 16))

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.model import GPT, ModelConfig
-from minigpt.shards import read_meta, shards_tokenizer
+from minigpt.data.prepare import read_meta, shards_tokenizer
+from minigpt.model.gpt import GPT, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "train_gpu.py"

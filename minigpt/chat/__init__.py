@@ -1,0 +1,1 @@
+"""The generation engine, and talking to a model: `minigpt chat` and `minigpt sample`."""

@@ -1,0 +1,3 @@
+"""Token shards: `minigpt prepare` (journal, resume, workers), the held-out split, the loaders of pretraining and fine-
+tuning batches.
+"""

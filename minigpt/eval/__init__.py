@@ -1,0 +1,1 @@
+"""Measuring a model: loss and bits per byte, benchmark scoring, tasks, `minigpt inspect`, slow references."""

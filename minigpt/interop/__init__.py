@@ -1,0 +1,1 @@
+"""`minigpt export` and `minigpt import`: the Hugging Face format, weights and tokenizer."""

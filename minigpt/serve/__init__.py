@@ -1,0 +1,1 @@
+"""`minigpt serve`: the OpenAI-compatible API, continuous batching, the web page."""
