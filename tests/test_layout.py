@@ -1,35 +1,76 @@
-"""The package's shape: imports run one way (no cycle, counting imports inside functions), and modules stay
-readable in one sitting."""
+"""The package's shape: sub-packages stand on floors and import only downwards (counting imports inside
+functions), modules import each other without a cycle, and every module reads in one sitting.
+
+The floors are docs/code.md's map; a package may import its own modules and those of lower floors only.
+"""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "minigpt"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "minigpt"
 MAX_LINES = 600
+
+# Lowest first; packages on one floor do not import each other. cli.py and __main__.py stand on top of them all.
+FLOORS = [
+    ["common"],
+    ["text", "model"],
+    ["runs"],
+    ["data"],
+    ["chat"],
+    ["eval"],
+    ["plan"],
+    ["train"],
+    ["serve", "interop"],
+    ["quickstart"],
+]
+FLOOR = {package: level for level, packages in enumerate(FLOORS) for package in packages}
+TOP = len(FLOORS)
+
+
+def module_name(path: Path) -> str:
+    """minigpt/text/corpus.py -> text.corpus; minigpt/common/__init__.py -> common; minigpt/cli.py -> cli."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def import_graph() -> dict[str, set[str]]:
-    """minigpt module -> the minigpt modules it imports anywhere in its file (top level or inside functions)."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    """module -> the minigpt modules it imports anywhere in its file (top level or inside functions)."""
+    known = modules()
     graph: dict[str, set[str]] = {}
-    for path in PACKAGE.glob("*.py"):
+    for name, path in known.items():
         edges = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 parts = node.module.split(".")
-                if parts[0] == "minigpt" and len(parts) > 1:
-                    edges.add(parts[1])
-                elif parts == ["minigpt"]:  # from minigpt import config
-                    edges.update(alias.name for alias in node.names)
+                if parts[0] != "minigpt":
+                    continue
+                base = ".".join(parts[1:])
+                for alias in node.names:  # from minigpt.text import corpus: the module text.corpus
+                    full = f"{base}.{alias.name}" if base else alias.name
+                    edges.add(full if full in known else base)
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     parts = alias.name.split(".")
                     if parts[0] == "minigpt" and len(parts) > 1:
-                        edges.add(parts[1])
-        graph[path.stem] = {m for m in edges if m in modules and m != path.stem}
+                        edges.add(".".join(parts[1:]))
+        graph[name] = {m for m in edges if m in known and m != name}
     return graph
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[0]
+
+
+def floor_of(module: str) -> int:
+    return FLOOR.get(package_of(module), TOP)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -54,16 +95,31 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_imports_run_one_way():
+def test_modules_import_each_other_one_way():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
 
 
-def test_the_cycle_finder_finds_a_cycle():
+def test_every_package_stands_on_a_documented_floor():
+    packages = {package_of(m) for m, p in modules().items() if p.parent != PACKAGE}
+    assert packages == set(FLOOR), f"packages without a floor: {packages - set(FLOOR)}; gone: {set(FLOOR) - packages}"
+    code_md = (ROOT / "docs" / "code.md").read_text()
+    for package in FLOOR:
+        assert re.search(rf"\bminigpt/{package}/ ", code_md), f"docs/code.md does not map minigpt/{package}/"
+
+
+def test_imports_run_down_the_floors():
+    upward = sorted(f"{a} -> {b}" for a, targets in import_graph().items() for b in targets
+                    if package_of(a) != package_of(b) and floor_of(b) >= floor_of(a) and floor_of(b) < TOP)
+    assert not upward, f"imports that do not run down the floors: {upward}"
+
+
+def test_the_checks_would_catch_a_mistake():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    assert floor_of("data.prepare") > floor_of("text.corpus") and floor_of("cli") == TOP
 
 
 def test_every_module_reads_in_one_sitting():
-    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {name: n for name, p in modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
