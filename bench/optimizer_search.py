@@ -159,7 +159,7 @@ def relative_cost(size: str, threads: int, rounds: int = 7, steps: int = 3) -> d
     import torch
 
     from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.train.optim import make_optimizer
+    from minigpt.model.optim import make_optimizer
     from minigpt.train.train import TrainConfig
 
     torch.set_num_threads(threads)

@@ -171,7 +171,7 @@ def relative_costs(names: list[str], rounds: int = 7) -> dict[str, float]:
     import torch
 
     from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.train.optim import make_optimizer
+    from minigpt.model.optim import make_optimizer
     from minigpt.train.train import TrainConfig
 
     shape = lambda name: tuple(DESIGNS[name][k] for k in SHAPE_KEYS)  # noqa: E731 - designs of one shape, one cost

@@ -60,11 +60,11 @@ from minigpt.common import seed_everything, write_json
 from minigpt.data import prepare as shards
 from minigpt.data.loader import TokenLoader
 from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.model.optim import learning_rate, make_optimizer
 from minigpt.runs.log import read_metrics
 from minigpt.runs.runtime import peak_flops
 from minigpt.text import corpus
 from minigpt.text.tokenizer import ENDOFTEXT, PATTERNS, Tokenizer
-from minigpt.train.optim import learning_rate, make_optimizer
 
 ROW_ORDER = ["eager", "compile", "fused", "ckpt", "fp16", "ref", "max", "max-ckpt"]  # as the table shows them
 RUN_ORDER = ["eager", "fused", "ref", "compile", "ckpt", "fp16", "max", "max-ckpt"]  # most wanted first

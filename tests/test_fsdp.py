@@ -129,7 +129,7 @@ def test_fsdp_in_bf16_keeps_fp32_master_weights_and_trains_like_autocast(runs):
 FP16_CHILD = """
 import torch, torch.distributed as dist
 from minigpt.model.gpt import GPT, ModelConfig
-from minigpt.train.optim import make_optimizer
+from minigpt.model.optim import make_optimizer
 from minigpt.runs.parallel import accumulation, shard_model
 from minigpt.train.train import TrainConfig, train_step
 dist.init_process_group("gloo")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from minigpt.model import optim
 from minigpt.model.gpt import GPT, ModelConfig
-from minigpt.train import optim
-from minigpt.train.optim import (
+from minigpt.model.optim import (
     Muon,
     MuonAdamW,
     apply_schedule,

@@ -19,10 +19,10 @@ from minigpt.common import UserError
 from minigpt.common import config as configlib
 from minigpt.model import estimate as estlib
 from minigpt.model.gpt import GPT, PRESETS, ModelConfig
+from minigpt.model.optim import make_optimizer
 from minigpt.plan import plan as planlib
 from minigpt.runs.checkpoint import save_checkpoint
 from minigpt.runs.runtime import loss_chunk_rows
-from minigpt.train.optim import make_optimizer
 from minigpt.train.train import TrainConfig
 
 GPT2_PARAMS = 124_439_808  # GPT-2 124M by GPT-2's count (docs/walkthrough.md)
@@ -387,7 +387,7 @@ def test_user_errors_are_one_line(args, message, capsys):
 def test_newton_schulz_flops_are_those_torch_counts():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from minigpt.train.optim import orthogonalise
+    from minigpt.model.optim import orthogonalise
 
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=16, vocab_size=64)
     model = GPT(cfg)

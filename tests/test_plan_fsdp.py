@@ -16,8 +16,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from minigpt.model import estimate as estlib
 from minigpt.model.gpt import GPT, PRESETS, ModelConfig
+from minigpt.model.optim import make_optimizer
 from minigpt.plan import plan as planlib
-from minigpt.train.optim import make_optimizer
 from minigpt.train.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

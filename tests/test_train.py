@@ -18,9 +18,9 @@ import torch
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
 from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.model.optim import learning_rate
 from minigpt.runs.checkpoint import latest_checkpoint, load_model, load_run
 from minigpt.runs.log import read_metrics
-from minigpt.train.optim import learning_rate
 from minigpt.train.train import TrainConfig, train
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)

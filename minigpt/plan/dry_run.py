@@ -222,7 +222,7 @@ def train_dry_run(cfg, builds_default_data: bool = False, recipe: str | None = N
                                             f"updates), momentum {cfg.muon_momentum:g}, weight decay "
                                             f"{cfg.muon_weight_decay:g}" if cfg.optimizer == "muon" else ""))
     if cfg.optimizer == "muon":
-        from minigpt.train.optim import muon_parameter_names
+        from minigpt.model.optim import muon_parameter_names
 
         with torch.device("meta"):
             muon_parameter_names(GPT(model), cfg.muon_params)  # a pattern that takes a LayerNorm: one line now

@@ -21,7 +21,7 @@ def seconds_per_step(vocab_size: int, n_layer: int, n_head: int, n_embd: int, bl
     (random tokens, no data); with `documents_per_row`, rows packed with that many conversations, as fine-tuning
     computes them."""
     from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.train.optim import make_optimizer
+    from minigpt.model.optim import make_optimizer
     from minigpt.train.train import TrainConfig
 
     cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from minigpt.common import UserError, write_json
+from minigpt.model.optim import optimizer_kind
 from minigpt.runs.checkpoint import (
     SHARD_PARTS,
     SHARDED_VERSION,
@@ -43,7 +44,6 @@ from minigpt.runs.checkpoint import (
     read_shards,
     unwrap,
 )
-from minigpt.train.optim import optimizer_kind
 
 
 def _rank() -> tuple[int, int]:

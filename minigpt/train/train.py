@@ -32,6 +32,7 @@ from minigpt.common import UserError, print0, progress, seed_everything, write_j
 from minigpt.common import config as configlib
 from minigpt.common.config import opt
 from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.model.optim import apply_schedule, check_optimizer_settings, make_optimizer
 from minigpt.runs.checkpoint import (
     BackgroundSaver,
     check_new_run_dir,
@@ -55,7 +56,6 @@ from minigpt.runs.runtime import (
 )
 from minigpt.runs.tracking import check_packages, tracker_names
 from minigpt.train.data import DEFAULT_DATA, TrainData, pretraining_data
-from minigpt.train.optim import apply_schedule, check_optimizer_settings, make_optimizer
 
 
 @dataclasses.dataclass
