@@ -84,7 +84,7 @@ def test_small_runs_state_their_arithmetic_and_do_not_warn(tiny_shards):
 
 def test_on_a_gpu_the_time_and_memory_are_plans(monkeypatch, tiny_shards):
     """A (faked) A100: hours, tokens/s and memory fit are exactly what minigpt plan's estimate_run says."""
-    monkeypatch.setattr("minigpt.common.pick_device", lambda name="auto": torch.device("cuda", 0))
+    monkeypatch.setattr("minigpt.plan.dry_run.pick_device", lambda name="auto": torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(

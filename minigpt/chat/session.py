@@ -14,7 +14,9 @@ import dataclasses
 import sys
 from collections.abc import Iterator
 
-from minigpt.common import UserError
+from minigpt.chat.engine import Engine, SamplingParams, TextDecoder
+from minigpt.common import UserError, pick_device
+from minigpt.runs.checkpoint import load_run
 from minigpt.text.chat_format import (
     CHAT_DECODING,
     Message,
@@ -37,8 +39,6 @@ class ChatSession:
                  max_new_tokens: int = 200, seed: int | None = None,
                  frequency_penalty: float = CHAT_DECODING["frequency_penalty"],
                  presence_penalty: float = CHAT_DECODING["presence_penalty"]):
-        from minigpt.chat.engine import Engine
-
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, max_batch=1, seed=seed)
         self.system, self.temperature, self.top_k, self.top_p = system, temperature, top_k, top_p
@@ -55,8 +55,6 @@ class ChatSession:
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the assistant's answer to `text` piece by piece; the full answer joins the history."""
-        from minigpt.chat.engine import SamplingParams, TextDecoder
-
         self.history.append(Message("user", text))
         kept, prompt = fit_to_window(self.tokenizer, self.messages(), self.model.config.block_size,
                                      self.max_new_tokens)
@@ -162,9 +160,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    from minigpt.common import pick_device
-    from minigpt.runs.checkpoint import load_run
-
     if args.temperature < 0 or args.max_new_tokens < 1:
         raise UserError("--temperature must be >= 0 and --max-new-tokens >= 1")
     model, tokenizer, _ = load_run(args.run, pick_device(args.device), args.checkpoint)
@@ -181,8 +176,6 @@ def main(args) -> None:
 
 def continue_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
     """A short seeded continuation of `prompt` (the samples a training run shows at each evaluation)."""
-    from minigpt.chat.engine import Engine, SamplingParams
-
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                             stop_token_ids=[tokenizer.eot_id])
@@ -212,10 +205,6 @@ def add_sample_arguments(parser) -> None:
 
 def sample_main(args) -> None:
     """Stream one sample to the terminal as it is made; several are printed one after another."""
-    from minigpt.chat.engine import Engine, SamplingParams, TextDecoder
-    from minigpt.common import pick_device
-    from minigpt.runs.checkpoint import load_run
-
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise UserError("--num-samples and --max-new-tokens must be at least 1")
     try:

@@ -43,12 +43,12 @@ from typing import Any
 
 import numpy as np
 
-from minigpt.common import UserError, disk_full, progress, read_json, write_json
+from minigpt.common import UserError, config, disk_full, progress, read_json, write_json
 from minigpt.common.config import opt
 from minigpt.data import pipeline
 from minigpt.data.workdir import JOURNAL, WorkDir, check_out, say
 from minigpt.text import corpus, hub
-from minigpt.text.tokenizer import load_tokenizer
+from minigpt.text.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
 MAGIC = b"MGPTTOKS"
@@ -106,8 +106,6 @@ def cpu_count() -> int:
 
 def shards_tokenizer(directory: str | os.PathLike):
     """The tokenizer a shards folder was built with (a copy is kept inside it), checked against its meta."""
-    from minigpt.text.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.load(Path(directory) / "tokenizer.json")
     check_tokenizer(directory, tokenizer)
     return tokenizer
@@ -568,16 +566,12 @@ def _meta(cfg: PrepareConfig, tokenizer, dtype: np.dtype, counts: dict[str, _Cou
 
 
 def add_arguments(parser) -> None:
-    from minigpt.common import config
-
     parser.add_argument("--config", help="TOML/YAML/JSON file with prepare settings")
     parser.add_argument("--list", action="store_true", help="list the bundled corpora with their sizes and exit")
     config.add_arguments(parser, PrepareConfig)
 
 
 def main(args) -> None:
-    from minigpt.common import config
-
     if args.list:
         print("\n".join(corpus.describe_bundled()))
         return

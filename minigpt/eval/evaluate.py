@@ -33,11 +33,15 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from minigpt.common import UserError, pick_device, progress, read_json, write_json
+from minigpt.chat.engine import Engine, SamplingParams
+from minigpt.common import UserError, atomic_path, config, pick_device, progress, read_json, write_json
 from minigpt.common.config import opt
+from minigpt.data.loader import TokenLoader
+from minigpt.data.prepare import check_tokenizer, read_meta
 from minigpt.eval import tasks as tasklib
 from minigpt.eval.scoring import encode_pair, score_pairs
-from minigpt.runs.checkpoint import unwrap
+from minigpt.runs.checkpoint import checkpoints_dir, is_checkpoint, load_run, resolve_checkpoint, unwrap
+from minigpt.runs.log import read_metrics
 from minigpt.runs.parallel import lockstep
 
 REPORT_FORMAT, REPORT_VERSION = "minigpt-eval", 1
@@ -83,9 +87,6 @@ def bits_per_byte(loss: float, tokens: float, text_bytes: float) -> float:
 def shard_metrics(model: torch.nn.Module, tokenizer, shards: str | Path, split: str = "val", batch_size: int = 8,
                   max_batches: int = 0) -> dict[str, float]:
     """Loss, perplexity and bits per byte on one split of a shards folder, in windows of the context length."""
-    from minigpt.data.loader import TokenLoader
-    from minigpt.data.prepare import check_tokenizer
-
     check_tokenizer(shards, tokenizer)
     model = unwrap(model)
     device = next(model.parameters()).device
@@ -160,8 +161,6 @@ def stop_token_ids(tokenizer) -> list[int]:
 def generate_answers(model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int = 32,
                      max_new_tokens: int = 32, bar=None) -> list[str]:
     """Greedy continuations of `prompts` (left-truncated to fit), cut before the first stop string."""
-    from minigpt.chat.engine import Engine, SamplingParams
-
     model = unwrap(model)
     budget = min(max_new_tokens, model.config.block_size // 2)
     keep = model.config.block_size - budget
@@ -343,9 +342,6 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def plot_metrics(report: dict[str, Any], run: Path, out: Path) -> list[Path]:
     """One PNG per metric: its value at each evaluated checkpoint, and as logged during training if it was."""
-    from minigpt.common import atomic_path
-    from minigpt.runs.log import read_metrics
-
     series: dict[str, list[tuple[int, float]]] = {}
     for entry in report["checkpoints"]:
         for key, value in entry["metrics"].items():
@@ -417,8 +413,6 @@ class EvalConfig:
 
 
 def _run_and_checkpoints(cfg: EvalConfig) -> tuple[Path, list[Path]]:
-    from minigpt.runs.checkpoint import checkpoints_dir, is_checkpoint, resolve_checkpoint
-
     if not cfg.run:
         raise UserError("give a run folder or checkpoint folder to evaluate")
     ckpt = resolve_checkpoint(cfg.run, cfg.checkpoint)
@@ -442,8 +436,6 @@ def _default_data(run: Path) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run `cfg`; writes report.json, report.md (and plots) and returns the report."""
-    from minigpt.runs.checkpoint import load_run
-
     device = pick_device(cfg.device)
     run, checkpoints = _run_and_checkpoints(cfg)
     data = cfg.data or _default_data(run)
@@ -455,11 +447,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     for ckpt in checkpoints:
         model, tokenizer, meta = load_run(ckpt, device)
         shards = data
-        if shards and not cfg.data:  # the default data: skipped, not refused, when its tokenizer differs
-            from minigpt.data.prepare import read_meta
-
-            if read_meta(shards)["tokenizer"]["hash"] != tokenizer.hash:
-                shards = ""
+        # the default data: skipped, not refused, when its tokenizer differs
+        if shards and not cfg.data and read_meta(shards)["tokenizer"]["hash"] != tokenizer.hash:
+            shards = ""
         print(f"evaluating {ckpt} (step {meta.get('step', 0)})", flush=True)
         entry = evaluate_model(model, tokenizer, task_list, shards or None, cfg.split, cfg.text, cfg.batch_size,
                                cfg.max_batches, cache)
@@ -479,16 +469,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def add_arguments(parser) -> None:
-    from minigpt.common import config
-
     parser.add_argument("run", help="run folder or checkpoint folder (an imported GPT-2 is a run folder too)")
     parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override it)")
     config.add_arguments(parser, EvalConfig, skip=("run",))
 
 
 def main(args) -> None:
-    from minigpt.common import config
-
     overrides = config.overrides_from_args(args, EvalConfig)
     cfg = config.resolve(EvalConfig, getattr(args, "config", None), {**overrides, "run": args.run})
     evaluate(cfg)

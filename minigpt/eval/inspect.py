@@ -40,7 +40,10 @@ from pathlib import Path
 import torch
 
 from minigpt.common import UserError, atomic_path, pick_device, read_json
+from minigpt.data.loader import TokenLoader
+from minigpt.data.prepare import check_tokenizer
 from minigpt.model.gpt import GPT
+from minigpt.runs.checkpoint import load_run
 
 POSITIONAL = 0.5
 PEAKED = 0.3
@@ -455,8 +458,6 @@ def _sample_windows(args, model: GPT, tokenizer, run_root: Path) -> tuple[list[l
         ids = [tokenizer.eot_id] + tokenizer.encode(Path(args.file).read_text(encoding="utf-8", errors="replace"))
         windows = [ids[i:i + T] for i in range(0, len(ids), T)][: args.samples]
         return [w for w in windows if len(w) >= 3], args.file
-    from minigpt.data.loader import TokenLoader
-    from minigpt.data.prepare import check_tokenizer
 
     config = run_root / "config.json"
     data = Path(read_json(config).get("data", "")) if config.exists() else None
@@ -567,8 +568,6 @@ def _lens(args, model: GPT, tokenizer, run_root: Path) -> None:
 
 
 def main(args) -> None:
-    from minigpt.runs.checkpoint import load_run
-
     args.device = pick_device(args.device)
     model, tokenizer, meta = load_run(args.run, args.device, args.checkpoint)
     run_root = Path(meta["checkpoint"]).parent.parent

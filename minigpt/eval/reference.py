@@ -1,6 +1,5 @@
 """Slow, plainly correct versions of the fast paths, for the tests and benchmarks to hold them to.
 
-    from minigpt.eval import reference
     reference.encode(tokenizer, text) == tokenizer.encode(text)                  # pure-Python BPE vs tiktoken
     reference.generate(model, prompt, params) == Engine(model).generate(...)     # no KV cache vs the engine
     reference.score_pairs(model, pairs) ~= scoring.score_pairs(model, pairs)     # one pair per pass vs batched

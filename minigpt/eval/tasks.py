@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.common import UserError, atomic_path, is_held_out
+from minigpt.data import prepare as shardslib
+from minigpt.text import corpus
 
 VERSION = 1  # bump when a task's cached form or formatting changes: old cache files are then ignored
 SEED = 1234  # the order that subsets and few-shot pools are taken from
@@ -298,8 +300,6 @@ def recall_cloze(text: str) -> dict[str, str] | None:
 
 
 def _recall_docs() -> list[dict[str, Any]]:
-    from minigpt.text import corpus
-
     docs = []
     for i, doc in enumerate(corpus.iter_documents("wiki")):
         cloze = recall_cloze(doc.text)
@@ -316,8 +316,6 @@ def recall_grouping(shards: str | os.PathLike | None) -> tuple[Callable[[dict[st
     - shards from other data: no article was trained on as such, so all are "heldout".
     - no shards known (an imported model): all are reported together as "all".
     """
-    from minigpt.data import prepare as shardslib
-
     if not shards or not (Path(shards) / "meta.json").is_file():
         return (lambda doc: "all"), "training data unknown: all articles reported together"
     meta = shardslib.read_meta(shards)

@@ -28,8 +28,13 @@ from typing import Any
 import torch
 
 from minigpt.common import UserError, _umask, read_json, write_json
+from minigpt.common.config import to_dict
+from minigpt.interop.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.runs.checkpoint import load_run, save_checkpoint
 from minigpt.runs.checksums import CHECKSUMS, CorruptCheckpoint, file_sha256, read_checksums, write_checksums
+from minigpt.text.chat_format import end_of_turn_ids
+from minigpt.train.sft import NOT_FOR_SFT  # settings a fine-tuning run records but does not use
 
 # Weights stored transposed in Hugging Face's Conv1D layers.
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -140,8 +145,6 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, which: str = "late
     """
     from safetensors.torch import save_file
 
-    from minigpt.interop.hf_tokenizer import save_hf_tokenizer
-    from minigpt.runs.checkpoint import load_run
 
     model, tokenizer, meta = load_run(run, "cpu", checkpoint_name(which))
     ckpt = Path(meta["checkpoint"])
@@ -185,8 +188,6 @@ def generation_config(tokenizer) -> dict[str, Any]:
 
     No `max_length`: transformers warns on every call that also passes `max_new_tokens` when one is set.
     """
-    from minigpt.text.chat_format import end_of_turn_ids
-
     stops = end_of_turn_ids(tokenizer)
     return {"bos_token_id": tokenizer.eot_id, "eos_token_id": stops if len(stops) > 1 else stops[0],
             "pad_token_id": tokenizer.eot_id, "do_sample": False}
@@ -276,8 +277,6 @@ def model_card(model: GPT, tokenizer, meta: dict[str, Any], run: Path | None, ti
                       stage, f"Made by the minigpt stage `{stage}`." if stage else "How it was made is unknown."))
     skip: tuple[str, ...] = ()
     if stage == "sft":
-        from minigpt.train.sft import NOT_FOR_SFT  # settings a fine-tuning run records but does not use
-
         skip = NOT_FOR_SFT
     shown = {k: settings[k] for k in CARD_SETTINGS if k not in skip and settings.get(k) not in (None, "", [], 0)}
     shown.update((k, v) for k, v in (settings.get("resolved") or {}).items() if not isinstance(v, dict))  # as run
@@ -318,10 +317,6 @@ def import_hf(source: str | os.PathLike, run: str | os.PathLike) -> Path:
     The run holds tokenizer.json (our format), config.json (where it came from) and checkpoint step 0, so
     `train --init-from`, `sft --base`, `eval`, `chat` and `serve` take it like any run. Weights become float32.
     """
-    from minigpt.common.config import to_dict
-    from minigpt.interop.hf_tokenizer import load_hf_tokenizer
-    from minigpt.runs.checkpoint import save_checkpoint
-
     source, run = Path(source), Path(run)
     if not source.is_dir():
         raise UserError(f"{source} is not a folder: give a local Hugging Face model folder (config.json, "
@@ -442,8 +437,6 @@ def add_import_arguments(parser) -> None:
 
 
 def import_main(args) -> None:
-    from minigpt.runs.checkpoint import load_run
-
     run = import_hf(args.source, args.run)
     model, tokenizer, _ = load_run(run)  # read back what was written, as every later stage will
     print(f"wrote {run}: {model.num_params():,} parameters, tokenizer {tokenizer.name} ({tokenizer.n_vocab} ids, "

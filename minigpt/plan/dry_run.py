@@ -25,9 +25,16 @@ from pathlib import Path
 
 import torch
 
-from minigpt.common import world_size
-from minigpt.common.config import recipe_expectation
+from minigpt.common import pick_device, world_size
+from minigpt.common.config import from_dict, recipe_expectation
+from minigpt.data.prepare import read_meta
+from minigpt.model import estimate
+from minigpt.model.estimate import find_gpu
 from minigpt.model.gpt import GPT, ModelConfig
+from minigpt.model.optim import muon_parameter_names
+from minigpt.runs.checkpoint import read_checkpoint_meta, resolve_checkpoint, run_tokenizer_path
+from minigpt.runs.runtime import loss_chunk_rows, resolve_precision
+from minigpt.text.tokenizer import Tokenizer
 
 TOO_MANY_EPOCHS = 4  # more passes than this over the same tokens: memorising more than learning
 GPT2_VOCAB = 50257
@@ -104,8 +111,6 @@ def cpu_tokens_per_second(model_cfg: ModelConfig, seq_len: int, micro_batch: int
 
 def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tuple[list[str], list[str]]:
     """The lines shared by both stages, and the warnings: length, epochs, checkpoints, memory, time."""
-    from minigpt.model import estimate
-
     gpu = shape.gpu
     if shape.device.type == "cuda" and gpu is None:  # a card here: its own figures
         gpu = estimate.gpu_for_device(torch.cuda.get_device_name(shape.device))
@@ -164,10 +169,6 @@ def run_lines(shape: RunShape, train_tokens: int | None, train_what: str) -> tup
 def target(cfg) -> tuple[torch.device, str, object]:
     """(device, precision, card) a run of settings `cfg` is planned for: this machine's device, or where it has
     no GPU and the settings name one (`--gpu`, a recipe's `gpu`), that card, as a GPU run would resolve them."""
-    from minigpt.common import pick_device
-    from minigpt.model.estimate import find_gpu
-    from minigpt.runs.runtime import resolve_precision
-
     device = pick_device(cfg.device)
     if device.type != "cpu" or cfg.device != "auto" or not cfg.gpu:
         return device, resolve_precision(cfg.precision, device), None
@@ -183,9 +184,6 @@ def target_line(gpu) -> list[str]:
 def train_dry_run(cfg, builds_default_data: bool = False, recipe: str | None = None) -> str:
     """The plan of `minigpt train` with settings `cfg` (a TrainConfig), as text; `builds_default_data`: train
     would build cfg.data from the bundled corpus on first use."""
-    from minigpt.data.prepare import read_meta
-    from minigpt.runs.runtime import loss_chunk_rows
-
     device, precision, gpu = target(cfg)
     world = world_size()
     data = Path(cfg.data)
@@ -222,8 +220,6 @@ def train_dry_run(cfg, builds_default_data: bool = False, recipe: str | None = N
                                             f"updates), momentum {cfg.muon_momentum:g}, weight decay "
                                             f"{cfg.muon_weight_decay:g}" if cfg.optimizer == "muon" else ""))
     if cfg.optimizer == "muon":
-        from minigpt.model.optim import muon_parameter_names
-
         with torch.device("meta"):
             muon_parameter_names(GPT(model), cfg.muon_params)  # a pattern that takes a LayerNorm: one line now
     expected = recipe_expectation(recipe)
@@ -240,11 +236,6 @@ def train_dry_run(cfg, builds_default_data: bool = False, recipe: str | None = N
 def sft_dry_run(cfg, facts: dict) -> str:
     """The plan of `minigpt sft` with settings `cfg` (an SFTConfig) on its data, `facts` (sft.dataset_facts), as
     text."""
-    from minigpt.common.config import from_dict
-    from minigpt.runs.checkpoint import read_checkpoint_meta, resolve_checkpoint, run_tokenizer_path
-    from minigpt.runs.runtime import loss_chunk_rows
-    from minigpt.text.tokenizer import Tokenizer
-
     device, precision, gpu = target(cfg)
     world = world_size()
     ckpt = resolve_checkpoint(cfg.base)

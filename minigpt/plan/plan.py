@@ -24,8 +24,8 @@ import sys
 import textwrap
 from typing import Literal
 
-from minigpt.common import UserError
-from minigpt.common.config import opt
+from minigpt.common import UserError, config
+from minigpt.common.config import load_file, opt
 from minigpt.model.estimate import (
     ANCHOR,
     GPUS,
@@ -318,8 +318,6 @@ def _parallel_reason(best: Candidate, gpus: int) -> str:
 
 def _commands(cfg: PlanConfig, best: Candidate) -> list[str]:
     """`minigpt prepare` and `minigpt train` for the run: the shipped recipe, and a flag wherever the plan differs."""
-    from minigpt.common.config import load_file
-
     name = RECIPES[cfg.optimizer]
     recipe, run, model = load_file(name), best.run, best.model
     more_data = best.epochs > 1 and cfg.dataset_tokens == DATASET_TOKENS
@@ -425,15 +423,11 @@ def muon_sources(p: Plan) -> str:
 
 
 def add_arguments(parser) -> None:
-    from minigpt.common import config
-
     parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override it)")
     config.add_arguments(parser, PlanConfig)
 
 
 def main(args) -> None:
-    from minigpt.common import config
-
     cfg = config.config_from_args(PlanConfig, args)
     result = plan(cfg)
     for warning in result.warnings:

@@ -14,16 +14,17 @@ import time
 
 import torch
 
+from minigpt.common import UserError, print0
+from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
+from minigpt.model.optim import make_optimizer
+from minigpt.train.train import TrainConfig
+
 
 def seconds_per_step(vocab_size: int, n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
                      steps: int = 6, warmup: int = 2, documents_per_row: int = 0, optimizer: str = "adamw") -> float:
     """Median seconds of one training step of this shape and `optimizer` (adamw or muon) on this machine's CPU
     (random tokens, no data); with `documents_per_row`, rows packed with that many conversations, as fine-tuning
     computes them."""
-    from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.model.optim import make_optimizer
-    from minigpt.train.train import TrainConfig
-
     cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
     generator = torch.Generator().manual_seed(0)
     model = GPT(cfg).train()
@@ -76,13 +77,9 @@ def design_for_minutes(cfg):
     TOKENS_PER_PARAMETER tokens per parameter, and the steps that fill the time, from a speed probe per shape."""
     import dataclasses
 
-    from minigpt.common import print0
-    from minigpt.model.gpt import GPT, ModelConfig
 
     budget = cfg.minutes * 60 - FIXED_SECONDS
     if budget <= 60:
-        from minigpt.common import UserError
-
         raise UserError(f"--minutes {cfg.minutes:g} leaves no time to train: give at least 3 minutes")
     pretrain_s, sft_s = PRETRAIN_SHARE * budget, (1 - PRETRAIN_SHARE) * budget
     chosen = None

@@ -31,11 +31,27 @@ from typing import Any, Literal
 
 import torch
 
+from minigpt.chat.engine import SamplingParams
 from minigpt.common import UserError, print0, read_json, write_json
 from minigpt.common import config as configlib
 from minigpt.common.config import opt
+from minigpt.data.loader import TokenLoader
+from minigpt.data.prepare import read_meta
+from minigpt.eval.evaluate import language_model_metrics
 from minigpt.model.gpt import ModelConfig
+from minigpt.quickstart.budget import design_for_minutes
 from minigpt.runs.checkpoint import latest_checkpoint, load_run, read_checkpoint_meta
+from minigpt.text.chat_format import CHAT_DECODING
+from minigpt.train.data import build_data
+from minigpt.train.sft import (
+    SFTConfig,
+    answer_quality,
+    finetune,
+    grow_vocabulary,
+    load_conversations,
+    split_conversations,
+)
+from minigpt.train.train import TrainConfig, train
 
 
 def default_model() -> ModelConfig:
@@ -91,8 +107,6 @@ def _finished(run: Path, steps: int) -> bool:
 
 
 def pretraining_config(cfg: QuickstartConfig, data: Path, run: Path):
-    from minigpt.train.train import TrainConfig
-
     model = dataclasses.replace(cfg.model, vocab_size=cfg.vocab_size)
     return TrainConfig(run_dir=str(run), data=str(data), corpus=["wiki"], vocab_size=cfg.vocab_size, model=model,
                        batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr,
@@ -104,9 +118,6 @@ def pretraining_config(cfg: QuickstartConfig, data: Path, run: Path):
 
 def build_pretraining_data(cfg: QuickstartConfig, data: Path) -> None:
     """The tokenizer and shards of the bundled articles, once (a data folder of another vocabulary is refused)."""
-    from minigpt.data.prepare import read_meta
-    from minigpt.train.data import build_data
-
     if (data / "meta.json").exists():
         built = read_meta(data)["tokenizer"]["n_vocab"]
         if built != cfg.vocab_size:
@@ -117,8 +128,6 @@ def build_pretraining_data(cfg: QuickstartConfig, data: Path) -> None:
 
 
 def pretrain(cfg: QuickstartConfig, data: Path, run: Path) -> None:
-    from minigpt.train.train import train
-
     if _finished(run, cfg.pretrain_steps):
         print0(f"pretraining already done ({cfg.pretrain_steps} steps): skipped")
         return
@@ -127,8 +136,6 @@ def pretrain(cfg: QuickstartConfig, data: Path, run: Path) -> None:
 
 
 def finetune_chat(cfg: QuickstartConfig, base: Path, run: Path) -> None:
-    from minigpt.train.sft import SFTConfig, finetune
-
     if _finished(run, cfg.sft_steps):
         print0(f"fine-tuning already done ({cfg.sft_steps} steps): skipped")
         return
@@ -183,7 +190,6 @@ def sized_for(cfg: QuickstartConfig, root: Path) -> QuickstartConfig:
     saved = root / "design.json"
     if saved.exists():
         return configlib.from_dict(QuickstartConfig, read_json(saved))
-    from minigpt.quickstart.budget import design_for_minutes
 
     sized = design_for_minutes(cfg)
     root.mkdir(parents=True, exist_ok=True)
@@ -197,18 +203,12 @@ def sized_for(cfg: QuickstartConfig, root: Path) -> QuickstartConfig:
 
 def chat_sampling():
     """How `minigpt chat` decodes (chat.CHAT_DECODING), as engine sampling parameters."""
-    from minigpt.chat.engine import SamplingParams
-    from minigpt.text.chat_format import CHAT_DECODING
-
     return SamplingParams(**CHAT_DECODING)
 
 
 @torch.no_grad()
 def held_out_bits_per_byte(model, data: Path, batch_size: int = 16) -> float:
     """Bits per byte on the held-out articles (the validation split): comparable across vocabularies."""
-    from minigpt.data.loader import TokenLoader
-    from minigpt.eval.evaluate import language_model_metrics
-
     loader = TokenLoader(data, "val", batch_size, model.config.block_size, shuffle=False)
     return language_model_metrics(model, loader)["bpb"]
 
@@ -217,8 +217,6 @@ def held_out_bits_per_byte(model, data: Path, batch_size: int = 16) -> float:
 def compare_on_held_out(base: Path, chat: Path, data: Path, n_questions: int, seed: int) -> dict[str, Any]:
     """Both models on the held-out articles (bits per byte) and on held-out questions, prompted the same way (the
     chat format) and decoded as `minigpt chat` decodes; the chatbot also greedily, and on held-out small talk."""
-    from minigpt.train.sft import answer_quality, grow_vocabulary, load_conversations, split_conversations
-
     _, held = split_conversations(load_conversations(["wiki-qa"]), 0.05, seed)
     held = held[:n_questions]
     chat_model, tokenizer, chat_meta = load_run(chat)

@@ -52,10 +52,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minigpt.common import UserError, atomic_path, disk_full, print0, read_json, write_json
+from minigpt.common.config import from_dict, to_dict
 from minigpt.model.gpt import GPT, ModelConfig
 from minigpt.runs.checksums import CHECKSUMS, CorruptCheckpoint, file_sha256
 from minigpt.runs.checksums import read_checksums as _read_checksums
 from minigpt.runs.checksums import write_checksums as _write_checksums
+from minigpt.text.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 SHARDED_VERSION = 2  # model.json of a sharded checkpoint: earlier versions of minigpt cannot read it, and say so
@@ -361,8 +363,6 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def model_config_dict(config: ModelConfig) -> dict[str, Any]:
-    from minigpt.common.config import to_dict
-
     return to_dict(config)
 
 
@@ -495,8 +495,6 @@ def read_checkpoint_meta(ckpt: Path) -> dict[str, Any]:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", which: str = "latest",
                dtype: torch.dtype | None = None) -> tuple[GPT, dict[str, Any]]:
     """Load a checkpoint's model (in eval mode) and its metadata. Never executes code from the files."""
-    from minigpt.common.config import from_dict
-
     ckpt = resolve_checkpoint(path, which)
     meta = read_checkpoint_meta(ckpt)
     config = from_dict(ModelConfig, meta["model"])
@@ -589,8 +587,6 @@ def run_tokenizer_path(run: str | os.PathLike) -> Path:
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu", which: str = "latest",
              dtype: torch.dtype | None = None):
     """Model, tokenizer and metadata of a run or checkpoint, checked against each other."""
-    from minigpt.text.tokenizer import Tokenizer
-
     model, meta = load_model(path, device, which, dtype)
     tokenizer = Tokenizer.load(run_tokenizer_path(Path(meta["checkpoint"])))
     expected = meta.get("tokenizer_hash")

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from minigpt.common import pick_device, print0
+from minigpt.model.estimate import gpu_for_device, precision_for_capability
 from minigpt.model.gpt import logit_chunk_rows
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,8 +77,6 @@ def native_bf16(device: torch.device) -> bool:
     `torch.cuda.is_bf16_supported()` also says yes on a V100 or T4, where bf16 is emulated and several times slower
     than fp16, so it cannot decide this.
     """
-    from minigpt.model.estimate import precision_for_capability
-
     return device.type == "cuda" and precision_for_capability(torch.cuda.get_device_capability(device)) == "bf16"
 
 
@@ -110,8 +109,6 @@ def loss_chunk_rows(setting: str, device: torch.device, vocab_rows: int) -> int:
 
 def peak_flops(device: torch.device) -> float | None:
     """The card's dense bf16 peak (FLOP/s) from estimate.py's table, for MFU; None for a CPU or a card it lacks."""
-    from minigpt.model.estimate import gpu_for_device
-
     if device.type != "cuda":
         return None
     spec = gpu_for_device(torch.cuda.get_device_name(device))

@@ -30,9 +30,11 @@ import sys
 import threading
 import time
 
-from minigpt.common import UserError
+from minigpt.common import UserError, parse_dtype, pick_device
 from minigpt.common import config as configlib
 from minigpt.common.config import opt
+from minigpt.runs.checkpoint import load_run
+from minigpt.serve import api as serve_api
 
 API_KEY_ENV = "MINIGPT_API_KEY"
 
@@ -79,7 +81,6 @@ def _server_modules():
     except ImportError as exc:
         raise UserError(f"serving needs FastAPI and uvicorn ({exc.name} is missing): pip install minigpt[serve]"
                         ) from None
-    from minigpt.serve import api as serve_api
 
     return serve_api, uvicorn
 
@@ -94,8 +95,6 @@ def load_app(cfg: ServeConfig):
     """Load `cfg.model` and build its app. Returns (app, name)."""
     import torch
 
-    from minigpt.common import parse_dtype, pick_device
-    from minigpt.runs.checkpoint import load_run
 
     _server_modules()
     if not cfg.model:

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.common import UserError
-from minigpt.text import sources
+from minigpt.text import hub, sources
+from minigpt.text.hub import HubStream
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
@@ -407,8 +408,6 @@ class DocumentStream:
         if self.source in BUNDLED:
             yield from self._bundled()
         elif self.source.startswith("hf:"):
-            from minigpt.text.hub import HubStream
-
             self._hub = HubStream(self.source, self.text_field, self.skipped, self._cursor, self._retry)
             for text, source_id in self._hub:
                 yield Document(text, source_id)
@@ -467,8 +466,6 @@ def check_source(source: str) -> None:
     if source in BUNDLED:
         _package_dir(source)
     elif source.startswith("hf:"):
-        from minigpt.text import hub
-
         hub.parse(source)
         if importlib.util.find_spec("datasets") is None:
             raise UserError(f"{source} needs the Hugging Face `datasets` package: {hub.INSTALL}")

@@ -33,7 +33,8 @@ import tiktoken
 
 from minigpt.common import UserError, atomic_path, read_json
 from minigpt.common import progress as progress_bar  # `progress` is also Tokenizer.train's flag
-from minigpt.text import _bpe
+from minigpt.text import _bpe, corpus
+from minigpt.text.corpus import Skipped
 
 # The pre-split patterns: GPT-2's (as tiktoken writes it for r50k/gpt2) and GPT-4's cl100k_base.
 PATTERNS = {
@@ -416,8 +417,6 @@ def _documents(sources: Sequence[str], text_field: str, skipped=None) -> Iterato
 
     `skipped` (a corpus.Skipped) counts the empty, binary and non-UTF-8 inputs left out.
     """
-    from minigpt.text import corpus
-
     for source in sources:
         corpus.check_source(source)
     for source in sources:
@@ -503,7 +502,6 @@ def main(args) -> None:
         sources = ([args.corpus] if args.corpus else []) + list(args.inputs)
         if not sources:
             raise UserError("give corpora, files, folders or globs to train on (for example: wiki)")
-        from minigpt.text.corpus import Skipped
 
         _check_out(Path(args.out), args.force)
         compiled = {"auto": None, "c": True, "python": False}[args.engine]

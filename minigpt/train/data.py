@@ -17,8 +17,14 @@ from typing import Any, Protocol
 import torch
 
 from minigpt.common import UserError, print0
+from minigpt.data import prepare as shards
+from minigpt.data.loader import TokenLoader
+from minigpt.data.prepare import shards_tokenizer
+from minigpt.eval.evaluate import language_model_metrics
 from minigpt.model.gpt import GPT
 from minigpt.runs.runtime import Runtime, autocast_context, barrier
+from minigpt.text import corpus
+from minigpt.text.tokenizer import Tokenizer
 
 DEFAULT_DATA = "data/wiki-bpe8k"
 
@@ -47,10 +53,6 @@ class TrainData:
 
 def build_data(cfg) -> None:
     """Train a tokenizer on `cfg.corpus` (unless GPT-2's is asked for) and prepare the shards into `cfg.data`."""
-    from minigpt.data import prepare as shards
-    from minigpt.text import corpus
-    from minigpt.text.tokenizer import Tokenizer
-
     print0(f"{cfg.data} does not exist yet: preparing it from {', '.join(cfg.corpus)}")
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.vocab_size:
@@ -65,10 +67,6 @@ def build_data(cfg) -> None:
 
 
 def pretraining_data(cfg, rt: Runtime, seq_len: int, precision: str) -> TrainData:
-    from minigpt.data.loader import TokenLoader
-    from minigpt.data.prepare import shards_tokenizer
-    from minigpt.eval.evaluate import language_model_metrics
-
     if not (Path(cfg.data) / "meta.json").exists():
         # Only the default folder is built implicitly: a --data of the user's own that holds no shards is a typo or
         # a wrong folder, and building a corpus into it would hide that (and write where nobody asked).

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from minigpt.chat.engine import Engine, SamplingParams
+from minigpt.chat.session import ChatSession
 from minigpt.common import UserError, print0
 from minigpt.common import config as configlib
 from minigpt.common.config import opt
@@ -40,9 +42,25 @@ from minigpt.data.sft_batches import (
     held_out_loss,
     plan_epoch,
 )
-from minigpt.data.sft_data import PreparedSource, PrepareSettings, open_prepared, prepare_source, prepared_folder
+from minigpt.data.sft_data import (
+    PreparedSource,
+    PrepareSettings,
+    default_cache_dir,
+    open_prepared,
+    prepare_source,
+    prepared_folder,
+)
 from minigpt.model.gpt import GPT, logit_chunk_rows
+from minigpt.plan.dry_run import sft_dry_run
+from minigpt.runs.checkpoint import (
+    latest_checkpoint,
+    load_run,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+    run_tokenizer_path,
+)
 from minigpt.runs.runtime import Runtime, autocast_context, barrier, resolve_precision, setup_runtime
+from minigpt.runs.tracking import check_packages, tracker_names
 from minigpt.text.chat_format import render, stop_ids
 from minigpt.text.conversations import (  # noqa: F401  (the names scripts and the quickstart import from here)
     BUNDLED,
@@ -55,6 +73,7 @@ from minigpt.text.conversations import (  # noqa: F401  (the names scripts and t
     split_conversations,
     wiki_qa_conversations,
 )
+from minigpt.text.tokenizer import Tokenizer
 from minigpt.train.data import TrainData
 from minigpt.train.train import TrainConfig, train
 
@@ -117,8 +136,6 @@ def prepare_data(cfg: SFTConfig, tokenizer, rt: Runtime | None = None, quiet: bo
     if rt is not None:
         barrier(rt)
         if rt.local_rank != 0:
-            from minigpt.data.sft_data import default_cache_dir
-
             cache = Path(cfg.sft_cache) if cfg.sft_cache else default_cache_dir()
             prepared = [open_prepared(s, prepared_folder(s, tokenizer, settings, cache)) for s in sources]
     if all(p.empty for p in prepared):
@@ -162,9 +179,6 @@ def dataset_facts(cfg: SFTConfig, quiet: bool = True) -> dict[str, Any]:
     optimizer steps an epoch takes (one process), and the conversations left out because no assistant token falls
     inside the window; the held-out rows and those each evaluation scores.
     """
-    from minigpt.runs.checkpoint import read_checkpoint_meta, resolve_checkpoint, run_tokenizer_path
-    from minigpt.text.tokenizer import Tokenizer
-
     ckpt = resolve_checkpoint(cfg.base)
     window = int(read_checkpoint_meta(ckpt)["model"]["block_size"])
     tokenizer = Tokenizer.load(run_tokenizer_path(ckpt)).with_chat_tokens()
@@ -207,8 +221,6 @@ def fine_tuning_data(cfg: SFTConfig, model: GPT, tokenizer, rt: Runtime) -> Trai
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
 
     def sample(m: GPT) -> str:
-        from minigpt.chat.session import ChatSession
-
         session = ChatSession(m, tokenizer, temperature=0, max_new_tokens=48)
         answer = "".join(session.reply(question))
         m.train()
@@ -257,8 +269,6 @@ def answer_quality(model: GPT, tokenizer, convs: Sequence[Conversation], max_new
     `repetition_rate`: answers with a word 3-gram three or more times (`repeats_itself`), the looping of greedy
     decoding in small models.
     """
-    from minigpt.chat.engine import Engine, SamplingParams
-
     prompts = [render(tokenizer, c.messages[:1], add_generation_prompt=True)[0] for c in convs]
     base = params if params is not None else SamplingParams(temperature=0)
     params = dataclasses.replace(base, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids(tokenizer))
@@ -300,9 +310,6 @@ def grow_vocabulary(model: GPT, vocab_size: int) -> GPT:
 
 
 def finetune(cfg: SFTConfig) -> Path:
-    from minigpt.runs.checkpoint import latest_checkpoint, load_run
-    from minigpt.runs.tracking import check_packages, tracker_names
-
     check_packages(tracker_names(cfg.tracker, cfg.tensorboard))  # before preparing any data, not after
     rt = setup_runtime(cfg.device)
     base_model, tokenizer, _ = load_run(cfg.base, rt.device)
@@ -342,8 +349,6 @@ def main(args) -> None:
         return
     cfg = configlib.config_from_args(SFTConfig, args, stage="sft")
     if args.dry_run:
-        from minigpt.plan.dry_run import sft_dry_run
-
         print(sft_dry_run(cfg, dataset_facts(cfg)), end="")
         return
     try:

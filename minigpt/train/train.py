@@ -31,8 +31,11 @@ from minigpt.chat.session import continue_text
 from minigpt.common import UserError, print0, progress, seed_everything, write_json
 from minigpt.common import config as configlib
 from minigpt.common.config import opt
+from minigpt.eval.evaluate import benchmark_scores
+from minigpt.eval.tasks import check_task_names
 from minigpt.model.gpt import GPT, ModelConfig
 from minigpt.model.optim import apply_schedule, check_optimizer_settings, make_optimizer
+from minigpt.plan.dry_run import train_dry_run
 from minigpt.runs.checkpoint import (
     BackgroundSaver,
     check_new_run_dir,
@@ -247,8 +250,6 @@ class Trainer:
         resume_from = self._resume_point()
         check_packages(tracker_names(cfg.tracker, cfg.tensorboard))  # on every rank, before any work
         if cfg.eval_tasks:
-            from minigpt.eval.tasks import check_task_names
-
             check_task_names(cfg.eval_tasks)
         seed_everything(cfg.seed)  # same initial weights on every rank
         meta: dict[str, Any] = {}
@@ -371,8 +372,6 @@ class Trainer:
         # what rank 0 computes alone needs a whole model (a sharded one computes only with every process)
         alone = gathered_copy(self.raw_model, rt.rank, bool(cfg.eval_tasks or cfg.sample_prompt))
         if cfg.eval_tasks and rt.rank == 0:
-            from minigpt.eval.evaluate import benchmark_scores
-
             # Flat names ("hellaswag/acc_norm"): `minigpt eval` plots them across training from metrics.jsonl.
             with autocast_context(self.precision, rt.device):
                 record.update(benchmark_scores(alone, self.tokenizer, cfg.eval_tasks, cfg.eval_tasks_limit,
@@ -507,8 +506,6 @@ def main(args) -> None:
         return
     cfg = configlib.config_from_args(TrainConfig, args, stage="train")
     if args.dry_run:
-        from minigpt.plan.dry_run import train_dry_run
-
         print(train_dry_run(cfg, cfg.data == DEFAULT_DATA and bool(cfg.corpus), args.config), end="")
         return
     try:
