@@ -35,8 +35,10 @@ import torch
 
 from minigpt.data.prepare import open_shard, read_meta
 from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
+from minigpt.model.optim import learning_rate
 from minigpt.runs.log import read_metrics
-from minigpt.train.train import TrainConfig, build_data, learning_rate, train
+from minigpt.train.data import build_data
+from minigpt.train.train import TrainConfig, train
 
 OURS, SAME, DEFAULTS = "minigpt train", "plain, same tricks", "plain, defaults"
 
