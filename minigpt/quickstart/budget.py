@@ -2,8 +2,8 @@
 
     minigpt quickstart --minutes 30
 
-`seconds_per_step` times the training step `minigpt train` runs (forward, chunked loss, backward, clipping, the
-quickstart's optimizer: Muon with AdamW, or fused AdamW alone) on random tokens for a given shape;
+`seconds_per_step` times `train.train_step` itself, the step `minigpt train` runs (forward, chunked loss, backward,
+clipping, the quickstart's optimizer: Muon with AdamW, or fused AdamW alone), on random tokens for a given shape;
 `design_for_minutes` uses it to choose the model and the steps that fill the budget, following the search in
 docs/quickstart.md.
 """
@@ -17,7 +17,7 @@ import torch
 from minigpt.common import UserError, print0
 from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
 from minigpt.model.optim import make_optimizer
-from minigpt.train.train import TrainConfig
+from minigpt.train.train import TrainConfig, train_step
 
 
 def seconds_per_step(vocab_size: int, n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
@@ -36,14 +36,14 @@ def seconds_per_step(vocab_size: int, n_layer: int, n_head: int, n_embd: int, bl
     if documents_per_row:
         doc_ids = torch.arange(block_size) * documents_per_row // block_size  # (T,): equal spans, 0, 0, ..., 1, ...
         extra["doc_ids"] = doc_ids.expand(batch_size, block_size)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batch = (x, y, extra) if extra else (x, y)
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        loss = model(x, y, reduction="sum", chunk_rows=rows, **extra)[1] / y.numel()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        stepper.step()
-        stepper.zero_grad(set_to_none=True)
+        # the step `minigpt train` takes, itself: forward, chunked loss, backward, clipping, the optimizer
+        train_step(model, [batch], stepper, scaler, precision="fp32", device=torch.device("cpu"), grad_clip=1.0,
+                   chunk_rows=rows)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
