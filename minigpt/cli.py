@@ -1,7 +1,7 @@
 """The `minigpt` command: parses the stage name and hands the rest of the command line to that stage.
 
 Each stage lives in its own module, which provides `add_arguments(parser)` and `main(args) -> int | None` (or,
-for a module serving two stages, `add_NAME_arguments` and `NAME_main`: chat.py's chat and sample, hf.py's
+for a module serving two stages, `add_NAME_arguments` and `NAME_main`: chat.py's chat and sample, interop/hf.py's
 export and import). Modules are
 imported only when their stage runs, so `minigpt --help` is instant and one stage's extra dependencies (FastAPI,
 transformers) never burden another.

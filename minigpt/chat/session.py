@@ -1,6 +1,6 @@
 """`minigpt chat` (talk to a fine-tuned model in the terminal) and `minigpt sample` (continue a prompt with any
 run); both decode through the one generation engine (engine.py) and render conversations in the chat format
-(chat_format.py).
+(text/chat_format.py).
 
     minigpt chat runs/quickstart/chat                       # interactive; /help lists the commands
     minigpt chat runs/quickstart/chat --prompt "What is Paris?"   # one answer, for scripts
@@ -179,7 +179,8 @@ def continue_text(model, tokenizer, prompt: str, max_new_tokens: int, seed: int)
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
                             stop_token_ids=[tokenizer.eot_id])
-    # prepack=False: for one short sample, packing the weights for oneDNN (cpu_inference.py) costs more than it saves
+    # prepack=False: for one short sample, packing the weights for oneDNN (model/cpu_inference.py) costs more
+    # than it saves
     engine = Engine(model, max_batch=1, prepack=False)
     (completion,) = engine.generate([ids[-(model.config.block_size - 1):]], params)
     model.train()

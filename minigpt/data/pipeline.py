@@ -7,7 +7,7 @@
     with encoder("gpt2", tokenizer, dtype, workers) as pool:                 # workers.OrderedPool
         for (train, val, train_bytes, val_bytes), tag in pool.map_tagged(tagged_chunks): ...
 
-Everything here runs in the main process except `_encode_chunk`, which runs in worker processes (see shards.py for
+Everything here runs in the main process except `_encode_chunk`, which runs in worker processes (see prepare.py for
 how the results are written, and docs/data.md for the rule below).
 
 Split rule. A document goes to validation when blake2b(f"{seed}:{source id}") read as a fraction in [0, 1) falls

@@ -5,7 +5,7 @@
     minigpt prepare --sources hf:HuggingFaceFW/fineweb-edu:sample-10BT --out data/edu   # needs minigpt[hub]
     minigpt prepare --list                               # the bundled corpora and their sizes
 
-Data flow (pipeline.py): the main process streams documents (corpus.py, hub.py), decides each one's split, and
+Data flow (pipeline.py): the main process streams documents (text/corpus.py, text/hub.py), decides each one's split, and
 packs them into chunks of about `chunk_chars` characters; a pool of worker processes, each holding its own
 tokenizer, turns chunks into token arrays; the main process writes the results in submission order, so the shards
 are byte-identical whatever the number of workers. At most two chunks per worker are in flight, so memory stays flat

@@ -4,9 +4,9 @@
     train = prepared.split("train"); ids, trained = train.conversation(0)
 
 Data flow (as `minigpt prepare` does for pretraining): the main process streams a source's raw records
-(conversations.py) in chunks of about a megabyte; a pool of workers, each with its own tokenizer, parses them, reads
-their messages, decides each one's split (a hash of its key: common.is_held_out), renders it in the chat format and
-returns token arrays; the main process writes them in submission order, so the result is the same whatever the
+(text/conversations.py) in chunks of about a megabyte; a pool of workers, each with its own tokenizer, parses them,
+reads their messages, decides each one's split (a hash of its key: common.is_held_out), renders it in the chat format
+and returns token arrays; the main process writes them in submission order, so the result is the same whatever the
 number of workers. At most two chunks per worker are in flight, so memory stays flat whatever the source's size.
 
 One folder per source under the cache (`--sft-cache`), named after the source and a hash of everything that decides

@@ -5,7 +5,7 @@
     minigpt inspect surprise runs/tiny --file essay.txt                             # per-token loss, HTML + terminal
     minigpt inspect lens runs/tiny --text "The capital of France is"               # the logit lens
 
-Every text starts with the end-of-text token, as every document does in the training stream (shards.py), so the
+Every text starts with the end-of-text token, as every document does in the training stream (data/prepare.py), so the
 first word is predicted "from a document start". Pictures and pages go to RUN/inspect/ unless --out/--html says.
 
 Attention weights (`capture_attention`) and the residual stream (`residual_stream`) come from forward hooks: the
@@ -22,7 +22,7 @@ Head kinds (`classify_heads`), from each head's attention averaged over a sample
 The table also gives each head's mean distance back (sum over s of w[t, s] (t - s)): local heads have a few tokens,
 heads that average the whole context about t / 2.
 
-The file is inspect_model.py, not inspect.py: running a script inside minigpt/ directly (python minigpt/cli.py)
+The file is inspect.py, not inspect.py: running a script inside minigpt/ directly (python minigpt/cli.py)
 puts this folder first on sys.path, and a file named inspect.py would then replace the standard library's inspect.
 """
 

@@ -5,7 +5,7 @@
     reference.score_pairs(model, pairs) ~= scoring.score_pairs(model, pairs)     # one pair per pass vs batched
 
 Each does the obvious thing the documented way, with no batching, caching or reuse, so that reading it is enough
-to believe it; the fast paths in tokenizer.py, engine.py and scoring.py must give the same answers
+to believe it; the fast paths in text/tokenizer.py, chat/engine.py and scoring.py must give the same answers
 (tests/test_tokenizer.py, test_engine.py, test_evaluate.py; bench/eval_speed.py measures the gap).
 (The idea is tiktoken's `_educational` module: one place for the slow references.)
 """

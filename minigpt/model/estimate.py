@@ -1,6 +1,6 @@
 """What a training run costs, from its settings alone: GPUs, FLOPs, memory per GPU, speed, time, disk, loss.
 
-The arithmetic behind `minigpt plan` (plan.py) and `train --dry-run` (dry_run.py), so the two never disagree:
+The arithmetic behind `minigpt plan` (plan.py) and `train --dry-run` (plan/dry_run.py), so the two never disagree:
     estimate_run(model_config, seq_len=, micro_batch=, grad_accum=, world=, steps=, precision=, gpu=, mfu=,
                  checkpointing=, keep_checkpoints=, loss_chunk_rows=0) -> RunEstimate
     training_memory(...) -> MemoryEstimate          largest_micro_batch(...) -> int | None
@@ -272,7 +272,7 @@ def training_memory(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
 
 
 def sharded_memory(m: MemoryEstimate, cfg: ModelConfig, shards: int, precision: str) -> MemoryEstimate:
-    """One moment `m` of a step of train.py, under FSDP over `shards` GPUs (parallel.py, default resharding).
+    """One moment `m` of a step of train.py, under FSDP over `shards` GPUs (runs/parallel.py, default resharding).
 
     Each GPU keeps 1/N of the fp32 weights, of the optimizer's state and of the gradients that exist at that moment.
     Gathered for computing, in the policy's dtype (bf16/fp16, fp32 with --precision fp32): the root's weights
@@ -421,7 +421,7 @@ class RunEstimate:
     checkpoint_bytes: int  # one checkpoint: model.safetensors + trainer.pt
     checkpoint_disk_bytes: int  # the most on disk at once: the newest kept, the best, the one being written
     expected_loss: float
-    parallel: str = "ddp"  # ddp: every GPU holds the whole training state; fsdp: 1/world of it (parallel.py)
+    parallel: str = "ddp"  # ddp: every GPU holds the whole training state; fsdp: 1/world of it (runs/parallel.py)
     optimizer: str = "adamw"
     newton_schulz_flops: int = 0  # per optimizer step, on every GPU (muon)
     adamw_expected_loss: float = 0.0  # the same tokens with AdamW (equal to expected_loss for adamw)

@@ -3,13 +3,13 @@
     tokens (B, T) -> wte + wpe -> N x [x + attn(ln_1(x)); x + mlp(ln_2(x))] -> ln_f -> tied head -> logits (B, T, V)
 
 Parameter names follow OpenAI's checkpoint (wte, wpe, h.N.attn.c_attn, ln_f, ...), so converting to and from
-Hugging Face `GPT2LMHeadModel` is a name table plus a transpose (see hf.py). Differences from that checkpoint are
+Hugging Face `GPT2LMHeadModel` is a name table plus a transpose (interop/hf.py). Differences from that checkpoint are
 only in storage: our linear layers are `nn.Linear` (weights stored (out, in); OpenAI's Conv1D stores (in, out)),
 and the token embedding has extra rows up to a multiple of 64 so the head's matmul is fast; logits for those rows
 are sliced off, so the padding is never predicted, sampled or trained.
 
-Run `minigpt model --preset gpt2` (model_shape.py) for the parameter count and FLOPs of a shape. Speed-ups for CPU
-inference are applied from outside (cpu_inference.py), inspection through hooks (inspect_model.py).
+Run `minigpt model --preset gpt2` (shape.py) for the parameter count and FLOPs of a shape. Speed-ups for CPU
+inference are applied from outside (cpu_inference.py), inspection through hooks (eval/inspect.py).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class KVCache:
     Storage is preallocated for the whole context window: k, v are (n_layer, rows, n_head, max_len, head_dim).
     A forward pass with a cache appends its new tokens to each row it touches (a slice of rows) at that row's
     current length, so sequences of different lengths decode together without padding. The generation engine
-    (engine.py) owns the cache and decides which rows take part in each step.
+    (chat/engine.py) owns the cache and decides which rows take part in each step.
     """
 
     def __init__(self, config: ModelConfig, rows: int, max_len: int | None = None,

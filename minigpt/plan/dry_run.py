@@ -4,15 +4,15 @@
     minigpt train --config gpt2-124m --dry-run --gpu H100-SXM     # another card
     minigpt sft --config gpt2-124m-sft --base runs/gpt2-124m --dry-run
 
-Prints the resolved settings, the data the run would read (tokens, documents or conversations), tokens per step,
-steps, total tokens, how many epochs of its data that is, checkpoint size, count and disk use, memory per GPU and an
-estimate of the time on the device it sees; warns in plain words when the run would repeat its data more than a
-few times or would not fit. Trains nothing and writes nothing (sft prepares its conversations if they are not
-prepared yet, as the run would). The numbers come from estimate.py's `estimate_run`, so `minigpt plan` and the dry run
-never disagree. On a GPU they are that card's; on a machine without one, the card the settings name (`--gpu`, or the
-recipe's own), as the run would go there: its precision, its loss path, its memory and time; only a run asked for
-on the CPU (`--device cpu`, or no card named) gets the CPU's figures, its time from one timed forward and backward
-pass. Under torchrun with `--parallel fsdp` the memory is per GPU with the state sharded over the processes.
+Prints the resolved settings, the data the run would read (tokens, documents or conversations), tokens per step, steps,
+total tokens, how many epochs of its data that is, checkpoint size, count and disk use, memory per GPU and an estimate
+of the time on the device it sees; warns in plain words when the run would repeat its data more than a few times or
+would not fit. Trains nothing and writes nothing (sft prepares its conversations if they are not prepared yet, as the
+run would). The numbers come from model/estimate.py's `estimate_run`, so `minigpt plan` and the dry run never disagree.
+On a GPU they are that card's; on a machine without one, the card the settings name (`--gpu`, or the recipe's own), as
+the run would go there: its precision, its loss path, its memory and time; only a run asked for on the CPU (`--device
+cpu`, or no card named) gets the CPU's figures, its time from one timed forward and backward pass. Under torchrun with
+`--parallel fsdp` the memory is per GPU with the state sharded over the processes.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ FSDP (each holds 1/N of it), precision, hours, dollars, checkpoint disk use and 
 validation loss a published scaling law expects; then it prints the `minigpt prepare` and `minigpt train`
 commands of the recommended run. docs/plan.md derives and sources every number.
 
-The estimates themselves are estimate.py's, shared with `train --dry-run`.
+The estimates themselves are model/estimate.py's, shared with `train --dry-run`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     precision = resolve_precision("auto", rt.device)    # bf16 / fp16 with loss scaling / fp32, by the hardware
     with autocast_context(precision, rt.device): ...
 
-Shared by the training loop (train.py), fine-tuning (sft.py) and the dry run (dry_run.py).
+Shared by the training loop (train.py), fine-tuning (train/sft.py) and the dry run (plan/dry_run.py).
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def loss_chunk_rows(setting: str, device: torch.device, vocab_rows: int) -> int:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """The card's dense bf16 peak (FLOP/s) from estimate.py's table, for MFU; None for a CPU or a card it lacks."""
+    """The card's dense bf16 peak (FLOP/s) from model/estimate.py's table, for MFU; None for a CPU or a card it
+    lacks."""
     if device.type != "cuda":
         return None
     spec = gpu_for_device(torch.cuda.get_device_name(device))

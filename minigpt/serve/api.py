@@ -1,6 +1,6 @@
 """The HTTP layer of `minigpt serve`: OpenAI-shaped requests in, engine jobs out, answers and SSE streams back.
 
-Built by `build_app` (serve.py calls it; the pieces without FastAPI are in serve_protocol.py). Request bodies
+Built by `build_app` (serve.py calls it; the pieces without FastAPI are in protocol.py). Request bodies
 are pydantic models that accept unknown fields and explicit nulls, as OpenAI's API does; every error, our own or
 FastAPI's, leaves in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad
 input. Requests become engine jobs through serve_jobs.Server; a client that goes away has its job cancelled: a

@@ -1,5 +1,5 @@
 """Between the HTTP layer and the engine: a `Server` turns OpenAI-shaped requests into scheduler jobs and hands
-their tokens back to the request coroutines; serve_api.py builds the endpoints on it.
+their tokens back to the request coroutines; api.py builds the endpoints on it.
 
 Generation runs on the scheduler's engine thread (scheduler.py); each request coroutine receives its tokens
 through an asyncio queue (`Channel`) that the engine thread fills with `call_soon_threadsafe`. A client that goes

@@ -1,6 +1,6 @@
 """The serving loop: one thread owns the generation engine and feeds it requests between decode steps.
 
-`minigpt serve` (serve_api.py) turns each HTTP request into a `Job`: one or more `Choice`s (a prompt, sampling
+`minigpt serve` (api.py) turns each HTTP request into a `Job`: one or more `Choice`s (a prompt, sampling
 parameters, stop strings) and a `deliver` callback. The engine thread repeats one iteration for as long as there is
 work:
 
@@ -16,7 +16,7 @@ Jobs wait in a bounded queue: `submit` raises `QueueFull` when `max_queue` jobs 
 will take (HTTP 429).
 
 `deliver(items)` is called on the engine thread with a list of `Update`, `PromptScores`, a final `Done`, or an
-exception; it must only hand the items over (serve_api.py puts them on an asyncio queue with call_soon_threadsafe).
+exception; it must only hand the items over (api.py puts them on an asyncio queue with call_soon_threadsafe).
 """
 
 from __future__ import annotations

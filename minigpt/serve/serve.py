@@ -9,9 +9,9 @@ Endpoints: /v1/chat/completions, /v1/completions (both streamed or not), /v1/mod
 (serve -> serve_api -> serve_protocol):
 
     serve.py           settings, the command line, building and running the server
-    serve_protocol.py  what needs no web framework: OpenAI-shaped errors, the gate (API key, body size limit,
+    protocol.py  what needs no web framework: OpenAI-shaped errors, the gate (API key, body size limit,
                        request counts) as plain ASGI, Prometheus metrics, the page's Content-Security-Policy
-    serve_api.py       the endpoints (FastAPI + pydantic): requests -> engine jobs -> JSON answers and SSE streams
+    api.py       the endpoints (FastAPI + pydantic): requests -> engine jobs -> JSON answers and SSE streams
     scheduler.py       the engine thread: continuous batching, stop strings, time limits, cancellation
 
 docs/serving.md has the design, the parameters and measured load numbers. FastAPI and uvicorn are an optional

@@ -520,7 +520,7 @@ def source_size(source: str) -> int | None:
 def load_conversations(sources: Sequence[str], fields: FieldMap | None = None,
                        skipped: Counter | None = None) -> list[Conversation]:
     """Every usable conversation of `sources` in memory (weights ignored): for small sets, scripts and tests.
-    Training streams instead (sft_data.py)."""
+    Training streams instead (data/sft_data.py)."""
     fields = fields or FieldMap()
     skipped = Counter() if skipped is None else skipped
     out: list[Conversation] = []

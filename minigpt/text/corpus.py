@@ -8,7 +8,7 @@
 Everything streams: one document (or one bounded batch of Parquet rows) is in memory at a time, never a whole
 corpus, whatever the file's layout. And everything resumes: `DocumentStream(source, start=position)` continues after
 the document at which `position()` was taken, without reading the finished files of a folder again (see
-`minigpt prepare`'s journal in workdir.py).
+`minigpt prepare`'s journal in data/workdir.py).
 
 Rules for what is kept, so `minigpt prepare` can count what it left out (meta.json's "skipped"):
 - A .txt or .md file is one document. Files larger than `PIECE_BYTES` are read in pieces cut after blank lines

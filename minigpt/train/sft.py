@@ -4,9 +4,9 @@
     minigpt sft --base runs/gpt2 --datasets my_chats.jsonl alpaca.json*2         # your own, one repeated
     minigpt sft --config gpt2-124m-sft                                           # SmolTalk for GPT-2 124M
 
-Three modules do the work: conversations.py reads sources (files, folders, hub datasets, bundled sets) and turns
-records of the common shapes into messages; sft_data.py tokenizes each source once, in parallel, onto disk (a
-cache reused by later runs); sft_batches.py packs the conversations into rows for the loop in train.py. The loss
+Three modules do the work: text/conversations.py reads sources (files, folders, hub datasets, bundled sets) and turns
+records of the common shapes into messages; data/sft_data.py tokenizes each source once, in parallel, onto disk (a
+cache reused by later runs); data/sft_batches.py packs the conversations into rows for the loop in train.py. The loss
 counts the assistant's tokens and their <|end|> only, and the loop divides it by the number of those in the whole
 step, so a conversation weighs by its assistant tokens. A deterministic share of conversations (a hash of each
 one's key) is held out; each evaluation scores the same `--eval-batches` batches of them.

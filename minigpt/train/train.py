@@ -8,7 +8,7 @@
 One optimizer step:
     for each of `grad_accum` micro-batches (B, T):   loss_sum += CE(model(x), y)   (autocast in bf16/fp16)
     loss = loss_sum / (targets counted over the whole step and every rank); backward (all-reduce once, at the last)
-    clip the gradient norm; optimizer step (AdamW, or Muon + AdamW: optim.py) at the schedule's lr; zero grads
+    clip the gradient norm; optimizer step (AdamW, or Muon + AdamW: model/optim.py) at the schedule's lr; zero grads
 
 Normalising by the targets of the whole step makes accumulation and data parallelism exact: 2 ranks x B rows
 give the same update as 1 rank x 2B rows, and masked targets (-100, in fine-tuning) never count.
@@ -111,7 +111,7 @@ class TrainConfig:
                        "card itself)")
     parallel: Literal["ddp", "fsdp"] = opt("ddp", "how torchrun's processes share the model: ddp, each holds all of "
                                                   "it, its gradients and AdamW state; fsdp, each holds 1/N of them "
-                                                  "(parallel.py; sharded checkpoints)")
+                                                  "(runs/parallel.py; sharded checkpoints)")
     fsdp_reshard: bool = opt(True, "fsdp: gather each block's weights for its forward and again for its backward "
                                    "pass (least memory); off: keep them, and the step's gradients, until its end")
     chunked_loss: Literal["auto", "on", "off"] = opt("auto", "compute head and loss in chunks without holding all "
