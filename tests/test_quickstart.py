@@ -78,11 +78,9 @@ def test_pretraining_runs_the_designs_optimizer_and_schedule(tmp_path):
 
 
 def test_the_speed_probe_times_the_designs_optimizer(monkeypatch):
-    import minigpt.model.optim
-
     built = []
-    make = minigpt.model.optim.make_optimizer
-    monkeypatch.setattr(minigpt.model.optim, "make_optimizer", lambda model, cfg, device: (
+    make = quickstart_budget.make_optimizer
+    monkeypatch.setattr(quickstart_budget, "make_optimizer", lambda model, cfg, device: (
         built.append(cfg.optimizer), make(model, cfg, device))[1])
     quickstart_budget.seconds_per_step(512, 1, 2, 32, 64, 2, steps=1, warmup=0, optimizer="muon")
     assert built == ["muon"]  # a real step of Muon with AdamW was timed, not AdamW's

@@ -36,6 +36,7 @@ from minigpt.model.estimate import (
     RunEstimate,
     compute_optimal_params,
     default_mfu,
+    effective_tokens,
     estimate_run,
     expected_loss,
     find_gpu,
@@ -262,7 +263,11 @@ def _candidate(cfg: PlanConfig, model: ModelConfig, gpu: GPUSpec, precision: str
         steps = math.ceil(cfg.tokens / cfg.batch_tokens)
     if steps >= 1:
         run = candidate.run = estimate_run(model, steps=steps, **settings)
-        run.expected_loss = expected_loss(run.params, run.total_tokens, cfg.dataset_tokens, cfg.vocab_size)
+        # repeated data counts for less (effective tokens); Muon's tokens count for more (its factor)
+        seen = effective_tokens(run.total_tokens, cfg.dataset_tokens)
+        factor = token_efficiency()[0] if cfg.optimizer == "muon" else 1.0
+        run.adamw_expected_loss = expected_loss(run.params, seen, vocab_size=cfg.vocab_size)
+        run.expected_loss = expected_loss(run.params, seen * factor, vocab_size=cfg.vocab_size)
         candidate.tokens_per_param = run.total_tokens / run.params
         candidate.epochs = run.total_tokens / cfg.dataset_tokens
         candidate.hours = hours or run.hours / (1 - cfg.overhead)

@@ -34,7 +34,6 @@ from minigpt.common import UserError, parse_dtype, pick_device
 from minigpt.common import config as configlib
 from minigpt.common.config import opt
 from minigpt.runs.checkpoint import load_run
-from minigpt.serve import api as serve_api
 
 API_KEY_ENV = "MINIGPT_API_KEY"
 
@@ -81,6 +80,7 @@ def _server_modules():
     except ImportError as exc:
         raise UserError(f"serving needs FastAPI and uvicorn ({exc.name} is missing): pip install minigpt[serve]"
                         ) from None
+    from minigpt.serve import api as serve_api  # (FastAPI and pydantic: imported when a server starts, not before)
 
     return serve_api, uvicorn
 
