@@ -158,27 +158,16 @@ def relative_cost(size: str, threads: int, rounds: int = 7, steps: int = 3) -> d
     rounds' ratios, so that a machine whose speed drifts over minutes gives the same ratio."""
     import torch
 
-    from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.model.optim import make_optimizer
-    from minigpt.train.train import TrainConfig
+    from minigpt.model.gpt import ModelConfig
+    from minigpt.quickstart.budget import training_step
 
     torch.set_num_threads(threads)
     cfg = ModelConfig(**SIZES[size], block_size=COMMON["block_size"], vocab_size=COMMON["vocab_size"])
     steppers, seconds = {}, {}
     for optimizer_name in ("adamw", "muon"):
         torch.manual_seed(0)
-        model = GPT(cfg).train()
-        optimizer = make_optimizer(model, TrainConfig(optimizer=optimizer_name), torch.device("cpu"))
-        rows = logit_chunk_rows(torch.device("cpu"), cfg.padded_vocab_size)
-        x = torch.randint(0, cfg.vocab_size, (COMMON["batch_size"], cfg.block_size))
-
-        def step(model=model, optimizer=optimizer, rows=rows, x=x) -> None:
-            (model(x, x, reduction="sum", chunk_rows=rows)[1] / x.numel()).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()
+        step = training_step(cfg, COMMON["batch_size"], optimizer_name)
+        step()  # warm-up
         steppers[optimizer_name], seconds[optimizer_name] = step, []
     ratios = []
     for _ in range(rounds):

@@ -168,11 +168,9 @@ SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_
 def relative_costs(names: list[str], rounds: int = 7) -> dict[str, float]:
     """Each design's time per step over T0's, timed in turns (a few steps of every design per round, the median
     ratio over rounds): this VM's speed drifts by 2-5x over minutes, which a ratio taken within a round cancels."""
-    import torch
 
-    from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
-    from minigpt.model.optim import make_optimizer
-    from minigpt.train.train import TrainConfig
+    from minigpt.model.gpt import ModelConfig
+    from minigpt.quickstart.budget import training_step
 
     shape = lambda name: tuple(DESIGNS[name][k] for k in SHAPE_KEYS)  # noqa: E731 - designs of one shape, one cost
     by_shape = {shape(name): name for name in reversed(["T0", *names])}
@@ -180,18 +178,8 @@ def relative_costs(names: list[str], rounds: int = 7) -> dict[str, float]:
     for name in by_shape.values():
         d = DESIGNS[name]
         cfg = ModelConfig(**{k: d[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")})
-        model = GPT(cfg).train()
-        optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
-        rows = logit_chunk_rows(torch.device("cpu"), cfg.padded_vocab_size)
-        x = torch.randint(0, cfg.vocab_size, (d["batch_size"], cfg.block_size))
-
-        def step(model=model, optimizer=optimizer, rows=rows, x=x) -> None:
-            (model(x, x, reduction="sum", chunk_rows=rows)[1] / x.numel()).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()
+        step = training_step(cfg, d["batch_size"])
+        step()  # warm-up
         steppers[name] = step
     ratios: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(rounds):

@@ -11,6 +11,7 @@ docs/quickstart.md.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -20,30 +21,41 @@ from minigpt.model.optim import make_optimizer
 from minigpt.train.train import TrainConfig, train_step
 
 
-def seconds_per_step(vocab_size: int, n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
-                     steps: int = 6, warmup: int = 2, documents_per_row: int = 0, optimizer: str = "adamw") -> float:
-    """Median seconds of one training step of this shape and `optimizer` (adamw or muon) on this machine's CPU
-    (random tokens, no data); with `documents_per_row`, rows packed with that many conversations, as fine-tuning
-    computes them."""
-    cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
+def training_step(cfg: ModelConfig, batch_size: int, optimizer: str = "adamw",
+                  documents_per_row: int = 0) -> Callable[[], None]:
+    """One training step of a fresh model of shape `cfg` with `optimizer` (adamw or muon) on random tokens, as a
+    function to call and time: `train.train_step` itself, the step `minigpt train` takes (forward, chunked loss,
+    backward, clipping, the optimizer). With `documents_per_row`, rows packed with that many conversations, as
+    fine-tuning computes them."""
     generator = torch.Generator().manual_seed(0)
     model = GPT(cfg).train()
     stepper = make_optimizer(model, TrainConfig(optimizer=optimizer), torch.device("cpu"))
     rows = logit_chunk_rows(torch.device("cpu"), cfg.padded_vocab_size)
-    x = torch.randint(0, vocab_size, (batch_size, block_size), generator=generator)
-    y = torch.randint(0, vocab_size, (batch_size, block_size), generator=generator)
-    extra = {}
+    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), generator=generator)
+    y = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), generator=generator)
+    batch: tuple = (x, y)
     if documents_per_row:
-        doc_ids = torch.arange(block_size) * documents_per_row // block_size  # (T,): equal spans, 0, 0, ..., 1, ...
-        extra["doc_ids"] = doc_ids.expand(batch_size, block_size)
+        doc_ids = torch.arange(cfg.block_size) * documents_per_row // cfg.block_size  # (T,): equal spans, 0, 0, ...
+        batch = (x, y, {"doc_ids": doc_ids.expand(batch_size, cfg.block_size)})
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    batch = (x, y, extra) if extra else (x, y)
+
+    def step() -> None:
+        train_step(model, [batch], stepper, scaler, precision="fp32", device=torch.device("cpu"), grad_clip=1.0,
+                   chunk_rows=rows)
+
+    return step
+
+
+def seconds_per_step(vocab_size: int, n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
+                     steps: int = 6, warmup: int = 2, documents_per_row: int = 0, optimizer: str = "adamw") -> float:
+    """Median seconds of one `training_step` of this shape and `optimizer` on this machine's CPU (random tokens,
+    no data)."""
+    cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
+    step = training_step(cfg, batch_size, optimizer, documents_per_row)
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        # the step `minigpt train` takes, itself: forward, chunked loss, backward, clipping, the optimizer
-        train_step(model, [batch], stepper, scaler, precision="fp32", device=torch.device("cpu"), grad_clip=1.0,
-                   chunk_rows=rows)
+        step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
