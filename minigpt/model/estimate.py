@@ -430,14 +430,15 @@ class RunEstimate:
 def estimate_run(model: ModelConfig, *, seq_len: int, micro_batch: int, grad_accum: int, world: int, steps: int,
                  precision: str, gpu: GPUSpec | None, mfu: float | None, checkpointing: bool,
                  keep_checkpoints: int, loss_chunk_rows: int = 0, parallel: str = "ddp",
-                 optimizer: str = "adamw") -> RunEstimate:
+                 optimizer: str = "adamw", unique_tokens: float | None = None) -> RunEstimate:
     """Everything that follows from a run's settings: size, FLOPs, memory per GPU, speed, time, disk, loss.
 
     Without a GPU (gpu=None) there is no fit, speed or time; mfu=None takes the card's default (default_mfu).
     Tokens/s = MFU x peak x GPUs / (FLOPs per token + recomputation): checkpointing costs time at the same
     utilisation (FSDP's gathers are assumed hidden behind compute, as they are within a node). Muon adds its
     Newton-Schulz FLOPs to every GPU's step at the same utilisation, and its loss is AdamW's with the tokens
-    multiplied by `token_efficiency()`. Checkpoints hold the fp32 weights and the optimizer's state: 12 bytes per
+    multiplied by `token_efficiency()`; tokens past `unique_tokens` of data are repeats and count for less (both
+    losses). Checkpoints hold the fp32 weights and the optimizer's state: 12 bytes per
     stored parameter with AdamW, 8 for Muon's matrices (under FSDP 1/world of them per GPU).
     """
     if seq_len > model.block_size:
@@ -460,11 +461,12 @@ def estimate_run(model: ModelConfig, *, seq_len: int, micro_batch: int, grad_acc
     # (plus a few KB: steps, scaler, RNG states, data position, headers)
     checkpoint = 4 * stored_params(model) + optimizer_bytes(model, optimizer)
     tokens, factor = steps * tokens_per_step, token_efficiency()[0] if optimizer == "muon" else 1.0
+    seen = effective_tokens(tokens, unique_tokens)  # repeats of `unique_tokens` of data count for less
     return RunEstimate(num_params(model), fpt, extra, seq_len, micro_batch, grad_accum, world, tokens_per_step,
                        steps, tokens, precision, checkpointing, memory, usable, fits, tokens_per_s,
                        hours, mfu, source, checkpoint, (keep_checkpoints + 2) * checkpoint,
-                       expected_loss(num_params(model), tokens * factor, vocab_size=model.vocab_size), parallel,
-                       optimizer, ns, expected_loss(num_params(model), tokens, vocab_size=model.vocab_size))
+                       expected_loss(num_params(model), seen * factor, vocab_size=model.vocab_size), parallel,
+                       optimizer, ns, expected_loss(num_params(model), seen, vocab_size=model.vocab_size))
 
 
 def largest_micro_batch(model: ModelConfig, *, seq_len: int, tokens_per_step: int, world: int, precision: str,

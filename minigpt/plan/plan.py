@@ -36,9 +36,7 @@ from minigpt.model.estimate import (
     RunEstimate,
     compute_optimal_params,
     default_mfu,
-    effective_tokens,
     estimate_run,
-    expected_loss,
     find_gpu,
     largest_micro_batch,
     learning_rate_for,
@@ -256,18 +254,14 @@ def _candidate(cfg: PlanConfig, model: ModelConfig, gpu: GPUSpec, precision: str
     micro = plain or ckpt
     settings = dict(seq_len=seq, micro_batch=micro, grad_accum=cfg.batch_tokens // (seq * cfg.gpus * micro),
                     world=cfg.gpus, precision=precision, gpu=gpu, mfu=cfg.mfu or None, checkpointing=not plain,
-                    keep_checkpoints=cfg.keep_last, parallel=parallel, optimizer=cfg.optimizer)
+                    keep_checkpoints=cfg.keep_last, parallel=parallel, optimizer=cfg.optimizer,
+                    unique_tokens=cfg.dataset_tokens)
     if hours:  # as many whole steps as the time buys
         steps = int(train_s * estimate_run(model, steps=1, **settings).tokens_per_s // cfg.batch_tokens)
     else:
         steps = math.ceil(cfg.tokens / cfg.batch_tokens)
     if steps >= 1:
         run = candidate.run = estimate_run(model, steps=steps, **settings)
-        # repeated data counts for less (effective tokens); Muon's tokens count for more (its factor)
-        seen = effective_tokens(run.total_tokens, cfg.dataset_tokens)
-        factor = token_efficiency()[0] if cfg.optimizer == "muon" else 1.0
-        run.adamw_expected_loss = expected_loss(run.params, seen, vocab_size=cfg.vocab_size)
-        run.expected_loss = expected_loss(run.params, seen * factor, vocab_size=cfg.vocab_size)
         candidate.tokens_per_param = run.total_tokens / run.params
         candidate.epochs = run.total_tokens / cfg.dataset_tokens
         candidate.hours = hours or run.hours / (1 - cfg.overhead)
