@@ -97,8 +97,10 @@ def test_a_stopped_and_resumed_run_logs_one_history_to_wandb_and_tensorboard(tmp
     proc.wait(timeout=60)
     checkpoint = int(latest_checkpoint(run).name.split("_")[1])
     assert last_logged_step(run) > checkpoint  # steps past the checkpoint were logged: the resume logs them again
+    # what the stopped process left in W&B's files: a killed one's last buffered rows may or may not have been written
+    held = max((row["_step"] for row in wandb_history(run / "wandb", read_state(run)["wandb"]["id"])), default=0)
     if sig == signal.SIGINT:
-        assert max(row["_step"] for row in wandb_history(run / "wandb", read_state(run)["wandb"]["id"])) > checkpoint
+        assert held > checkpoint
 
     resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -119,9 +121,10 @@ def test_a_stopped_and_resumed_run_logs_one_history_to_wandb_and_tensorboard(tmp
     files = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))[-1] / "files"
     table = json.loads((files / last["samples/path"]).read_text())
     assert table["data"] == [[r["step"], r["sample"]] for r in read_metrics(uninterrupted) if "sample" in r]
-    # the loss plot at each evaluation (a killed process's lost stretch is given again as numbers, not pictures)
+    # the loss plot at each evaluation, except one in a killed process's lost stretch (the steps after the last one
+    # W&B's files held and up to the checkpoint), which the resumed run gives again as numbers, not pictures
     plots = [row["_step"] for row in rows if "loss_plot/path" in row]
-    assert plots == ([20, 24] if sig == signal.SIGKILL else [10, 20, 24])
+    assert plots == [step for step in (10, 20, 24) if step <= held or step > checkpoint]
 
     # TensorBoard, read by its own reader: each scalar's steps and values are the uninterrupted run's (float32)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
