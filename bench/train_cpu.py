@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minigpt.data.build import build_shards
 from minigpt.data.prepare import open_shard, read_meta
 from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
 from minigpt.model.optim import learning_rate
 from minigpt.runs.log import read_metrics
-from minigpt.train.data import build_data
 from minigpt.train.train import TrainConfig, train
 
 OURS, SAME, DEFAULTS = "minigpt train", "plain, same tricks", "plain, defaults"
@@ -101,7 +101,7 @@ def main() -> None:
     data = Path(args.data)
     cfg = TrainConfig(data=str(data), device="cpu", batch_size=args.batch_size)
     if not (data / "meta.json").exists():
-        build_data(cfg)
+        build_shards(data, cfg.corpus, cfg.vocab_size)
     loops = [OURS, SAME] + ([] if args.no_defaults else [DEFAULTS])
     results: dict[str, list[float]] = {name: [] for name in loops}
     load_before = os.getloadavg()[0]

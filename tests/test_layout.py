@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "minigpt"
 MAX_LINES = 600
 
-# Lowest first; packages on one floor do not import each other. cli.py and __main__.py stand on top of them all.
+# Lowest first; packages on one floor do not import each other. cli/ (the commands) stands on top of the library,
+# and __main__.py on top of everything.
 FLOORS = [
     ["common"],
     ["text", "model"],
@@ -26,13 +27,14 @@ FLOORS = [
     ["train"],
     ["serve", "interop"],
     ["quickstart"],
+    ["cli"],
 ]
 FLOOR = {package: level for level, packages in enumerate(FLOORS) for package in packages}
 TOP = len(FLOORS)
 
 
 def module_name(path: Path) -> str:
-    """minigpt/text/corpus.py -> text.corpus; minigpt/common/__init__.py -> common; minigpt/cli.py -> cli."""
+    """minigpt/text/corpus.py -> text.corpus; minigpt/common/__init__.py -> common; minigpt/__main__.py -> __main__."""
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -117,9 +119,27 @@ def test_imports_run_down_the_floors():
 def test_the_checks_would_catch_a_mistake():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert floor_of("data.prepare") > floor_of("text.corpus") and floor_of("cli") == TOP
+    assert floor_of("data.prepare") > floor_of("text.corpus") and floor_of("cli.train") == TOP - 1
+    assert floor_of("__main__") == TOP
 
 
 def test_every_module_reads_in_one_sitting():
     long = {name: n for name, p in modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_each_command_is_the_cli_module_of_its_name_and_only_there():
+    """`minigpt STAGE` is minigpt/cli/STAGE.py (import_.py for `import`); no library module parses a command line
+    (common/config.py turns settings into flags for the commands, and parses none)."""
+    from minigpt.cli import STAGES
+
+    for stage, _ in STAGES:
+        tree = ast.parse((PACKAGE / "cli" / f"{stage}{'_' * (stage == 'import')}.py").read_text())
+        defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        assert {"add_arguments", "main"} <= defined, stage
+    library = {name: path for name, path in modules().items() if package_of(name) not in ("cli", "__main__")}
+    for name, path in library.items():
+        tree = ast.parse(path.read_text())
+        entry = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)} & {"main", "add_arguments"}
+        assert not entry - ({"add_arguments"} if name == "common.config" else set()), f"{name} defines {entry}"
+        assert "parse_args(" not in path.read_text(), f"{name} parses a command line"

@@ -208,8 +208,10 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(chunk):
     assert b.item() == pytest.approx(a.item(), rel=1e-5)
     (2.5 * a).backward()
     (2.5 * b).backward()
+    # float32 sums in another order: elements near zero differ by the rounding of the tensor's large ones, so the
+    # absolute tolerance scales with the gradient (a wrong chunk or scale differs by the gradient's own size)
     for (name, p), q in zip(plain.named_parameters(), chunked.parameters(), strict=True):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=2e-6 * p.grad.abs().max().item(), msg=name)
     assert torch.all(chunked.wte.weight.grad[200:] == 0)
     with torch.no_grad():
         _, mean_plain = plain(idx, targets)

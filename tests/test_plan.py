@@ -335,7 +335,7 @@ def test_train_command_parses_to_the_planned_run():
     assert command.startswith("minigpt train --config gpt2-124m ")
     import argparse
 
-    from minigpt.train import train
+    from minigpt.cli import train
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)

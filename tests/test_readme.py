@@ -15,7 +15,7 @@ def test_readme_stage_list_is_the_cli_s():
     block = readme[readme.index("minigpt --help\n"):]
     block = block[: block.index("```")]
     listed = re.findall(r"^  (\S+)\s+(.+)$", block, flags=re.M)
-    assert listed == [(name, help_) for name, _, help_ in STAGES]
+    assert listed == [(name, help_) for name, help_ in STAGES]
 
 
 def test_every_module_the_readme_links_exists():

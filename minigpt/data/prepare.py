@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from minigpt.common import UserError, config, disk_full, progress, read_json, write_json
+from minigpt.common import UserError, disk_full, progress, read_json, write_json
 from minigpt.common.config import opt
 from minigpt.data import pipeline
 from minigpt.data.workdir import JOURNAL, WorkDir, check_out, say
@@ -559,20 +559,3 @@ def _meta(cfg: PrepareConfig, tokenizer, dtype: np.dtype, counts: dict[str, _Cou
                            "shards": shards[split]} for split in SPLITS},
         "skipped": dataclasses.asdict(skipped),
     }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML/YAML/JSON file with prepare settings")
-    parser.add_argument("--list", action="store_true", help="list the bundled corpora with their sizes and exit")
-    config.add_arguments(parser, PrepareConfig)
-
-
-def main(args) -> None:
-    if args.list:
-        print("\n".join(corpus.describe_bundled()))
-        return
-    prepare(config.config_from_args(PrepareConfig, args))

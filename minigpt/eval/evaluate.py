@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from minigpt.chat.engine import Engine, SamplingParams
-from minigpt.common import UserError, atomic_path, config, pick_device, progress, read_json, write_json
+from minigpt.common import UserError, atomic_path, pick_device, progress, read_json, write_json
 from minigpt.common.config import opt
 from minigpt.data.loader import TokenLoader
 from minigpt.data.prepare import check_tokenizer, read_meta
@@ -383,7 +383,7 @@ def plot_metrics(report: dict[str, Any], run: Path, out: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line: `minigpt eval`
+# The stage: `minigpt eval`'s settings, and a run scored into its report
 
 
 @dataclasses.dataclass
@@ -466,15 +466,3 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     print(markdown + f"\nwrote {out / 'report.json'}, {out / 'report.md'}"
           + (f" and {len(plots)} plots in {out / 'plots'}" if plots else ""))
     return report
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("run", help="run folder or checkpoint folder (an imported GPT-2 is a run folder too)")
-    parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override it)")
-    config.add_arguments(parser, EvalConfig, skip=("run",))
-
-
-def main(args) -> None:
-    overrides = config.overrides_from_args(args, EvalConfig)
-    cfg = config.resolve(EvalConfig, getattr(args, "config", None), {**overrides, "run": args.run})
-    evaluate(cfg)

@@ -18,13 +18,11 @@ The estimates themselves are model/estimate.py's, shared with `train --dry-run`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
 import textwrap
 from typing import Literal
 
-from minigpt.common import UserError, config
+from minigpt.common import UserError
 from minigpt.common.config import load_file, opt
 from minigpt.model.estimate import (
     ANCHOR,
@@ -345,7 +343,7 @@ def _commands(cfg: PlanConfig, best: Candidate) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Output and command line
+# Output
 
 
 def _si(x: float) -> str:
@@ -419,16 +417,3 @@ def muon_sources(p: Plan) -> str:
     return (f"Muon: the fit at the tokens x {factor:g}, the smallest token-efficiency factor of its sources: "
             f"{source} (taken); {others}. Newton-Schulz: {_si(ns)} FLOPs per step on every GPU ({p.candidates[0].name}"
             "), counted in tokens/s")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override it)")
-    config.add_arguments(parser, PlanConfig)
-
-
-def main(args) -> None:
-    cfg = config.config_from_args(PlanConfig, args)
-    result = plan(cfg)
-    for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(json.dumps(dataclasses.asdict(result), indent=1) if cfg.json else format_plan(result, cfg))

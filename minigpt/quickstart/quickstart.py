@@ -35,6 +35,7 @@ from minigpt.chat.engine import SamplingParams
 from minigpt.common import UserError, print0, read_json, write_json
 from minigpt.common import config as configlib
 from minigpt.common.config import opt
+from minigpt.data.build import build_shards
 from minigpt.data.loader import TokenLoader
 from minigpt.data.prepare import read_meta
 from minigpt.eval.evaluate import language_model_metrics
@@ -42,7 +43,6 @@ from minigpt.model.gpt import ModelConfig
 from minigpt.quickstart.budget import design_for_minutes
 from minigpt.runs.checkpoint import latest_checkpoint, load_run, read_checkpoint_meta
 from minigpt.text.chat_format import CHAT_DECODING
-from minigpt.train.data import build_data
 from minigpt.train.sft import (
     SFTConfig,
     answer_quality,
@@ -124,7 +124,7 @@ def build_pretraining_data(cfg: QuickstartConfig, data: Path) -> None:
             raise UserError(f"{data} holds shards of a {built:,}-token vocabulary, not {cfg.vocab_size:,}: use "
                             "another --run-dir for another design")
         return
-    build_data(pretraining_config(cfg, data, data.parent / "base"))
+    build_shards(data, ["wiki"], cfg.vocab_size)
 
 
 def pretrain(cfg: QuickstartConfig, data: Path, run: Path) -> None:
@@ -269,12 +269,3 @@ def report_markdown(report: dict[str, Any], examples: int = 10) -> str:
     for ex in report["small_talk_examples"][: max(examples // 3, 1)]:
         lines += [f"Q: {ex['question']}", f"  chat: {ex['answer']!r}"]
     return "\n".join(lines) + "\n"
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override it)")
-    configlib.add_arguments(parser, QuickstartConfig)
-
-
-def main(args) -> None:
-    quickstart(configlib.config_from_args(QuickstartConfig, args))

@@ -3,7 +3,7 @@
 Built by `build_app` (serve.py calls it; the pieces without FastAPI are in protocol.py). Request bodies
 are pydantic models that accept unknown fields and explicit nulls, as OpenAI's API does; every error, our own or
 FastAPI's, leaves in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad
-input. Requests become engine jobs through serve_jobs.Server; a client that goes away has its job cancelled: a
+input. Requests become engine jobs through jobs.Server; a client that goes away has its job cancelled: a
 stream when Starlette stops the response generator, a plain request when its disconnect watcher sees the
 disconnect.
 """

@@ -1,14 +1,7 @@
 """What `minigpt serve` needs besides a web framework: OpenAI-shaped errors, the gate, metrics, the chat page.
 
-    serve.py           settings, the command line, building and running the server
-    protocol.py  (this file) request bodies and their limits (pydantic), and in plain Python and ASGI:
-                       errors in OpenAI's shape, the gate (API key, body size limit, request counts),
-                       Prometheus metrics, the page and its Content-Security-Policy
-    api.py       the endpoints (FastAPI + pydantic): requests -> engine jobs -> JSON answers and SSE streams
-    scheduler.py       the engine thread: continuous batching, stop strings, time limits, cancellation
-
-Imports run one way: serve -> serve_api -> serve_protocol; nothing here imports FastAPI (pydantic, for the
-request bodies, comes with it in the serve extra).
+(serve.py builds the server, api.py the endpoints, jobs.py the requests' jobs, scheduler.py the engine thread.)
+Nothing here imports FastAPI (pydantic, for the request bodies, comes with it in the serve extra).
 """
 
 from __future__ import annotations

@@ -5,14 +5,15 @@
 
 Endpoints: /v1/chat/completions, /v1/completions (both streamed or not), /v1/models, /tokenize, /detokenize,
 /tokenizer_info (as vLLM has them, so lm-evaluation-harness can use the server's own tokenizer), /health,
-/metrics (Prometheus) and the chat page at /. Four modules share the work, imports running one way
-(serve -> serve_api -> serve_protocol):
+/metrics (Prometheus) and the chat page at /. Five modules share the work, imports running one way
+(serve -> api -> jobs -> scheduler; protocol below api and jobs):
 
-    serve.py           settings, the command line, building and running the server
-    protocol.py  what needs no web framework: OpenAI-shaped errors, the gate (API key, body size limit,
-                       request counts) as plain ASGI, Prometheus metrics, the page's Content-Security-Policy
-    api.py       the endpoints (FastAPI + pydantic): requests -> engine jobs -> JSON answers and SSE streams
-    scheduler.py       the engine thread: continuous batching, stop strings, time limits, cancellation
+    serve.py      settings, building and running the server (its flags: minigpt/cli/serve.py)
+    api.py        the endpoints (FastAPI + pydantic): requests -> jobs -> JSON answers and SSE streams
+    jobs.py       OpenAI-shaped requests -> scheduler jobs, their tokens back to the request coroutines
+    protocol.py   what needs no web framework: OpenAI-shaped errors, the gate (API key, body size limit,
+                  request counts) as plain ASGI, Prometheus metrics, the page's Content-Security-Policy
+    scheduler.py  the engine thread: continuous batching, stop strings, time limits, cancellation
 
 docs/serving.md has the design, the parameters and measured load numbers. FastAPI and uvicorn are an optional
 extra (`pip install minigpt[serve]`): nothing imports them until a server is built, so `import minigpt` and every
@@ -26,12 +27,10 @@ import errno
 import ipaddress
 import os
 import socket
-import sys
 import threading
 import time
 
 from minigpt.common import UserError, parse_dtype, pick_device
-from minigpt.common import config as configlib
 from minigpt.common.config import opt
 from minigpt.runs.checkpoint import load_run
 
@@ -72,7 +71,7 @@ class ServeConfig:
             raise ValueError(f"unknown log level {self.log_level!r}")
 
 
-def _server_modules():
+def server_modules():
     """Import the web stack, or say how to install it."""
     try:
         import fastapi  # noqa: F401
@@ -87,7 +86,7 @@ def _server_modules():
 
 def create_app(model, tokenizer, cfg: ServeConfig, name: str = "minigpt"):
     """The FastAPI application for a loaded model (its engine thread starts with the app's lifespan)."""
-    serve_api, _ = _server_modules()
+    serve_api, _ = server_modules()
     return serve_api.build_app(model, tokenizer, cfg, name)
 
 
@@ -96,7 +95,7 @@ def load_app(cfg: ServeConfig):
     import torch
 
 
-    _server_modules()
+    server_modules()
     if not cfg.model:
         raise UserError("give the run to serve: --model RUN")
     if cfg.threads:
@@ -116,7 +115,7 @@ def _run_name(path: str) -> str:
     return os.path.basename(path) or "minigpt"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -133,7 +132,7 @@ class BackgroundServer:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        _, uvicorn = _server_modules()
+        _, uvicorn = server_modules()
         self.app = app
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -164,12 +163,7 @@ class BackgroundServer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line: `minigpt serve`
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override it)")
-    configlib.add_arguments(parser, ServeConfig)
+# The listening socket
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -193,23 +187,3 @@ def bind(host: str, port: int) -> socket.socket:
             raise UserError(f"port {port} needs administrator rights: choose one above 1023 with --port") from None
         raise UserError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; check --host and --port") from None
     return sock
-
-
-def main(args) -> None:
-    cfg = configlib.config_from_args(ServeConfig, args)
-    if not cfg.api_key and os.environ.get(API_KEY_ENV):
-        cfg = dataclasses.replace(cfg, api_key=os.environ[API_KEY_ENV])
-    _, uvicorn = _server_modules()
-    sock = bind(cfg.host, cfg.port)
-    app, name = load_app(cfg)
-    if not _is_loopback(cfg.host) and not cfg.api_key:
-        print(f"warning: serving on {cfg.host} without an API key: anyone who can reach this port can use the "
-              f"model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
-    shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    print(f"serving {name} at http://{shown}:{sock.getsockname()[1]}/ (web chat) and /v1 (OpenAI API); Ctrl-C stops",
-          file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()

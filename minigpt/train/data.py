@@ -1,7 +1,9 @@
-"""What the training loop takes from a data source, and the pretraining one: token shards, built from the bundled
-corpus on first use. Fine-tuning supplies its own (sft.py); the loop (train.py) only ever sees a `TrainData`.
+"""What the training loop takes from a data source, and the pretraining one: token shards. Fine-tuning supplies its
+own (sft.py); the loop (train.py) only ever sees a `TrainData`, and never builds data: the default shards are made
+by `ensure_pretraining_data`, which the `minigpt train` command and the quickstart call before training.
 
-    data = pretraining_data(cfg, rt, seq_len, precision)   # cfg: a TrainConfig
+    ensure_pretraining_data(cfg, rt)                       # cfg: a TrainConfig; builds data/wiki-bpe8k once
+    data = pretraining_data(cfg, rt, seq_len, precision)   # opens the shards
     x, y = data.train.batch(step)[:2]                      # micro-batches by step, resumable
     metrics = data.evaluate(model)                         # {"val_loss": ..., ...}
 """
@@ -9,22 +11,19 @@ corpus on first use. Fine-tuning supplies its own (sft.py); the loop (train.py) 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from minigpt.common import UserError, print0
-from minigpt.data import prepare as shards
+from minigpt.common import UserError
+from minigpt.data.build import build_shards
 from minigpt.data.loader import TokenLoader
 from minigpt.data.prepare import shards_tokenizer
 from minigpt.eval.evaluate import language_model_metrics
 from minigpt.model.gpt import GPT
 from minigpt.runs.runtime import Runtime, autocast_context, barrier
-from minigpt.text import corpus
-from minigpt.text.tokenizer import Tokenizer
 
 DEFAULT_DATA = "data/wiki-bpe8k"
 
@@ -48,38 +47,39 @@ class TrainData:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pretraining data: shards, built from the bundled corpus on first use
+# Pretraining data: token shards, the default ones built from the bundled corpus before the first run
 
 
-def build_data(cfg) -> None:
-    """Train a tokenizer on `cfg.corpus` (unless GPT-2's is asked for) and prepare the shards into `cfg.data`."""
-    print0(f"{cfg.data} does not exist yet: preparing it from {', '.join(cfg.corpus)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        if cfg.vocab_size:
-            texts = (text for source in cfg.corpus for text in corpus.load_documents(source))
-            tokenizer = Tokenizer.train(texts, cfg.vocab_size, name=f"{'+'.join(cfg.corpus)}-bpe{cfg.vocab_size}")
-            spec = str(tokenizer.save(Path(tmp) / "tokenizer.json"))
-        else:
-            spec = "gpt2"
-        # A few percent held out: enough validation text on small corpora, and held-out articles for probes.
-        shards.prepare(shards.PrepareConfig(sources=list(cfg.corpus), tokenizer=spec, out=cfg.data,
-                                            val_fraction=0.02))
+def ensure_pretraining_data(cfg, rt: Runtime) -> None:
+    """Build `cfg.data` from `cfg.corpus` if it is the default folder and holds no shards yet (rank 0 builds, the
+    other ranks wait); a --data of the user's own that holds no shards is refused in one line."""
+    if (Path(cfg.data) / "meta.json").exists():
+        return
+    # Only the default folder is built implicitly: a --data of the user's own that holds no shards is a typo or a
+    # wrong folder, and building a corpus into it would hide that (and write where nobody asked).
+    if not cfg.corpus or cfg.data != DEFAULT_DATA:
+        _refuse_missing(cfg.data)
+    if rt.rank == 0:
+        build_shards(cfg.data, cfg.corpus, cfg.vocab_size)
+    barrier(rt)
+
+
+def _refuse_missing(data: str, default: bool = False) -> None:
+    if default:
+        raise UserError(f"{data} holds no shards yet: `minigpt train` builds it on first use (from Python, call "
+                        "minigpt.train.data.ensure_pretraining_data before training)")
+    if not Path(data).exists():
+        raise UserError(f"{data} holds no shards (it does not exist): make them with minigpt prepare --sources ... "
+                        f"--out {data}, or leave out --data to use the bundled corpus")
+    what = "a file" if Path(data).is_file() else "a folder without meta.json"
+    raise UserError(f"{data} holds no shards ({what}): to train on its text, make shards of it first with "
+                    f"minigpt prepare --sources {data} --out DIR, then pass --data DIR")
 
 
 def pretraining_data(cfg, rt: Runtime, seq_len: int, precision: str) -> TrainData:
+    """The shards in `cfg.data`, opened for this process's rank (nothing is built here)."""
     if not (Path(cfg.data) / "meta.json").exists():
-        # Only the default folder is built implicitly: a --data of the user's own that holds no shards is a typo or
-        # a wrong folder, and building a corpus into it would hide that (and write where nobody asked).
-        if not cfg.corpus or cfg.data != DEFAULT_DATA:
-            if not Path(cfg.data).exists():
-                raise UserError(f"{cfg.data} holds no shards (it does not exist): make them with minigpt prepare "
-                                f"--sources ... --out {cfg.data}, or leave out --data to use the bundled corpus")
-            what = "a file" if Path(cfg.data).is_file() else "a folder without meta.json"
-            raise UserError(f"{cfg.data} holds no shards ({what}): to train on its text, make shards of it first "
-                            f"with minigpt prepare --sources {cfg.data} --out DIR, then pass --data DIR")
-        if rt.rank == 0:
-            build_data(cfg)
-        barrier(rt)
+        _refuse_missing(cfg.data, default=bool(cfg.corpus) and cfg.data == DEFAULT_DATA)
     tokenizer = shards_tokenizer(cfg.data)
     # vocab_size: a token id the model has no embedding for is a one-line error, not an index error on the GPU
     train = TokenLoader(cfg.data, "train", cfg.batch_size, seq_len, cfg.seed, rt.rank, rt.world, True, rt.device,

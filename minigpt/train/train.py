@@ -35,7 +35,6 @@ from minigpt.eval.evaluate import benchmark_scores
 from minigpt.eval.tasks import check_task_names
 from minigpt.model.gpt import GPT, ModelConfig
 from minigpt.model.optim import apply_schedule, check_optimizer_settings, make_optimizer
-from minigpt.plan.dry_run import train_dry_run
 from minigpt.runs.checkpoint import (
     BackgroundSaver,
     check_new_run_dir,
@@ -484,33 +483,3 @@ class Trainer:
 def train(cfg: TrainConfig, data: TrainData | None = None, model: GPT | None = None, stage: str = "train") -> Path:
     """Train by `cfg`; returns the run folder. `data` and `model` let fine-tuning supply its own."""
     return Trainer(cfg, data, model, stage).run()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: `minigpt train`
-
-
-def add_arguments(parser) -> None:
-    recipes = ", ".join(name for name, _, _ in configlib.list_recipes("train"))
-    parser.add_argument("--config", help=f"TOML, YAML or JSON file of settings, a run's config.json (to repeat "
-                                         f"it), or a shipped recipe ({recipes}); flags override it")
-    parser.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
-    parser.add_argument("--dry-run", action="store_true", help="print what the run would do (data, tokens, epochs, "
-                        "steps, checkpoints, memory, time) and exit without training")
-    configlib.add_arguments(parser, TrainConfig)
-
-
-def main(args) -> None:
-    if args.list_configs:
-        print(configlib.format_recipes("train"), end="")
-        return
-    cfg = configlib.config_from_args(TrainConfig, args, stage="train")
-    if args.dry_run:
-        print(train_dry_run(cfg, cfg.data == DEFAULT_DATA and bool(cfg.corpus), args.config), end="")
-        return
-    try:
-        train(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-

@@ -1,16 +1,17 @@
 """The `minigpt` command: parses the stage name and hands the rest of the command line to that stage.
 
-Each stage lives in its own module, which provides `add_arguments(parser)` and `main(args) -> int | None` (or,
-for a module serving two stages, `add_NAME_arguments` and `NAME_main`: chat.py's chat and sample, interop/hf.py's
-export and import). Modules are
-imported only when their stage runs, so `minigpt --help` is instant and one stage's extra dependencies (FastAPI,
-transformers) never burden another.
+Each stage's command is a module of this package named as the stage (`minigpt train` is cli/train.py; `minigpt
+import` is cli/import_.py, `import` being a Python keyword), with `add_arguments(parser)` and `main(args)`. A
+command parses its flags into its stage's typed settings, calls the library (the sub-packages beside this one)
+and prints; the library never parses a command line. Modules are imported only when their stage runs, so
+`minigpt --help` is instant and one stage's extra dependencies (FastAPI, transformers) never burden another.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import keyword
 import os
 import sys
 from pathlib import Path
@@ -18,39 +19,36 @@ from typing import NoReturn
 
 from minigpt.common import UserError, disk_full
 
-# (command, module, one line of help), in the order data flows through the project.
-STAGES: list[tuple[str, str, str]] = [
-    ("quickstart", "minigpt.quickstart.quickstart",
-     "the whole pipeline on a CPU in minutes: data, pretraining, chat tuning"),
-    ("model", "minigpt.model.shape", "show a model shape: parameters per component and FLOPs per token"),
-    ("tokenizer", "minigpt.text.tokenizer", "train a byte-level BPE vocabulary; encode, decode, measure compression"),
-    ("plan", "minigpt.plan.plan", "from a budget and a GPU to a training run: size, batch, memory, hours, cost, loss"),
-    ("prepare", "minigpt.data.prepare", "tokenize corpora into binary token shards for training"),
-    ("train", "minigpt.train.train",
-     "pretrain a GPT-2 on token shards (the tiny preset on bundled Wikipedia by default)"),
-    ("eval", "minigpt.eval.evaluate", "score a run: validation loss, perplexity, bits per byte, benchmarks, recall"),
-    ("runs", "minigpt.runs.compare",
-     "compare runs side by side: steps, tokens, validation loss, bits per byte, benchmarks"),
-    ("sft", "minigpt.train.sft", "fine-tune a pretrained run into a chatbot on conversations"),
-    ("chat", "minigpt.chat.session", "talk to a fine-tuned model in the terminal"),
-    ("serve", "minigpt.serve.serve", "an OpenAI-compatible HTTP server and web chat for a run (needs minigpt[serve])"),
-    ("sample", "minigpt.chat.session", "continue a prompt with any run, pretrained or fine-tuned"),
-    ("inspect", "minigpt.eval.inspect", "look inside a model: attention maps, per-token surprise, the logit lens"),
-    ("export", "minigpt.interop.hf", "a checkpoint as a Hugging Face GPT-2 folder: weights, tokenizer, chat template"),
-    ("import", "minigpt.interop.hf", "make a run from a local Hugging Face GPT-2 folder, e.g. OpenAI's GPT-2 124M"),
+# (command, one line of help), in the order data flows through the project; the command is module cli/COMMAND.py.
+STAGES: list[tuple[str, str]] = [
+    ("quickstart", "the whole pipeline on a CPU in minutes: data, pretraining, chat tuning"),
+    ("model", "show a model shape: parameters per component and FLOPs per token"),
+    ("tokenizer", "train a byte-level BPE vocabulary; encode, decode, measure compression"),
+    ("plan", "from a budget and a GPU to a training run: size, batch, memory, hours, cost, loss"),
+    ("prepare", "tokenize corpora into binary token shards for training"),
+    ("train", "pretrain a GPT-2 on token shards (the tiny preset on bundled Wikipedia by default)"),
+    ("eval", "score a run: validation loss, perplexity, bits per byte, benchmarks, recall"),
+    ("runs", "compare runs side by side: steps, tokens, validation loss, bits per byte, benchmarks"),
+    ("sft", "fine-tune a pretrained run into a chatbot on conversations"),
+    ("chat", "talk to a fine-tuned model in the terminal"),
+    ("serve", "an OpenAI-compatible HTTP server and web chat for a run (needs minigpt[serve])"),
+    ("sample", "continue a prompt with any run, pretrained or fine-tuned"),
+    ("inspect", "look inside a model: attention maps, per-token surprise, the logit lens"),
+    ("export", "a checkpoint as a Hugging Face GPT-2 folder: weights, tokenizer, chat template"),
+    ("import", "make a run from a local Hugging Face GPT-2 folder, e.g. OpenAI's GPT-2 124M"),
 ]
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    width = max(len(name) for name, _, _ in STAGES)
-    stages = "\n".join(f"  {name:<{width}}  {help_}" for name, _, help_ in STAGES)
+    width = max(len(name) for name, _ in STAGES)
+    stages = "\n".join(f"  {name:<{width}}  {help_}" for name, help_ in STAGES)
     parser = argparse.ArgumentParser(
         prog="minigpt",
         description="GPT-2 from scratch: tokenizer, data, pretraining, evaluation, chat fine-tuning, serving.",
         epilog=f"stages:\n{stages}\n\nRun `minigpt STAGE --help` for a stage's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("stage", choices=[name for name, _, _ in STAGES], metavar="STAGE", help="what to run")
+    parser.add_argument("stage", choices=[name for name, _ in STAGES], metavar="STAGE", help="what to run")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
@@ -83,16 +81,14 @@ def _main(argv: list[str] | None) -> int:
         top.print_help()
         return 0 if argv else 2
     parsed = top.parse_args(argv[:1])
-    name, module_name, help_ = next(s for s in STAGES if s[0] == parsed.stage)
-    module = importlib.import_module(module_name)
+    name, help_ = next(s for s in STAGES if s[0] == parsed.stage)
+    module = importlib.import_module(f"minigpt.cli.{name}_" if keyword.iskeyword(name) else f"minigpt.cli.{name}")
     parser = OneLineErrors(prog=f"minigpt {name}", description=help_,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
-    run = getattr(module, f"{name}_main", None) or module.main
-    add_arguments(parser)
+    module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:
-        return int(run(args) or 0)
+        return int(module.main(args) or 0)
     except UserError as exc:
         print(f"minigpt {name}: error: {exc}", file=sys.stderr)
         return 2
