@@ -202,6 +202,31 @@ def test_cli_errors_are_one_line(tmp_path, tiny_shards, capsys):
     assert "not a multiple" in capsys.readouterr().err
 
 
+def test_train_opens_shards_and_the_command_builds_the_default_ones(tmp_path, tiny_shards, monkeypatch, capsys):
+    """The loop builds nothing: train(cfg) on the default data folder, not built yet, is one line and writes
+    nothing; `minigpt train` builds the default shards first (here a copy of the test shards stands in for the
+    bundled corpus's), then trains on them."""
+    import shutil
+
+    from minigpt.train.data import DEFAULT_DATA
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(run_dir="run", device="cpu", max_steps=1, model=ModelConfig(n_layer=1, n_head=2, n_embd=32,
+                                                                                   block_size=32))
+    assert cfg.data == DEFAULT_DATA and cfg.corpus
+    with pytest.raises(UserError, match="builds it on first use"):
+        train(cfg)
+    assert not Path(DEFAULT_DATA).exists() and not Path("run").exists()
+    built = []
+    monkeypatch.setattr("minigpt.train.data.build_shards",
+                        lambda out, corpora, vocab_size: built.append((corpora, vocab_size)) or
+                        shutil.copytree(tiny_shards, out))
+    args = [a for a in cli_args(Path("run"), tiny_shards, max_steps=1) if a not in ("--data", str(tiny_shards))]
+    assert cli_main(["train", *args]) == 0
+    assert built == [(["wiki"], 8192)] and (Path(DEFAULT_DATA) / "meta.json").exists()
+    assert read_metrics(Path("run"))[-1]["step"] == 1
+
+
 @pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
                                                   ((9, 0), "bf16")])
 def test_auto_precision_is_bf16_only_where_the_card_has_it(monkeypatch, capability, expected):
