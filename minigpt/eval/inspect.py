@@ -41,7 +41,7 @@ import torch
 
 from minigpt.common import UserError, atomic_path, pick_device, read_json
 from minigpt.data.loader import TokenLoader
-from minigpt.data.prepare import check_tokenizer
+from minigpt.data.shards import check_tokenizer
 from minigpt.model.gpt import GPT
 from minigpt.runs.checkpoint import load_run
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.common import UserError, atomic_path, is_held_out
-from minigpt.data import prepare as shardslib
+from minigpt.data.shards import read_meta
 from minigpt.text import corpus
 
 VERSION = 1  # bump when a task's cached form or formatting changes: old cache files are then ignored
@@ -318,7 +318,7 @@ def recall_grouping(shards: str | os.PathLike | None) -> tuple[Callable[[dict[st
     """
     if not shards or not (Path(shards) / "meta.json").is_file():
         return (lambda doc: "all"), "training data unknown: all articles reported together"
-    meta = shardslib.read_meta(shards)
+    meta = read_meta(shards)
     if "wiki" not in meta["sources"]:
         return (lambda doc: "heldout"), f"{shards} was not built from the bundled wiki corpus: all articles held out"
     seed, fraction = meta["split"]["seed"], meta["split"]["val_fraction"]

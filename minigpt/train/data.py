@@ -17,9 +17,9 @@ from typing import Any, Protocol
 import torch
 
 from minigpt.common import UserError, print0
-from minigpt.data import prepare as shards
 from minigpt.data.loader import TokenLoader
-from minigpt.data.prepare import shards_tokenizer
+from minigpt.data.prepare import PrepareConfig, prepare
+from minigpt.data.shards import shards_tokenizer
 from minigpt.eval.evaluate import language_model_metrics
 from minigpt.model.gpt import GPT
 from minigpt.runs.runtime import Runtime, autocast_context, barrier
@@ -62,8 +62,7 @@ def build_data(cfg) -> None:
         else:
             spec = "gpt2"
         # A few percent held out: enough validation text on small corpora, and held-out articles for probes.
-        shards.prepare(shards.PrepareConfig(sources=list(cfg.corpus), tokenizer=spec, out=cfg.data,
-                                            val_fraction=0.02))
+        prepare(PrepareConfig(sources=list(cfg.corpus), tokenizer=spec, out=cfg.data, val_fraction=0.02))
 
 
 def pretraining_data(cfg, rt: Runtime, seq_len: int, precision: str) -> TrainData:
