@@ -39,7 +39,9 @@ import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
 
-from minigpt.data.prepare import PrepareConfig, cpu_count, prepare, read_meta
+from minigpt.data.prepare import PrepareConfig, prepare
+from minigpt.data.shards import read_meta
+from minigpt.data.workers import cpu_count
 from minigpt.text import corpus
 from minigpt.text.tokenizer import Tokenizer
 

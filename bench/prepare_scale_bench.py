@@ -115,7 +115,7 @@ def drop_from_cache(path: Path) -> None:
 def cold_read(args) -> None:
     from minigpt.common import write_json
     from minigpt.data.loader import TokenLoader
-    from minigpt.data.prepare import FORMAT_VERSION, HEADER_BYTES, ShardWriter
+    from minigpt.data.shards import FORMAT_VERSION, HEADER_BYTES, ShardWriter
 
     n_tokens = args.gb * 2**30 // 2
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:

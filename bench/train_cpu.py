@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from minigpt.data.build import build_shards
-from minigpt.data.prepare import open_shard, read_meta
+from minigpt.data.shards import open_shard, read_meta
 from minigpt.model.gpt import GPT, ModelConfig, logit_chunk_rows
 from minigpt.model.optim import learning_rate
 from minigpt.runs.log import read_metrics

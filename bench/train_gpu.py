@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 import minigpt.train.train as trainlib
 from minigpt.common import seed_everything, write_json
-from minigpt.data import prepare as shards
+from minigpt.data import prepare, shards
 from minigpt.data.loader import TokenLoader
 from minigpt.model.gpt import GPT, ModelConfig
 from minigpt.model.optim import learning_rate, make_optimizer
@@ -136,17 +136,17 @@ def write_random_shards(out: Path, n_vocab: int, train_tokens: int, val_tokens: 
     written, counts = {}, {}
     for split, n in (("train", train_tokens), ("val", val_tokens)):
         tokens = rng.integers(0, n_vocab, n, dtype=np.int64)
-        writer = shards.ShardWriter(out, split, dtype, shards.PrepareConfig.shard_tokens)
+        writer = shards.ShardWriter(out, split, dtype, prepare.PrepareConfig.shard_tokens)
         try:
             writer.write(tokens)
             written[split] = writer.close()
         except BaseException:
             writer.abort()
             raise
-        counts[split] = shards._Counts(documents=1, text_bytes=int(token_bytes[tokens].sum()))
+        counts[split] = prepare._Counts(documents=1, text_bytes=int(token_bytes[tokens].sum()))
     tokenizer.save(out / "tokenizer.json")
-    cfg = shards.PrepareConfig(sources=["uniform random tokens"], tokenizer=str(out / "tokenizer.json"), out=str(out))
-    write_json(out / "meta.json", shards._meta(cfg, tokenizer, dtype, counts, written, corpus.Skipped()))
+    cfg = prepare.PrepareConfig(sources=["uniform random tokens"], tokenizer=str(out / "tokenizer.json"), out=str(out))
+    write_json(out / "meta.json", prepare._meta(cfg, tokenizer, dtype, counts, written, corpus.Skipped()))
     return out
 
 

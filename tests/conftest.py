@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt.data import prepare as shards
+from minigpt.data.prepare import PrepareConfig, prepare
 from minigpt.text import corpus
 from minigpt.text.tokenizer import Tokenizer
 
@@ -42,8 +42,8 @@ def tiny_shards(tmp_path_factory, wiki_sample) -> Path:
     texts = (json.loads(line)["text"] for line in wiki_sample.read_text().splitlines())
     tok_path = Tokenizer.train(texts, 512, progress=False, workers=1).save(root / "tokenizer.json")
     out = root / "data"
-    shards.prepare(shards.PrepareConfig(sources=[str(wiki_sample)], tokenizer=str(tok_path), out=str(out),
-                                        val_fraction=0.05, workers=1))
+    prepare(PrepareConfig(sources=[str(wiki_sample)], tokenizer=str(tok_path), out=str(out),
+                          val_fraction=0.05, workers=1))
     return out
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt.data import prepare as shards
+from minigpt.data.prepare import PrepareConfig, prepare
+from minigpt.data.shards import open_shard, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,10 +32,9 @@ def load_bench(name: str):
 def test_prepare_references_write_what_prepare_writes(tmp_path, wiki_sample):
     bench = load_bench("prepare_bench")
     out = tmp_path / "ours"
-    shards.prepare(shards.PrepareConfig(sources=[str(wiki_sample)], tokenizer="gpt2", out=str(out), val_fraction=0,
-                                        workers=2))
-    meta = shards.read_meta(out)
-    ours = np.concatenate([shards.open_shard(out / s["file"]) for s in meta["splits"]["train"]["shards"]])
+    prepare(PrepareConfig(sources=[str(wiki_sample)], tokenizer="gpt2", out=str(out), val_fraction=0, workers=2))
+    meta = read_meta(out)
+    ours = np.concatenate([open_shard(out / s["file"]) for s in meta["splits"]["train"]["shards"]])
     enc = bench.tiktoken_gpt2()
     for name, run in [("pool", lambda p: bench.reference_pool(enc, [str(wiki_sample)], 2, p, shard_tokens=10_000)),
                       ("one", lambda p: bench.reference_one_process(enc, [str(wiki_sample)], p, shard_tokens=10_000))]:

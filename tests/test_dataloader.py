@@ -10,7 +10,8 @@ import torch
 
 from minigpt.common import UserError, write_json
 from minigpt.data.loader import TokenLoader
-from minigpt.data.prepare import FORMAT_VERSION, PrepareConfig, ShardWriter, prepare
+from minigpt.data.prepare import PrepareConfig, prepare
+from minigpt.data.shards import FORMAT_VERSION, ShardWriter
 from minigpt.text.tokenizer import Tokenizer
 
 

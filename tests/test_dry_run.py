@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minigpt.common import config as configlib
-from minigpt.data.prepare import read_meta
+from minigpt.data.shards import read_meta
 from minigpt.model import estimate
 from minigpt.model.gpt import ModelConfig
 from minigpt.plan.dry_run import sft_dry_run, train_dry_run

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError
 from minigpt.eval import evaluate as ev
-from minigpt.eval import reference, scoring, tasks
+from minigpt.eval import recall, reference, scoring, tasks
 from minigpt.model import cpu_inference
 from minigpt.model.gpt import GPT, ModelConfig
 from minigpt.runs.log import read_metrics
@@ -267,9 +267,9 @@ def test_user_jsonl_and_bigbench_files(tmp_path):
 
 
 def test_recall_probe_splits_articles_by_the_shards_rule(tmp_path, tiny_shards):
-    assert tasks.recall_cloze("Paris\n\nParis is the capital and largest city of France. More.") == {
+    assert recall.recall_cloze("Paris\n\nParis is the capital and largest city of France. More.") == {
         "context": "Paris\n\nParis is the", "span": "capital and largest", "key": "is the"}
-    assert tasks.recall_cloze("X\n\nX is a city, in France.") is None
+    assert recall.recall_cloze("X\n\nX is a city, in France.") is None
     # shards from another corpus: every article is held out; no shards: reported together
     assert {e.group for e in tasks.load_task("recall", limit=5, shards=tiny_shards).examples} == {"heldout"}
     assert {e.group for e in tasks.load_task("recall", limit=5).examples} == {"all"}

@@ -292,7 +292,7 @@ def hf_gpt2_folder(folder: Path, gpt2_files: Path, vocab_size: int = 50257, **co
 
 def test_imported_gpt2_computes_hf_logits_and_trains_tunes_chats(gpt2_files, tmp_path, wiki_sample, greetings_file,
                                                                  capsys):
-    from minigpt.data import prepare as shards
+    from minigpt.data.prepare import PrepareConfig, prepare
     from minigpt.train.sft import SFTConfig, finetune
     from minigpt.train.train import TrainConfig, train
 
@@ -307,7 +307,7 @@ def test_imported_gpt2_computes_hf_logits_and_trains_tunes_chats(gpt2_files, tmp
         assert_close_relative(model(idx)[0], theirs(idx).logits[..., :50257])
 
     data = tmp_path / "data"
-    shards.prepare(shards.PrepareConfig(sources=[str(wiki_sample)], tokenizer="gpt2", out=str(data), workers=1))
+    prepare(PrepareConfig(sources=[str(wiki_sample)], tokenizer="gpt2", out=str(data), workers=1))
     common = dict(batch_size=2, seq_len=32, max_steps=2, warmup_steps=1, eval_every=2, eval_batches=1,
                   checkpoint_every=2, sample_prompt="", device="cpu")
     train(TrainConfig(run_dir=str(tmp_path / "continued"), data=str(data), init_from=str(tmp_path / "run"),

@@ -9,7 +9,8 @@ from minigpt.cli import main as cli_main
 from minigpt.common import UserError
 from minigpt.common.config import from_dict
 from minigpt.interop.hf import config_from_hf, from_hf_state_dict, hf_config_dict, to_hf_state_dict
-from minigpt.model.gpt import GPT, PRESETS, KVCache, ModelConfig
+from minigpt.model.cache import KVCache
+from minigpt.model.gpt import GPT, PRESETS, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 

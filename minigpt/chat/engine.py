@@ -31,8 +31,9 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 
 import torch
 
+from minigpt.model.cache import KVCache
 from minigpt.model.cpu_inference import prepacked
-from minigpt.model.gpt import GPT, KVCache
+from minigpt.model.gpt import GPT
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ import torch
 
 from minigpt.common import UserError, atomic_path, pick_device, read_json
 from minigpt.data.loader import TokenLoader
-from minigpt.data.prepare import check_tokenizer
+from minigpt.data.shards import check_tokenizer
 from minigpt.eval.inspect import (
     PEAKED,
     POSITIONAL,

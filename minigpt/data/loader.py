@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from minigpt.common import UserError
-from minigpt.data.prepare import open_shard, read_meta
+from minigpt.data.shards import open_shard, read_meta
 
 
 class TokenLoader:

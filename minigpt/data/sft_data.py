@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from minigpt.common import UserError, is_held_out, pool_worker_signals, progress, read_json, write_json
-from minigpt.data.prepare import ShardWriter, cpu_count, open_shard
-from minigpt.data.workers import OrderedPool
+from minigpt.data.shards import ShardWriter, open_shard
+from minigpt.data.workers import OrderedPool, cpu_count
 from minigpt.text import conversations as convlib
 from minigpt.text.chat_format import render
 

@@ -12,11 +12,20 @@ never reads ahead of the writer. With one worker everything runs in this process
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 IN_FLIGHT = 2  # items queued per worker
+
+
+def cpu_count() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS says): the default number of workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 class OrderedPool:

@@ -37,7 +37,7 @@ from minigpt.chat.engine import Engine, SamplingParams
 from minigpt.common import UserError, atomic_path, pick_device, progress, read_json, write_json
 from minigpt.common.config import opt
 from minigpt.data.loader import TokenLoader
-from minigpt.data.prepare import check_tokenizer, read_meta
+from minigpt.data.shards import check_tokenizer, read_meta
 from minigpt.eval import tasks as tasklib
 from minigpt.eval.scoring import encode_pair, score_pairs
 from minigpt.runs.checkpoint import checkpoints_dir, is_checkpoint, load_run, resolve_checkpoint, unwrap

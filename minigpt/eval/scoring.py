@@ -22,8 +22,9 @@ import dataclasses
 import torch
 
 from minigpt.common import UserError
+from minigpt.model.cache import KVCache
 from minigpt.model.cpu_inference import prepacked
-from minigpt.model.gpt import GPT, KVCache, logit_chunk_rows
+from minigpt.model.gpt import GPT, logit_chunk_rows
 from minigpt.runs.checkpoint import unwrap
 
 

@@ -22,7 +22,7 @@ OpenAI version as a JSONL request file). Each task reads its source once into a 
 
 Besides these: a JSONL file of the user's own multiple-choice questions, a BIG-bench JSON task (`load_task(path)`),
 and `recall`, a factual-recall probe on the bundled Wikipedia summaries that tells articles the run trained on from
-held-out ones (docs/evaluation.md describes all three).
+held-out ones (recall.py makes its questions; docs/evaluation.md describes all three).
 
 Subsets are fixed: a task's examples are put in one seeded order, and `limit` takes a prefix of it, so the same
 limit always gives the same examples (and 100 of them are among the 1000). With few-shot examples, the first
@@ -44,9 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from minigpt.common import UserError, atomic_path, is_held_out
-from minigpt.data import prepare as shardslib
-from minigpt.text import corpus
+from minigpt.common import UserError, atomic_path
+from minigpt.eval.recall import RECALL, recall_docs, recall_questions
 
 VERSION = 1  # bump when a task's cached form or formatting changes: old cache files are then ignored
 SEED = 1234  # the order that subsets and few-shot pools are taken from
@@ -198,7 +197,6 @@ BENCHMARKS: dict[str, Benchmark] = {
     "nq_open": Benchmark("generate", _nq_open, 3_610, ("em",), shots=5, template="Q: {}?\nA:",
                          description="Answer these questions:\n\n", separator="\n"),
 }
-RECALL = "recall"
 TASK_NAMES = (*BENCHMARKS, RECALL)
 
 
@@ -273,94 +271,14 @@ def _bigbench(path: Path) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The factual-recall probe
-
-
-_COPULA = re.compile(r"\b(is|was|are|were) (a|an|the) ")
-_WORD = re.compile(r"[\w'-]+")
-RECALL_WORDS = 3  # words in each continuation
-
-
-def recall_cloze(text: str) -> dict[str, str] | None:
-    """"Title\\n\\nX is a Y Z W ..." -> the prompt up to the article and the next three words, or None.
-
-    Only the first sentence is used, the copula must come within its first 150 characters, and the three words
-    must be plain words (no punctuation between them), so every continuation is a comparable span."""
-    title, sep, body = text.partition("\n\n")
-    if not sep:
-        return None
-    sentence = body.split(". ", 1)[0]
-    m = _COPULA.search(sentence)
-    if m is None or m.start() > 150:
-        return None
-    words = sentence[m.end():].split(" ")[:RECALL_WORDS]
-    if len(words) < RECALL_WORDS or not all(_WORD.fullmatch(w) for w in words):
-        return None
-    return {"context": f"{title}\n\n{body[:m.end() - 1]}", "span": " ".join(words), "key": m.group(0).strip()}
-
-
-def _recall_docs() -> list[dict[str, Any]]:
-    docs = []
-    for i, doc in enumerate(corpus.iter_documents("wiki")):
-        cloze = recall_cloze(doc.text)
-        if cloze is not None:
-            docs.append({"source": doc.source, "first": i == 0, **cloze})
-    return docs
-
-
-def recall_grouping(shards: str | os.PathLike | None) -> tuple[Callable[[dict[str, Any]], str], str]:
-    """Which articles the run trained on, from its shards' split rule; returns (doc -> group, explanation).
-
-    - shards built from the bundled `wiki` corpus: an article is "heldout" where `common.is_held_out` (with the
-      seed and fraction in meta.json) put it in validation, or it was the corpus's first document; else "seen".
-    - shards from other data: no article was trained on as such, so all are "heldout".
-    - no shards known (an imported model): all are reported together as "all".
-    """
-    if not shards or not (Path(shards) / "meta.json").is_file():
-        return (lambda doc: "all"), "training data unknown: all articles reported together"
-    meta = shardslib.read_meta(shards)
-    if "wiki" not in meta["sources"]:
-        return (lambda doc: "heldout"), f"{shards} was not built from the bundled wiki corpus: all articles held out"
-    seed, fraction = meta["split"]["seed"], meta["split"]["val_fraction"]
-    first_held = meta["sources"][0] == "wiki" and fraction > 0
-
-    def group(doc: dict[str, Any]) -> str:
-        held = (first_held and doc["first"]) or is_held_out(doc["source"], fraction, seed)
-        return "heldout" if held else "seen"
-
-    return group, f"seen/held-out by the split rule of {shards} (seed {seed}, validation fraction {fraction})"
+# The factual-recall probe (its questions are recall.py's)
 
 
 def _recall_task(limit: int, distractors: int, shards: str | os.PathLike | None, seed: int) -> Task:
-    docs = cached_docs(RECALL, _recall_docs)
-    group, note = recall_grouping(shards)
-    by_key: dict[str, dict[str, str]] = {}  # copula and article -> distinct spans (by casefold)
-    for doc in docs:
-        by_key.setdefault(doc["key"], {}).setdefault(doc["span"].casefold(), doc["span"])
-    pools = {key: sorted(spans.values()) for key, spans in by_key.items()}
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for doc in docs:
-        groups.setdefault(group(doc), []).append(doc)
-    examples = []
-    for name in sorted(groups):
-        members = groups[name]
-        random.Random(f"{RECALL}:{seed}").shuffle(members)
-        taken = 0
-        for doc in members:
-            if limit and taken >= limit:
-                break
-            # Distractors share the copula and article ("was an"), so every choice reads grammatically.
-            pool = pools[doc["key"]]
-            if len(pool) <= distractors:
-                continue
-            rng = random.Random(f"{RECALL}:{seed}:{doc['source']}")
-            true = doc["span"].casefold()
-            wrong = [s for s in rng.sample(pool, distractors + 1) if s.casefold() != true][:distractors]
-            choices = [doc["span"], *wrong]
-            rng.shuffle(choices)
-            examples.append(Example(doc["source"], [(doc["context"], " " + c) for c in choices],
-                                    [len(c) for c in choices], (choices.index(doc["span"]),), group=name))
-            taken += 1
+    docs = cached_docs(RECALL, recall_docs)
+    questions, note = recall_questions(docs, shards, limit, distractors, seed)
+    examples = [Example(q["source"], [(q["context"], " " + c) for c in q["choices"]], [len(c) for c in q["choices"]],
+                        (q["label"],), group=q["group"]) for q in questions]
     return Task(RECALL, "choice", examples, len(docs), 0, ("acc", "acc_norm"), note=note, distractors=distractors)
 
 

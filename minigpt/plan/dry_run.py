@@ -27,7 +27,7 @@ import torch
 
 from minigpt.common import pick_device, world_size
 from minigpt.common.config import from_dict, recipe_expectation
-from minigpt.data.prepare import read_meta
+from minigpt.data.shards import read_meta
 from minigpt.model import estimate
 from minigpt.model.estimate import find_gpu
 from minigpt.model.gpt import GPT, ModelConfig

@@ -37,7 +37,7 @@ from minigpt.common import config as configlib
 from minigpt.common.config import opt
 from minigpt.data.build import build_shards
 from minigpt.data.loader import TokenLoader
-from minigpt.data.prepare import read_meta
+from minigpt.data.shards import read_meta
 from minigpt.eval.evaluate import language_model_metrics
 from minigpt.model.gpt import ModelConfig
 from minigpt.quickstart.budget import design_for_minutes

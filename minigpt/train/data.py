@@ -20,7 +20,7 @@ import torch
 from minigpt.common import UserError
 from minigpt.data.build import build_shards
 from minigpt.data.loader import TokenLoader
-from minigpt.data.prepare import shards_tokenizer
+from minigpt.data.shards import shards_tokenizer
 from minigpt.eval.evaluate import language_model_metrics
 from minigpt.model.gpt import GPT
 from minigpt.runs.runtime import Runtime, autocast_context, barrier
