@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from minigpt.chat.engine import Engine, SamplingParams, TextDecoder
 from minigpt.common import UserError, pick_device
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 from minigpt.text.chat_format import (
     CHAT_DECODING,
     Message,

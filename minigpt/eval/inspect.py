@@ -43,7 +43,7 @@ from minigpt.common import UserError, atomic_path, pick_device, read_json
 from minigpt.data.loader import TokenLoader
 from minigpt.data.prepare import check_tokenizer
 from minigpt.model.gpt import GPT
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 
 POSITIONAL = 0.5
 PEAKED = 0.3

@@ -40,7 +40,7 @@ from minigpt.data.prepare import read_meta
 from minigpt.eval.evaluate import language_model_metrics
 from minigpt.model.gpt import ModelConfig
 from minigpt.quickstart.budget import design_for_minutes
-from minigpt.runs.checkpoint import latest_checkpoint, load_run, read_checkpoint_meta
+from minigpt.runs.loading import latest_checkpoint, load_run, read_checkpoint_meta
 from minigpt.text.chat_format import CHAT_DECODING
 from minigpt.train.data import build_data
 from minigpt.train.sft import (

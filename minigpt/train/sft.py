@@ -52,7 +52,7 @@ from minigpt.data.sft_data import (
 )
 from minigpt.model.gpt import GPT, logit_chunk_rows
 from minigpt.plan.dry_run import sft_dry_run
-from minigpt.runs.checkpoint import (
+from minigpt.runs.loading import (
     latest_checkpoint,
     load_run,
     read_checkpoint_meta,
