@@ -61,17 +61,18 @@ from minigpt.runs.loading import (
 )
 from minigpt.runs.runtime import Runtime, autocast_context, barrier, resolve_precision, setup_runtime
 from minigpt.runs.tracking import check_packages, tracker_names
-from minigpt.text.chat_format import render, stop_ids
-from minigpt.text.conversations import (  # noqa: F401  (the names scripts and the quickstart import from here)
-    BUNDLED,
-    Conversation,
-    FieldMap,
+from minigpt.text.bundled import (  # noqa: F401  (the names scripts import from here)
     article_opening,
     chatterbot_conversations,
+    wiki_qa_conversations,
+)
+from minigpt.text.chat_format import Conversation, render, stop_ids
+from minigpt.text.conversations import (  # noqa: F401  (the names scripts and the quickstart import from here)
+    BUNDLED,
+    FieldMap,
     load_conversations,
     parse_source,
     split_conversations,
-    wiki_qa_conversations,
 )
 from minigpt.text.tokenizer import Tokenizer
 from minigpt.train.data import TrainData
