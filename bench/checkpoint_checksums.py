@@ -3,10 +3,10 @@
     python bench/checkpoint_checksums.py                  # gpt2 preset (124M), folder under the current directory
     python bench/checkpoint_checksums.py --preset tiny --dir /tmp
 
-Every checkpoint gets a SHA256SUMS file (minigpt/runs/checkpoint.py); loading a model verifies model.safetensors and
-model.json, resuming also trainer.pt. This times `save_checkpoint` with the hashing broken out, then
-`verify_checkpoint` both ways. The optimizer state is filled with random moments so trainer.pt has its real size.
-Files are read back from the page cache, so this is the hashing cost, not the disk's.
+Every checkpoint gets a SHA256SUMS file (minigpt/runs/checkpoint.py); loading a model (runs/loading.py) verifies
+model.safetensors and model.json, resuming also trainer.pt. This times `save_checkpoint` with the hashing broken
+out, then `verify_checkpoint` both ways. The optimizer state is filled with random moments so trainer.pt has its
+real size. Files are read back from the page cache, so this is the hashing cost, not the disk's.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from minigpt.model.gpt import GPT, ModelConfig
 from minigpt.runs import checkpoint as ckptlib
+from minigpt.runs.loading import verify_checkpoint
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
             print(f"save {step}: {total:.2f} s in all, {hashing[-1]:.2f} s of it hashing, {size:,.0f} MB")
         for need_trainer in (False, True):
             start = time.perf_counter()
-            ckptlib.verify_checkpoint(path, need_trainer=need_trainer)
+            verify_checkpoint(path, need_trainer=need_trainer)
             what = "resume (weights, trainer state)" if need_trainer else "load (weights)"
             print(f"verify for {what}: {time.perf_counter() - start:.2f} s")
     finally:

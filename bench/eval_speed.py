@@ -79,7 +79,7 @@ def main() -> int:
 
     from minigpt.eval import evaluate, reference, scoring, tasks
     from minigpt.model.gpt import GPT, ModelConfig
-    from minigpt.runs.checkpoint import load_run
+    from minigpt.runs.loading import load_run
     from minigpt.text.tokenizer import Tokenizer
 
     if args.run:

@@ -107,7 +107,7 @@ def run_pretrain_trial(name: str, out: Path, budget_s: float, seconds_per_step: 
 
     from minigpt.quickstart import quickstart
     from minigpt.quickstart.quickstart import held_out_bits_per_byte, pretrain
-    from minigpt.runs.checkpoint import load_run
+    from minigpt.runs.loading import load_run
 
     cfg = design_config(name, out, budget_s, seconds_per_step)
     data = out / f"data-{cfg.vocab_size}"
@@ -127,8 +127,9 @@ def run_pretrain_trial(name: str, out: Path, budget_s: float, seconds_per_step: 
 
 def answer_rates(chat: Path, decoding: dict, questions: int = 100, seed: int = 1337) -> dict:
     from minigpt.chat.engine import SamplingParams
-    from minigpt.runs.checkpoint import load_run
-    from minigpt.train.sft import answer_quality, load_conversations, split_conversations
+    from minigpt.runs.loading import load_run
+    from minigpt.text.conversations import load_conversations, split_conversations
+    from minigpt.train.sft import answer_quality
 
     model, tokenizer, _ = load_run(chat)
     _, held = split_conversations(load_conversations(["wiki-qa"]), 0.05, seed)

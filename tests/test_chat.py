@@ -10,7 +10,7 @@ import pytest
 
 from minigpt.chat.session import ChatSession
 from minigpt.cli import main as cli_main
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 from minigpt.text.chat_format import Message, fit_to_window, render
 from minigpt.text.tokenizer import Tokenizer
 

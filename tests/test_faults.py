@@ -26,7 +26,8 @@ from minigpt.cli import main as cli_main
 from minigpt.common import UserError
 from minigpt.model.gpt import ModelConfig
 from minigpt.runs import checkpoint as ckptlib
-from minigpt.runs.checkpoint import CorruptCheckpoint, latest_checkpoint, load_model, resolve_checkpoint
+from minigpt.runs.checksums import CorruptCheckpoint
+from minigpt.runs.loading import latest_checkpoint, load_model, resolve_checkpoint, verify_checkpoint
 from minigpt.runs.log import MetricsLogger, read_metrics
 from minigpt.text.tokenizer import Tokenizer
 from minigpt.train.train import TrainConfig, train
@@ -232,7 +233,7 @@ def test_resume_from_a_corrupt_latest_continues_from_the_previous_one_exactly(ru
     original, _ = load_model(two_checkpoints)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), original.state_dict().values(),
                                                  strict=True))
-    ckptlib.verify_checkpoint(latest_checkpoint(run_copy), need_trainer=True)
+    verify_checkpoint(latest_checkpoint(run_copy), need_trainer=True)
 
 
 def test_a_damaged_or_lost_latest_pointer_never_hides_the_checkpoints(run_copy, tiny_shards):
@@ -380,7 +381,7 @@ def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_one(small_disk, ti
     line = one_error_line(minigpt("train", *train_args(run, tiny_shards), "--resume"), "train")
     assert f"disk full while writing checkpoint {STEP8}" in line and f"{STEP4} is intact" in line
     assert latest_checkpoint(run).name == STEP4 and not list((run / "checkpoints").glob(".*"))
-    ckptlib.verify_checkpoint(run / "checkpoints" / STEP4, need_trainer=True)
+    verify_checkpoint(run / "checkpoints" / STEP4, need_trainer=True)
     filler.unlink()  # space freed: the same command finishes the run
     assert cli_main(["train", *train_args(run, tiny_shards), "--resume"]) == 0
     assert latest_checkpoint(run).name == STEP8

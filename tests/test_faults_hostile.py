@@ -24,7 +24,7 @@ from test_faults import STEP4, STEP8, minigpt, one_error_line, snapshot, tiny_co
 
 from minigpt.cli import main as cli_main
 from minigpt.model import estimate as estlib
-from minigpt.runs.checkpoint import resolve_checkpoint
+from minigpt.runs.loading import resolve_checkpoint
 from minigpt.train.train import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 
 from minigpt.cli import main as cli_main
 from minigpt.runs import checkpoint as ckptlib
-from minigpt.runs.checkpoint import CorruptCheckpoint, latest_checkpoint, load_model, resolve_checkpoint
+from minigpt.runs.checksums import CorruptCheckpoint
+from minigpt.runs.loading import is_sharded, latest_checkpoint, load_model, resolve_checkpoint, verify_checkpoint
 from minigpt.runs.log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,8 +204,8 @@ def test_sharded_checkpoints_resume_in_one_process_and_one_in_two(runs):
         assert sorted(got) == list(range(1, 9))
         assert_close_losses(got, reference)
     # to_two ended with a sharded checkpoint written by two processes; to_one with a whole one by one
-    assert ckptlib.is_sharded(latest_checkpoint(runs["to_two"]))
-    assert not ckptlib.is_sharded(latest_checkpoint(runs["to_one"]))
+    assert is_sharded(latest_checkpoint(runs["to_two"]))
+    assert not is_sharded(latest_checkpoint(runs["to_one"]))
 
 
 def test_export_of_a_sharded_checkpoint_is_that_of_a_whole_one(runs, tmp_path):
@@ -246,7 +247,7 @@ def test_a_damaged_shard_is_named_and_the_previous_checkpoint_used(sharded_copy,
     else:
         target.unlink()
     with pytest.raises(CorruptCheckpoint):
-        ckptlib.verify_checkpoint(target.parents[1], need_trainer=True)
+        verify_checkpoint(target.parents[1], need_trainer=True)
     assert resolve_checkpoint(sharded_copy, need_trainer=True).name == "step_00000002"
     assert "using the newest intact checkpoint" in capsys.readouterr().err
 

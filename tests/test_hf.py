@@ -23,7 +23,8 @@ from minigpt.cli import main as cli
 from minigpt.interop import hf_tokenizer
 from minigpt.interop.hf import export_hf, import_hf
 from minigpt.model.gpt import GPT, ModelConfig
-from minigpt.runs.checkpoint import load_run, resolve_checkpoint, save_checkpoint
+from minigpt.runs.checkpoint import save_checkpoint
+from minigpt.runs.loading import load_run, resolve_checkpoint
 from minigpt.text.chat_format import render
 from minigpt.text.tokenizer import Tokenizer, _gpt2_folder
 

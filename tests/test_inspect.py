@@ -25,7 +25,7 @@ from minigpt.eval.inspect import (
     token_texts,
 )
 from minigpt.model.gpt import GPT, ModelConfig
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 from minigpt.train.train import TrainConfig, train
 
 

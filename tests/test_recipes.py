@@ -21,7 +21,7 @@ from test_prepare_faults import WORDS, start_slow_run, wait_for_journal
 
 from minigpt.common.config import list_recipes
 from minigpt.data.shards import read_meta
-from minigpt.runs.checkpoint import latest_checkpoint, read_checkpoint_meta
+from minigpt.runs.loading import latest_checkpoint, read_checkpoint_meta
 from minigpt.runs.log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

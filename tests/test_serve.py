@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 
 from minigpt.chat.engine import Engine, SamplingParams  # noqa: E402
 from minigpt.model.gpt import GPT, ModelConfig  # noqa: E402
-from minigpt.runs.checkpoint import load_run  # noqa: E402
+from minigpt.runs.loading import load_run  # noqa: E402
 from minigpt.serve.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402
 from minigpt.text.chat_format import end_of_turn_ids, render, stop_ids  # noqa: E402
 from minigpt.text.tokenizer import Tokenizer  # noqa: E402

@@ -25,7 +25,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from minigpt.model.gpt import GPT, ModelConfig  # noqa: E402
-from minigpt.runs.checkpoint import load_run  # noqa: E402
+from minigpt.runs.loading import load_run  # noqa: E402
 from minigpt.serve.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402
 from minigpt.text.chat_format import CHAT_DECODING  # noqa: E402
 from minigpt.text.tokenizer import Tokenizer  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 
 from minigpt.cli import main as cli_main
 from minigpt.model.gpt import GPT, ModelConfig
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 from minigpt.runs.log import read_metrics
 from minigpt.text.chat_format import Message, render
 from minigpt.text.conversations import load_conversations

@@ -20,8 +20,8 @@ from conftest import TINY_MODEL
 
 from minigpt.cli import main as cli_main
 from minigpt.model.gpt import ModelConfig
-from minigpt.runs.checkpoint import latest_checkpoint
 from minigpt.runs.compare import summarize
+from minigpt.runs.loading import latest_checkpoint
 from minigpt.runs.log import read_metrics
 from minigpt.runs.tracking import TensorBoardTracker, read_state, wandb_history, wandb_records
 from minigpt.train.train import TrainConfig, train

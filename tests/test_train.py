@@ -19,7 +19,7 @@ from minigpt.cli import main as cli_main
 from minigpt.common import UserError
 from minigpt.model.gpt import GPT, ModelConfig
 from minigpt.model.optim import learning_rate
-from minigpt.runs.checkpoint import latest_checkpoint, load_model, load_run
+from minigpt.runs.loading import latest_checkpoint, load_model, load_run
 from minigpt.runs.log import read_metrics
 from minigpt.train.train import TrainConfig, train
 

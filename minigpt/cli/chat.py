@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from minigpt.chat.session import ChatSession, interactive
 from minigpt.common import UserError, pick_device
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 from minigpt.text.chat_format import (
     CHAT_DECODING,
 )

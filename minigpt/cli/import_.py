@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from minigpt.interop.hf import import_hf
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 
 
 def add_arguments(parser) -> None:

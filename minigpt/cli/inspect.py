@@ -30,7 +30,7 @@ from minigpt.eval.inspect import (
     top_guesses,
 )
 from minigpt.model.gpt import GPT
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 
 
 def add_arguments(parser) -> None:

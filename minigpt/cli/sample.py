@@ -7,7 +7,7 @@ import sys
 
 from minigpt.chat.engine import Engine, SamplingParams, TextDecoder
 from minigpt.common import UserError, pick_device
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 from minigpt.text.chat_format import (
     end_of_turn_ids,
     special_ids,

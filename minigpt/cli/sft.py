@@ -6,17 +6,7 @@ import torch
 
 from minigpt.common import config as configlib
 from minigpt.plan.dry_run import sft_dry_run
-from minigpt.text.conversations import (  # noqa: F401  (the names scripts and the quickstart import from here)
-    BUNDLED,
-    Conversation,
-    FieldMap,
-    article_opening,
-    chatterbot_conversations,
-    load_conversations,
-    parse_source,
-    split_conversations,
-    wiki_qa_conversations,
-)
+from minigpt.text.conversations import BUNDLED
 from minigpt.train.sft import NOT_FOR_SFT, SFTConfig, dataset_facts, finetune
 
 

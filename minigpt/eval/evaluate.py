@@ -40,7 +40,8 @@ from minigpt.data.loader import TokenLoader
 from minigpt.data.shards import check_tokenizer, read_meta
 from minigpt.eval import tasks as tasklib
 from minigpt.eval.scoring import encode_pair, score_pairs
-from minigpt.runs.checkpoint import checkpoints_dir, is_checkpoint, load_run, resolve_checkpoint, unwrap
+from minigpt.runs.checkpoint import checkpoints_dir, unwrap
+from minigpt.runs.loading import is_checkpoint, load_run, resolve_checkpoint
 from minigpt.runs.log import read_metrics
 from minigpt.runs.parallel import lockstep
 

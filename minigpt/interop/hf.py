@@ -31,8 +31,9 @@ from minigpt.common import UserError, _umask, read_json, write_json
 from minigpt.common.config import to_dict
 from minigpt.interop.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from minigpt.model.gpt import GPT, ModelConfig
-from minigpt.runs.checkpoint import load_run, save_checkpoint
+from minigpt.runs.checkpoint import save_checkpoint
 from minigpt.runs.checksums import CHECKSUMS, CorruptCheckpoint, file_sha256, read_checksums, write_checksums
+from minigpt.runs.loading import load_run
 from minigpt.text.chat_format import end_of_turn_ids
 from minigpt.train.sft import NOT_FOR_SFT  # settings a fine-tuning run records but does not use
 

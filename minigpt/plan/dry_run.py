@@ -32,7 +32,7 @@ from minigpt.model import estimate
 from minigpt.model.estimate import find_gpu
 from minigpt.model.gpt import GPT, ModelConfig
 from minigpt.model.optim import muon_parameter_names
-from minigpt.runs.checkpoint import read_checkpoint_meta, resolve_checkpoint, run_tokenizer_path
+from minigpt.runs.loading import read_checkpoint_meta, resolve_checkpoint, run_tokenizer_path
 from minigpt.runs.runtime import loss_chunk_rows, resolve_precision
 from minigpt.text.tokenizer import Tokenizer
 

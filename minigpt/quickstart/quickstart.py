@@ -41,16 +41,10 @@ from minigpt.data.shards import read_meta
 from minigpt.eval.evaluate import language_model_metrics
 from minigpt.model.gpt import ModelConfig
 from minigpt.quickstart.budget import design_for_minutes
-from minigpt.runs.checkpoint import latest_checkpoint, load_run, read_checkpoint_meta
+from minigpt.runs.loading import latest_checkpoint, load_run, read_checkpoint_meta
 from minigpt.text.chat_format import CHAT_DECODING
-from minigpt.train.sft import (
-    SFTConfig,
-    answer_quality,
-    finetune,
-    grow_vocabulary,
-    load_conversations,
-    split_conversations,
-)
+from minigpt.text.conversations import load_conversations, split_conversations
+from minigpt.train.sft import SFTConfig, answer_quality, finetune, grow_vocabulary
 from minigpt.train.train import TrainConfig, train
 
 

@@ -32,18 +32,16 @@ from minigpt.model.optim import optimizer_kind
 from minigpt.runs.checkpoint import (
     SHARD_PARTS,
     SHARDED_VERSION,
-    CorruptCheckpoint,
     _fsync_tree,
-    _write_checksums,
     checkpoints_dir,
     failed_write,
-    is_sharded,
     model_config_dict,
     new_checkpoint_folder,
     publish_checkpoint,
-    read_shards,
     unwrap,
 )
+from minigpt.runs.checksums import CorruptCheckpoint, write_checksums
+from minigpt.runs.loading import is_sharded, read_shards
 
 
 def _rank() -> tuple[int, int]:
@@ -115,7 +113,7 @@ class ShardedSaver:
                                                 "shards": {"world": world, **shards}, **meta})
                 with open(tmp / "trainer.pt", "wb") as f:
                     torch.save(trainer_state, f)
-                _write_checksums(tmp)
+                write_checksums(tmp)
                 _fsync_tree(tmp)
                 publish_checkpoint(root, name, tmp, keep_last, is_best)
             except Exception as exc:  # noqa: BLE001

@@ -1,5 +1,5 @@
 """SHA256SUMS: the sha256 of every file in a folder, in `sha256sum`'s format (`sha256sum -c SHA256SUMS` checks them by
-hand). Checkpoints carry one (checkpoint.py verifies it before loading) and so do exports (interop/hf.py replaces only
+hand). Checkpoints carry one (loading.py verifies it before loading) and so do exports (interop/hf.py replaces only
 the files it lists, unchanged).
 """
 

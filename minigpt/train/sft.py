@@ -50,7 +50,7 @@ from minigpt.data.sft_data import (
     prepared_folder,
 )
 from minigpt.model.gpt import GPT, logit_chunk_rows
-from minigpt.runs.checkpoint import (
+from minigpt.runs.loading import (
     latest_checkpoint,
     load_run,
     read_checkpoint_meta,
@@ -59,17 +59,10 @@ from minigpt.runs.checkpoint import (
 )
 from minigpt.runs.runtime import Runtime, autocast_context, barrier, resolve_precision, setup_runtime
 from minigpt.runs.tracking import check_packages, tracker_names
-from minigpt.text.chat_format import render, stop_ids
-from minigpt.text.conversations import (  # noqa: F401  (the names scripts and the quickstart import from here)
-    BUNDLED,
-    Conversation,
+from minigpt.text.chat_format import Conversation, render, stop_ids
+from minigpt.text.conversations import (
     FieldMap,
-    article_opening,
-    chatterbot_conversations,
-    load_conversations,
     parse_source,
-    split_conversations,
-    wiki_qa_conversations,
 )
 from minigpt.text.tokenizer import Tokenizer
 from minigpt.train.data import TrainData

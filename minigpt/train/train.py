@@ -35,16 +35,9 @@ from minigpt.eval.evaluate import benchmark_scores
 from minigpt.eval.tasks import check_task_names
 from minigpt.model.gpt import GPT, ModelConfig
 from minigpt.model.optim import apply_schedule, check_optimizer_settings, make_optimizer
-from minigpt.runs.checkpoint import (
-    BackgroundSaver,
-    check_new_run_dir,
-    check_tokenizer,
-    latest_checkpoint,
-    load_model,
-    load_trainer_state,
-    resolve_checkpoint,
-)
+from minigpt.runs.checkpoint import BackgroundSaver, check_new_run_dir
 from minigpt.runs.checkpoint_sharded import ShardedSaver, load_optimizer_state
+from minigpt.runs.loading import check_tokenizer, latest_checkpoint, load_model, load_trainer_state, resolve_checkpoint
 from minigpt.runs.log import MetricsLogger, evaluation_line, plot_loss_curves, summary_line
 from minigpt.runs.parallel import accumulation, gathered_copy, global_norm, shard_model
 from minigpt.runs.runtime import (
