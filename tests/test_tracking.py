@@ -65,6 +65,19 @@ def by_step(records: list[dict]) -> dict[int, dict]:
     return out
 
 
+def wandb_files_settle(folder: Path, quiet_s: float = 1.0, limit_s: float = 60) -> None:
+    """Wait until no file of W&B's under `folder` has changed for `quiet_s` (its service process outlives a
+    killed training process for a moment, writing what it had been given)."""
+    def sizes() -> dict[Path, int]:
+        return {f: f.stat().st_size for f in folder.rglob("*.wandb")}
+
+    deadline, last, since = time.time() + limit_s, sizes(), time.time()
+    while time.time() - since < quiet_s and time.time() < deadline:
+        time.sleep(0.1)
+        if (now := sizes()) != last:
+            last, since = now, time.time()
+
+
 def last_logged_step(run: Path) -> int:
     records = read_metrics(run)
     return records[-1]["step"] if records else 0
@@ -95,6 +108,7 @@ def test_a_stopped_and_resumed_run_logs_one_history_to_wandb_and_tensorboard(tmp
         time.sleep(0.002)
     proc.send_signal(sig)
     proc.wait(timeout=60)
+    wandb_files_settle(run / "wandb")  # W&B's service process may still be writing what it was given
     checkpoint = int(latest_checkpoint(run).name.split("_")[1])
     assert last_logged_step(run) > checkpoint  # steps past the checkpoint were logged: the resume logs them again
     # what the stopped process left in W&B's files: a killed one's last buffered rows may or may not have been written
