@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses with defaults, a TOML/YAML/JSON file, and command-line overrides.
 
-Every stage owns one dataclass (`ModelConfig` in model.py, `TrainConfig` in train.py, ...). This module turns any
-of them into argparse flags and back, so a value is resolved in one order everywhere:
+Every stage owns one dataclass (`ModelConfig` in model/gpt.py, `TrainConfig` in train/train.py, ...). This module
+turns any of them into argparse flags and back, so a value is resolved in one order everywhere:
 
     dataclass default  <  the file given with --config  <  a flag on the command line
 

@@ -9,7 +9,7 @@ Every text starts with the end-of-text token, as every document does in the trai
 first word is predicted "from a document start". Pictures and pages go to RUN/inspect/ unless --out/--html says.
 
 Attention weights (`capture_attention`) and the residual stream (`residual_stream`) come from forward hooks: the
-weights are recomputed from each attention layer's input and its c_attn, so model.py knows nothing of inspection.
+weights are recomputed from each attention layer's input and its c_attn, so model/gpt.py knows nothing of inspection.
 
 Head kinds (`classify_heads`), from each head's attention averaged over a sample of text, over queries t >= 2
 (at t = 0 and 1 "previous", "first" and "same" name the same keys, so those rows tell nothing apart):
