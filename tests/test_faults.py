@@ -406,7 +406,7 @@ def test_injected_enospc_in_a_checkpoint_write_keeps_the_previous_one(run_copy, 
 
 
 def test_cli_turns_any_disk_full_error_into_one_line(monkeypatch, capsys):
-    from minigpt.text import tokenizer
+    from minigpt.cli import tokenizer
 
     def full(args):
         raise RuntimeError("writer failed") from OSError(errno.ENOSPC, "No space left on device", "/x/y.json")
