@@ -39,14 +39,14 @@ def main() -> None:
     trainer_state = {"optimizer": optimizer.state_dict(), "step": 1}
 
     hashing: list[float] = []
-    write_checksums = ckptlib._write_checksums
+    write_checksums = ckptlib.write_checksums
 
     def timed_checksums(folder):
         start = time.perf_counter()
         write_checksums(folder)
         hashing.append(time.perf_counter() - start)
 
-    ckptlib._write_checksums = timed_checksums
+    ckptlib.write_checksums = timed_checksums
     root = tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir)
     try:
         for step in range(1, args.repeats + 1):
@@ -61,7 +61,7 @@ def main() -> None:
             what = "resume (weights, trainer state)" if need_trainer else "load (weights)"
             print(f"verify for {what}: {time.perf_counter() - start:.2f} s")
     finally:
-        ckptlib._write_checksums = write_checksums
+        ckptlib.write_checksums = write_checksums
         shutil.rmtree(root)
 
 

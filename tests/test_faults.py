@@ -26,7 +26,7 @@ from minigpt.cli import main as cli_main
 from minigpt.common import UserError
 from minigpt.model.gpt import ModelConfig
 from minigpt.runs import checkpoint as ckptlib
-from minigpt.runs.checksums import CorruptCheckpoint
+from minigpt.runs.checksums import CorruptCheckpoint, write_checksums
 from minigpt.runs.loading import latest_checkpoint, load_model, resolve_checkpoint, verify_checkpoint
 from minigpt.runs.log import MetricsLogger, read_metrics
 from minigpt.text.tokenizer import Tokenizer
@@ -271,7 +271,7 @@ def test_a_tampered_trainer_state_is_refused_and_resume_falls_back(run_copy, tin
         state = torch.load(ckpt / "trainer.pt", weights_only=True)
         state["when"] = datetime.datetime(2026, 12, 1)
         torch.save(state, ckpt / "trainer.pt")
-        ckptlib._write_checksums(ckpt)  # whoever changed the file also updated the checksums
+        write_checksums(ckpt)  # whoever changed the file also updated the checksums
         if step == STEP8:
             assert resolve_checkpoint(run_copy, need_trainer=True).name == STEP4
     line = one_error_line(minigpt("train", *train_args(run_copy, tiny_shards, max_steps=10), "--resume"), "train")

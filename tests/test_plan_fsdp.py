@@ -142,8 +142,8 @@ def test_where_only_fsdp_fits_the_plan_shards_and_says_so():
     assert any(r.startswith("FSDP: the whole training state does not fit one card") for r in p.reasons)
     import argparse
 
+    from minigpt.cli import train
     from minigpt.common import config as configlib
-    from minigpt.train import train
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)

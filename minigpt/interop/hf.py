@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from minigpt.common import UserError, _umask, read_json, write_json
+from minigpt.common import UserError, current_umask, read_json, write_json
 from minigpt.common.config import to_dict
 from minigpt.interop.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from minigpt.model.gpt import GPT, ModelConfig
@@ -172,7 +172,7 @@ def export_hf(run: str | os.PathLike, out: str | os.PathLike, which: str = "late
         (tmp / "README.md").write_text(model_card(model, tokenizer, meta, _run_root(ckpt), out.name),
                                        encoding="utf-8")
         write_checksums(tmp)
-        mask = _umask()  # mkdtemp makes an owner-only folder: give the folder and files the usual permissions
+        mask = current_umask()  # mkdtemp makes an owner-only folder: give the folder and files the usual permissions
         os.chmod(tmp, 0o777 & ~mask)
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~mask)

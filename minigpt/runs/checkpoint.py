@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from minigpt.common import UserError, atomic_path, disk_full, write_json
 from minigpt.common.config import to_dict
 from minigpt.model.gpt import GPT, ModelConfig
-from minigpt.runs.checksums import write_checksums as _write_checksums
+from minigpt.runs.checksums import write_checksums
 
 FORMAT_VERSION = 1
 SHARDED_VERSION = 2  # model.json of a sharded checkpoint: earlier versions of minigpt cannot read it, and say so
@@ -91,8 +91,8 @@ def _write_checkpoint(run: str | os.PathLike, weights: dict[str, torch.Tensor], 
         if trainer_state is not None:
             with open(tmp / "trainer.pt", "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
                 torch.save(trainer_state, f)
-        _write_checksums(tmp)
-        _fsync_tree(tmp)
+        write_checksums(tmp)
+        fsync_tree(tmp)
     except Exception as exc:
         error = failed_write(root, name, tmp, exc)
         if error is exc:
@@ -195,7 +195,7 @@ def _host_copy(value: Any) -> Any:
     return value
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     """Every file under `folder` and its subfolders on disk (before the rename that publishes them)."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():

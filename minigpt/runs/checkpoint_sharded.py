@@ -32,9 +32,9 @@ from minigpt.model.optim import optimizer_kind
 from minigpt.runs.checkpoint import (
     SHARD_PARTS,
     SHARDED_VERSION,
-    _fsync_tree,
     checkpoints_dir,
     failed_write,
+    fsync_tree,
     model_config_dict,
     new_checkpoint_folder,
     publish_checkpoint,
@@ -114,7 +114,7 @@ class ShardedSaver:
                 with open(tmp / "trainer.pt", "wb") as f:
                     torch.save(trainer_state, f)
                 write_checksums(tmp)
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
                 publish_checkpoint(root, name, tmp, keep_last, is_best)
             except Exception as exc:  # noqa: BLE001
                 error = exc
