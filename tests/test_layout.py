@@ -131,10 +131,10 @@ def test_every_module_reads_in_one_sitting():
 def test_each_command_is_the_cli_module_of_its_name_and_only_there():
     """`minigpt STAGE` is minigpt/cli/STAGE.py (import_.py for `import`); no library module parses a command line
     (common/config.py turns settings into flags for the commands, and parses none)."""
-    from minigpt.cli import STAGES
+    from minigpt.cli import STAGES, command_module
 
     for stage, _ in STAGES:
-        tree = ast.parse((PACKAGE / "cli" / f"{stage}{'_' * (stage == 'import')}.py").read_text())
+        tree = ast.parse((PACKAGE / "cli" / f"{command_module(stage)}.py").read_text())
         defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
         assert {"add_arguments", "main"} <= defined, stage
     library = {name: path for name, path in modules().items() if package_of(name) not in ("cli", "__main__")}

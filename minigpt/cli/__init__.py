@@ -39,6 +39,12 @@ STAGES: list[tuple[str, str]] = [
 ]
 
 
+def command_module(stage: str) -> str:
+    """The module of this package that is `minigpt STAGE`: the stage's name, with a trailing _ for a Python
+    keyword (`import` -> import_)."""
+    return f"{stage}_" if keyword.iskeyword(stage) else stage
+
+
 def _top_parser() -> argparse.ArgumentParser:
     width = max(len(name) for name, _ in STAGES)
     stages = "\n".join(f"  {name:<{width}}  {help_}" for name, help_ in STAGES)
@@ -82,7 +88,7 @@ def _main(argv: list[str] | None) -> int:
         return 0 if argv else 2
     parsed = top.parse_args(argv[:1])
     name, help_ = next(s for s in STAGES if s[0] == parsed.stage)
-    module = importlib.import_module(f"minigpt.cli.{name}_" if keyword.iskeyword(name) else f"minigpt.cli.{name}")
+    module = importlib.import_module(f"minigpt.cli.{command_module(name)}")
     parser = OneLineErrors(prog=f"minigpt {name}", description=help_,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from minigpt.common import config as configlib
 from minigpt.plan.dry_run import train_dry_run
 from minigpt.runs.runtime import setup_runtime
-from minigpt.train.data import DEFAULT_DATA, ensure_pretraining_data
+from minigpt.train.data import builds_default_data, ensure_pretraining_data
 from minigpt.train.train import TrainConfig, train
 
 
@@ -27,7 +27,7 @@ def main(args) -> None:
         return
     cfg = configlib.config_from_args(TrainConfig, args, stage="train")
     if args.dry_run:
-        print(train_dry_run(cfg, cfg.data == DEFAULT_DATA and bool(cfg.corpus), args.config), end="")
+        print(train_dry_run(cfg, builds_default_data(cfg), args.config), end="")
         return
     try:
         ensure_pretraining_data(cfg, setup_runtime(cfg.device))  # the default shards, built on first use

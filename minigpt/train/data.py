@@ -50,14 +50,19 @@ class TrainData:
 # Pretraining data: token shards, the default ones built from the bundled corpus before the first run
 
 
+def builds_default_data(cfg) -> bool:
+    """Whether `cfg.data` is the default folder, which `minigpt train` builds from `cfg.corpus` when it is missing.
+    Only that one: a --data of the user's own that holds no shards is a typo or a wrong folder, and building a
+    corpus into it would hide that (and write where nobody asked)."""
+    return bool(cfg.corpus) and cfg.data == DEFAULT_DATA
+
+
 def ensure_pretraining_data(cfg, rt: Runtime) -> None:
     """Build `cfg.data` from `cfg.corpus` if it is the default folder and holds no shards yet (rank 0 builds, the
     other ranks wait); a --data of the user's own that holds no shards is refused in one line."""
     if (Path(cfg.data) / "meta.json").exists():
         return
-    # Only the default folder is built implicitly: a --data of the user's own that holds no shards is a typo or a
-    # wrong folder, and building a corpus into it would hide that (and write where nobody asked).
-    if not cfg.corpus or cfg.data != DEFAULT_DATA:
+    if not builds_default_data(cfg):
         _refuse_missing(cfg.data)
     if rt.rank == 0:
         build_shards(cfg.data, cfg.corpus, cfg.vocab_size)
@@ -79,7 +84,7 @@ def _refuse_missing(data: str, default: bool = False) -> None:
 def pretraining_data(cfg, rt: Runtime, seq_len: int, precision: str) -> TrainData:
     """The shards in `cfg.data`, opened for this process's rank (nothing is built here)."""
     if not (Path(cfg.data) / "meta.json").exists():
-        _refuse_missing(cfg.data, default=bool(cfg.corpus) and cfg.data == DEFAULT_DATA)
+        _refuse_missing(cfg.data, default=builds_default_data(cfg))
     tokenizer = shards_tokenizer(cfg.data)
     # vocab_size: a token id the model has no embedding for is a one-line error, not an index error on the GPU
     train = TokenLoader(cfg.data, "train", cfg.batch_size, seq_len, cfg.seed, rt.rank, rt.world, True, rt.device,
